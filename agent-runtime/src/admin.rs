@@ -1,0 +1,73 @@
+//! The admin HTTP server: `/livez` (the process runs), `/readyz` (every readiness gate open and
+//! no shutdown under way) and `/metrics` (Prometheus text format).
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::Readiness;
+
+#[derive(Clone)]
+struct AdminState {
+    readiness: Readiness,
+    metrics: Arc<Mutex<Registry>>,
+}
+
+/// Registers `distr_agent_build_info{component,version} 1`.
+pub fn register_build_info(registry: &mut Registry, component: &'static str) {
+    let info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+    info.get_or_create(&vec![("component", component), ("version", env!("CARGO_PKG_VERSION"))]).set(1);
+    registry.register("build_info", "Build of the running agent component", info);
+}
+
+/// Binds `addr` and serves the admin routes until `shutdown`. Returns once the socket is bound.
+pub async fn serve(
+    addr: SocketAddr,
+    readiness: Readiness,
+    metrics: Arc<Mutex<Registry>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot bind the admin server on {addr}: {error}"))?;
+    let app = Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(AdminState { readiness, metrics });
+    Ok(tokio::spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        if let Err(error) = served {
+            tracing::error!(%error, "admin server failed");
+        }
+    }))
+}
+
+async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    match state.readiness.check() {
+        Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+    }
+}
+
+async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
+    let mut body = String::new();
+    let registry = state.metrics.lock().unwrap_or_else(|e| e.into_inner());
+    match encode(&mut body, &registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            body,
+        ),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], error.to_string()),
+    }
+}

@@ -1,0 +1,58 @@
+//! Process plumbing shared by `agent-poller`, `agent-executor` and `agent-updater`: command-line
+//! arguments common to all three, `tracing` set-up, the admin HTTP server (`/livez`, `/readyz`,
+//! `/metrics`), signal handling with one shared shutdown token, and the gRPC server set-up with
+//! health and reflection.
+
+pub mod admin;
+pub mod args;
+pub mod grpc;
+pub mod logging;
+pub mod readiness;
+pub mod shutdown;
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+pub use args::{LogFormat, RuntimeArgs};
+pub use readiness::{ReadyGate, Readiness};
+
+/// Installs ring as the process-wide rustls crypto provider. Call once, first thing in `main`.
+pub fn install_crypto_provider() {
+    // An error only means a provider was installed already, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// What every binary gets from [`Runtime::start`].
+pub struct Runtime {
+    /// Cancelled on the first SIGTERM or SIGINT; every task watches it.
+    pub shutdown: CancellationToken,
+    /// `/readyz` answers 200 once every gate is open and shutdown has not begun.
+    pub readiness: Readiness,
+    /// Metrics served on `/metrics`.
+    pub metrics: Arc<Mutex<Registry>>,
+    admin: tokio::task::JoinHandle<()>,
+}
+
+impl Runtime {
+    /// Sets up logging, installs the signal handler and binds the admin server.
+    pub async fn start(args: &RuntimeArgs, component: &'static str) -> anyhow::Result<Self> {
+        logging::init(args.log_format, &args.log_filter)?;
+        let shutdown = shutdown::on_signals();
+        let readiness = Readiness::new(shutdown.clone());
+        let mut registry = Registry::with_prefix("distr_agent");
+        admin::register_build_info(&mut registry, component);
+        let metrics = Arc::new(Mutex::new(registry));
+        let admin = admin::serve(args.admin_addr, readiness.clone(), metrics.clone(), shutdown.clone()).await?;
+        tracing::info!(component, version = env!("CARGO_PKG_VERSION"), admin = %args.admin_addr, "starting");
+        Ok(Self { shutdown, readiness, metrics, admin })
+    }
+
+    /// Waits for the admin server to stop after shutdown.
+    pub async fn finish(self) {
+        self.shutdown.cancel();
+        let _ = self.admin.await;
+        tracing::info!("stopped");
+    }
+}

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Builds the test environment from the package registries: Kubernetes, etcd, kwok, helm and
+# grpcurl from the Go module proxy, the OCI registry from Debian. Each component is cached by
+# version under $DISTR_TESTENV_CACHE; a second run is a no-op. Prints the bin directory.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+
+cache=${DISTR_TESTENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/distr-agent-testenv}
+bin="$cache/bin"
+mkdir -p "$bin"
+
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-buildvcs=false
+
+log() { printf '[testenv] %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# stamp <name> <version>: true when <name> was already built at <version>.
+built() { [ -f "$cache/stamps/$1" ] && [ "$(cat "$cache/stamps/$1")" = "$2" ]; }
+mark() { mkdir -p "$cache/stamps"; printf '%s' "$2" >"$cache/stamps/$1"; }
+
+build_kubernetes() {
+  local v=$KUBERNETES_VERSION minor
+  built kubernetes "$v" && return
+  log "building Kubernetes $v (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl)"
+  local w="$cache/src/kubernetes-$v"
+  rm -rf "$w" && mkdir -p "$w"
+  # Upstream's go.mod replaces each staging module with a local path; a wrapper module must
+  # replace them with the published k8s.io/X v0.<minor>.<patch> instead.
+  local upstream_mod
+  upstream_mod=$(go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/.*"GoMod": "\(.*\)",*/\1/p')
+  local staging_v="v0.${v#v1.}"
+  {
+    echo "module distr.local/testenv/kubernetes"
+    grep -E '^(go|godebug) ' "$upstream_mod" || true
+    echo "require k8s.io/kubernetes $v"
+    sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/src/.*#replace \1 => \1 '"$staging_v"'#p' "$upstream_mod"
+  } >"$w/go.mod"
+  (
+    cd "$w"
+    # Name the version: a bare `go get` of a package would move k8s.io/kubernetes to the newest.
+    go get "k8s.io/kubernetes/cmd/kube-apiserver@$v" "k8s.io/kubernetes/cmd/kube-controller-manager@$v" \
+      "k8s.io/kubernetes/cmd/kube-scheduler@$v" "k8s.io/kubernetes/cmd/kubectl@$v"
+    minor=${v#v1.}; minor=${minor%%.*}
+    local ld="-s -w" p
+    for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+      ld+=" -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
+      ld+=" -X $p.buildDate=2026-01-01T00:00:00Z"
+    done
+    go build -trimpath -tags selinux,notest -ldflags "$ld" -o "$bin/" \
+      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+  )
+  mark kubernetes "$v"
+}
+
+build_etcd() {
+  local v=$ETCD_VERSION
+  built etcd "$v" && return
+  log "building etcd $v"
+  local w="$cache/src/etcd-$v"
+  rm -rf "$w" && mkdir -p "$w"
+  printf 'module distr.local/testenv/etcd\n\ngo 1.24\n' >"$w/go.mod"
+  (
+    cd "$w"
+    go get "go.etcd.io/etcd/server/v3@$v" "go.etcd.io/etcd/etcdctl/v3@$v"
+    go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3
+    go build -trimpath -ldflags "-s -w" -o "$bin/etcdctl" go.etcd.io/etcd/etcdctl/v3
+  )
+  mark etcd "$v"
+}
+
+# go_install <name> <package@version>
+go_install() {
+  built "$1" "$2" && return
+  log "building $2"
+  GOBIN="$bin" go install -trimpath -ldflags "-s -w" "$2"
+  mark "$1" "$2"
+}
+
+build_kwok() {
+  go_install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+  # kwok refuses to start without Stage objects; they ship in its module.
+  local stages
+  stages="$(go env GOMODCACHE)/sigs.k8s.io/kwok@$KWOK_VERSION/kustomize/stage"
+  mkdir -p "$cache/kwok"
+  local out="$cache/kwok/stages.yaml"
+  : >"$out"
+  local f
+  for f in node-fast/node-initialize.yaml node-heartbeat/node-heartbeat.yaml \
+    pod-fast/pod-ready.yaml pod-fast/pod-complete.yaml pod-fast/pod-delete.yaml; do
+    if [ -f "$stages/$f" ]; then
+      { echo "---"; cat "$stages/$f"; } >>"$out"
+    fi
+  done
+  if ! grep -q 'kind: Stage' "$out"; then
+    # Layout differs between kwok releases: take every stage it ships.
+    find "$stages" -name '*.yaml' ! -name kustomization.yaml -print0 |
+      xargs -0 -I{} sh -c 'echo ---; cat "{}"' >>"$out"
+  fi
+}
+
+install_registry() {
+  if [ -x /usr/bin/docker-registry ]; then return; fi
+  log "installing Debian's docker-registry"
+  # The package starts a daemon on :5000 when it is installed; forbid that, we run our own.
+  local rc=/usr/sbin/policy-rc.d had=0
+  [ -e "$rc" ] && had=1
+  [ $had = 1 ] || printf '#!/bin/sh\nexit 101\n' | as_root tee "$rc" >/dev/null
+  as_root chmod +x "$rc"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-registry >&2 ||
+    { as_root apt-get update -q >&2 && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-registry >&2; }
+  [ $had = 1 ] || as_root rm -f "$rc"
+}
+
+install_registry
+build_etcd
+go_install helm "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
+go_install grpcurl "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
+build_kwok
+build_kubernetes
+log "test environment ready in $bin ($(du -sh "$cache" | cut -f1) cached)"
+echo "$bin"

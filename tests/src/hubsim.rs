@@ -1,0 +1,1 @@
+//! Hub simulator: placeholder, being written.

@@ -1,0 +1,3 @@
+//! End-to-end test harness for the Distr agent.
+
+pub mod hubsim;
