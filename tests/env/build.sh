@@ -106,15 +106,15 @@ build_kwok() {
 }
 
 install_registry() {
-  if [ -x /usr/bin/docker-registry ]; then return; fi
-  log "installing Debian's docker-registry"
+  if [ -x /usr/bin/docker-registry ] && command -v htpasswd >/dev/null; then return; fi
+  log "installing Debian's docker-registry and apache2-utils (htpasswd)"
   # The package starts a daemon on :5000 when it is installed; forbid that, we run our own.
   local rc=/usr/sbin/policy-rc.d had=0
   [ -e "$rc" ] && had=1
   [ $had = 1 ] || printf '#!/bin/sh\nexit 101\n' | as_root tee "$rc" >/dev/null
   as_root chmod +x "$rc"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-registry >&2 ||
-    { as_root apt-get update -q >&2 && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-registry >&2; }
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-registry apache2-utils >&2 ||
+    { as_root apt-get update -q >&2 && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-registry apache2-utils >&2; }
   [ $had = 1 ] || as_root rm -f "$rc"
 }
 

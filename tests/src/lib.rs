@@ -1,3 +1,26 @@
 //! End-to-end test harness for the Distr agent.
+//!
+//! `tests/run.sh` builds and starts the real test environment (etcd, kube-apiserver with RBAC,
+//! controller manager, scheduler, kwok, an authenticated OCI registry) once per run and points
+//! `DISTR_TESTENV` at its description. Each test then takes what it needs from here: an admin
+//! client for the harness itself, a fresh namespace, ServiceAccount tokens with exact RBAC,
+//! the registry, helm/kubectl, the agent binaries, and the Hub simulator.
 
+pub mod charts;
+pub mod cluster;
+pub mod env;
 pub mod hubsim;
+pub mod process;
+pub mod tools;
+pub mod wait;
+
+pub use cluster::{Identity, TestNamespace};
+pub use env::TestEnv;
+pub use process::AgentProcess;
+pub use wait::wait_for;
+
+/// Sets up test logging (once) and the rustls crypto provider.
+pub fn init() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = tracing_subscriber::fmt().with_env_filter("info").with_test_writer().try_init();
+}

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Starts the local control plane on loopback: etcd, kube-apiserver (RBAC enforced),
+# kube-controller-manager, kube-scheduler, kwok with one Ready node, and an OCI registry with
+# htpasswd authentication. Writes "$state/env" (KEY=value lines for the harness) and returns
+# once everything is ready. Stop it with tests/env/stop.sh "$state".
+#
+# usage: start.sh <state-dir> <bin-dir>
+set -euo pipefail
+
+state=${1:?usage: start.sh <state-dir> <bin-dir>}
+bin=${2:?usage: start.sh <state-dir> <bin-dir>}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cache=$(cd "$bin/.." && pwd)
+
+mkdir -p "$state"/{pki,logs,registry}
+state=$(cd "$state" && pwd)
+: >"$state/pids"
+
+log() { printf '[testenv] %s\n' "$*" >&2; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# run <name> <command...>: starts a process in the background, logging to logs/<name>.log.
+run() {
+  local name=$1
+  shift
+  "$@" >"$state/logs/$name.log" 2>&1 &
+  echo "$! $name" >>"$state/pids"
+}
+
+# wait_until <what> <seconds> <command...>
+wait_until() {
+  local what=$1 seconds=$2
+  shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then
+      log "$what did not become ready within ${seconds}s; last log lines:"
+      tail -n 30 "$state/logs/"*.log >&2 || true
+      exit 1
+    fi
+    sleep 0.5
+  done
+}
+
+pki=$state/pki
+# A CA, the API server's serving certificate, and the ServiceAccount signing key.
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=distr-testenv-ca" \
+  -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
+  -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n' >"$pki/apiserver.ext"
+openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+  -days 2 -extfile "$pki/apiserver.ext" -out "$pki/apiserver.crt" 2>/dev/null
+openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
+openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+admin_token=$(openssl rand -hex 24)
+# The admin token is for the harness only; processes under test get ServiceAccount tokens.
+echo "$admin_token,distr-testenv-admin,distr-testenv-admin,system:masters" >"$pki/tokens.csv"
+chmod 600 "$pki"/*
+
+etcd_port=$(free_port)
+etcd_peer_port=$(free_port)
+api_port=$(free_port)
+kcm_port=$(free_port)
+sched_port=$(free_port)
+kwok_port=$(free_port)
+registry_port=$(free_port)
+
+etcd_data=$state/etcd
+[ -d /dev/shm ] && etcd_data=$(mktemp -d /dev/shm/distr-testenv-etcd.XXXXXX)
+echo "$etcd_data" >"$state/etcd-data-dir"
+
+log "starting etcd on 127.0.0.1:$etcd_port"
+run etcd "$bin/etcd" --name testenv --data-dir "$etcd_data" --unsafe-no-fsync \
+  --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+  --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" \
+  --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
+  --initial-cluster "testenv=http://127.0.0.1:$etcd_peer_port" --log-level warn
+wait_until etcd 30 curl -fsS "http://127.0.0.1:$etcd_port/readyz"
+
+log "starting kube-apiserver on https://127.0.0.1:$api_port"
+run kube-apiserver "$bin/kube-apiserver" \
+  --etcd-servers "http://127.0.0.1:$etcd_port" \
+  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+  --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
+  --client-ca-file "$pki/ca.crt" --token-auth-file "$pki/tokens.csv" \
+  --service-account-issuer https://kubernetes.default.svc \
+  --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
+  --service-cluster-ip-range 10.0.0.0/24 --authorization-mode RBAC \
+  --endpoint-reconciler-type none --enable-priority-and-fairness=false --allow-privileged=true
+api="https://127.0.0.1:$api_port"
+wait_until kube-apiserver 90 curl -fsS --cacert "$pki/ca.crt" -H "Authorization: Bearer $admin_token" "$api/readyz"
+
+kubeconfig=$state/admin.kubeconfig
+cat >"$kubeconfig" <<KUBECONFIG
+apiVersion: v1
+kind: Config
+clusters:
+- name: testenv
+  cluster:
+    server: $api
+    certificate-authority: $pki/ca.crt
+users:
+- name: admin
+  user:
+    token: $admin_token
+contexts:
+- name: testenv
+  context: {cluster: testenv, user: admin}
+current-context: testenv
+KUBECONFIG
+chmod 600 "$kubeconfig"
+
+always_allow=/healthz,/readyz,/livez,/metrics
+log "starting kube-controller-manager, kube-scheduler and kwok"
+run kube-controller-manager "$bin/kube-controller-manager" --kubeconfig "$kubeconfig" \
+  --authentication-kubeconfig "$kubeconfig" --authorization-kubeconfig "$kubeconfig" \
+  --leader-elect=false --bind-address 127.0.0.1 --secure-port "$kcm_port" \
+  --root-ca-file "$pki/ca.crt" --service-account-private-key-file "$pki/sa.key" \
+  --use-service-account-credentials=true --authorization-always-allow-paths "$always_allow"
+run kube-scheduler "$bin/kube-scheduler" --kubeconfig "$kubeconfig" \
+  --authentication-kubeconfig "$kubeconfig" --authorization-kubeconfig "$kubeconfig" \
+  --leader-elect=false --bind-address 127.0.0.1 --secure-port "$sched_port" \
+  --authorization-always-allow-paths "$always_allow"
+run kwok "$bin/kwok" --kubeconfig "$kubeconfig" --config "$cache/kwok/stages.yaml" \
+  --manage-all-nodes=true --cidr 10.244.0.0/16 --server-address "127.0.0.1:$kwok_port"
+
+kubectl() { "$bin/kubectl" --kubeconfig "$kubeconfig" "$@"; }
+kubectl apply -f - >/dev/null <<'NODE'
+apiVersion: v1
+kind: Node
+metadata:
+  name: kwok-node-0
+  labels:
+    kubernetes.io/hostname: kwok-node-0
+    kubernetes.io/os: linux
+    kubernetes.io/arch: amd64
+    type: kwok
+status:
+  allocatable: {cpu: "32", memory: 256Gi, pods: "110"}
+  capacity: {cpu: "32", memory: 256Gi, pods: "110"}
+NODE
+wait_until "kwok node" 60 kubectl wait --for=condition=Ready node/kwok-node-0 --timeout=2s
+wait_until "default ServiceAccount" 60 kubectl get serviceaccount default -n default
+
+log "starting the OCI registry on 127.0.0.1:$registry_port"
+registry_user=distr-test
+registry_password=$(openssl rand -hex 16)
+htpasswd -Bbn "$registry_user" "$registry_password" >"$state/registry/htpasswd" 2>/dev/null
+cat >"$state/registry/config.yml" <<REGISTRY
+version: 0.1
+log: {level: warn}
+storage:
+  filesystem: {rootdirectory: $state/registry/data}
+  delete: {enabled: true}
+http:
+  addr: 127.0.0.1:$registry_port
+auth:
+  htpasswd:
+    realm: distr-testenv
+    path: $state/registry/htpasswd
+REGISTRY
+run registry /usr/bin/docker-registry serve "$state/registry/config.yml"
+wait_until registry 30 curl -sS -o /dev/null "http://127.0.0.1:$registry_port/v2/"
+
+cat >"$state/env" <<ENV
+DISTR_TESTENV_STATE=$state
+DISTR_TESTENV_BIN=$bin
+DISTR_TESTENV_KUBECONFIG=$kubeconfig
+DISTR_TESTENV_APISERVER=$api
+DISTR_TESTENV_CA=$pki/ca.crt
+DISTR_TESTENV_REGISTRY=127.0.0.1:$registry_port
+DISTR_TESTENV_REGISTRY_USER=$registry_user
+DISTR_TESTENV_REGISTRY_PASSWORD=$registry_password
+ENV
+log "control plane ready: $api (kubeconfig $kubeconfig), registry 127.0.0.1:$registry_port"

@@ -1,0 +1,99 @@
+//! Sample charts written on the fly, and pushing them to the test registry.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+
+use crate::{TestEnv, tools};
+
+/// A chart with one Deployment (`<release>-web`) whose replicas, image and readiness come
+/// from the values. Pods on kwok nodes become Ready unless `readinessGate` is set, which adds a
+/// readiness gate no one ever satisfies (a workload that never becomes ready).
+pub fn write_web_chart(dir: &Path, name: &str, version: &str) -> anyhow::Result<PathBuf> {
+    let chart = dir.join(format!("{name}-{version}"));
+    std::fs::create_dir_all(chart.join("templates"))?;
+    std::fs::write(
+        chart.join("Chart.yaml"),
+        format!("apiVersion: v2\nname: {name}\nversion: {version}\nappVersion: \"{version}\"\ntype: application\n"),
+    )?;
+    std::fs::write(
+        chart.join("values.yaml"),
+        "replicas: 1\nimage: registry.example/web:1\nmessage: hello\nreadinessGate: false\nimagePullSecrets: []\n",
+    )?;
+    std::fs::write(
+        chart.join("templates/deployment.yaml"),
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ .Release.Name }}-web
+  labels: {app: {{ .Release.Name }}-web}
+  annotations:
+    distr.test/message: {{ .Values.message | quote }}
+spec:
+  replicas: {{ .Values.replicas }}
+  selector:
+    matchLabels: {app: {{ .Release.Name }}-web}
+  template:
+    metadata:
+      labels: {app: {{ .Release.Name }}-web}
+    spec:
+      {{- with .Values.imagePullSecrets }}
+      imagePullSecrets: {{ toJson . }}
+      {{- end }}
+      {{- if .Values.readinessGate }}
+      readinessGates:
+        - conditionType: distr.test/never
+      {{- end }}
+      containers:
+        - name: web
+          image: {{ .Values.image }}
+"#,
+    )?;
+    Ok(chart)
+}
+
+/// Packages `chart_dir` and pushes it to the test registry under `charts/`. Returns the chart's
+/// `oci://<registry>/charts/<name>` reference, the form the Hub sends as `chartUrl`.
+pub async fn push_chart(chart_dir: &Path) -> anyhow::Result<String> {
+    let env = TestEnv::get();
+    let work = tempfile::tempdir()?;
+    let package = tools::helm(work.path(), &["package", path(chart_dir)?, "-d", path(work.path())?])
+        .await?
+        .ok("helm package")?;
+    let archive = package
+        .stdout
+        .rsplit(": ")
+        .next()
+        .map(|s| s.trim().to_owned())
+        .context("helm package printed no archive path")?;
+    let repo = format!("oci://{}/charts", env.registry);
+    tools::helm(
+        work.path(),
+        &[
+            "push",
+            &archive,
+            &repo,
+            "--plain-http",
+            "--username",
+            &env.registry_user,
+            "--password",
+            &env.registry_password,
+        ],
+    )
+    .await?
+    .ok("helm push")?;
+    let name = chart_name(chart_dir)?;
+    Ok(format!("{repo}/{name}"))
+}
+
+fn chart_name(chart_dir: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(chart_dir.join("Chart.yaml"))?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("name: "))
+        .map(|name| name.trim().to_owned())
+        .context("Chart.yaml has no name")
+}
+
+fn path(p: &Path) -> anyhow::Result<&str> {
+    p.to_str().context("non-UTF-8 path")
+}

@@ -1,0 +1,111 @@
+//! Starting one of the agent binaries for a test, and stopping it.
+
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tokio::process::{Child, Command};
+
+use crate::TestEnv;
+
+/// A free loopback port (bound and released; good enough for tests on one machine).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// An agent binary running for a test. Killed when dropped; its log is printed when the test
+/// fails (drop while panicking), so a failure shows what the process saw.
+pub struct AgentProcess {
+    pub name: String,
+    pub admin_port: u16,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl AgentProcess {
+    /// Starts `target/debug/<binary>` with `envs` (and nothing inherited but PATH and HOME),
+    /// an admin port of its own and JSON-free plain logs at debug level for our crates.
+    pub async fn start(test: &str, binary: &str, envs: &[(&str, String)]) -> anyhow::Result<Self> {
+        let env = TestEnv::get();
+        let admin_port = free_port()?;
+        let log = env.test_dir(test).join(format!("{binary}-{admin_port}.log"));
+        let out = std::fs::File::create(&log)?;
+        let mut command = Command::new(env.agent_bin.join(binary));
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", std::env::var("HOME").unwrap_or_default())
+            .env("AGENT_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
+            .env("AGENT_LOG", "info,agent_executor=debug,agent_poller=debug,agent_runtime=debug")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .kill_on_drop(true);
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        let child = command.spawn().with_context(|| format!("starting {binary}"))?;
+        if let Some(pid) = child.id() {
+            env.record_pid(pid, binary);
+        }
+        Ok(Self { name: binary.to_owned(), admin_port, log, child })
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// HTTP status of an admin endpoint, or None when nothing answers.
+    pub async fn admin_status(&self, path: &str) -> Option<u16> {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().ok()?;
+        client.get(self.admin_url(path)).send().await.ok().map(|r| r.status().as_u16())
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.admin_status("/readyz").await == Some(200) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!("{} exited with {status} before it was ready:\n{}", self.name, self.log_text());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{} not ready after {timeout:?}:\n{}", self.name, self.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the exit code and how long it took.
+    pub async fn terminate(&mut self, timeout: Duration) -> anyhow::Result<(Option<i32>, Duration)> {
+        let pid = self.child.id().context("process already reaped")?;
+        let started = Instant::now();
+        let kill = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
+        anyhow::ensure!(kill.success(), "kill -TERM {pid} failed");
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .with_context(|| format!("{} still running {timeout:?} after SIGTERM", self.name))??;
+        Ok((status.code(), started.elapsed()))
+    }
+
+    /// Everything the process logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(300)..];
+            eprintln!("----- {} log ({}) -----\n{}\n-----", self.name, self.log.display(), tail.join("\n"));
+        }
+    }
+}
