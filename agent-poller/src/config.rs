@@ -197,7 +197,10 @@ impl HubConfig {
                     reason: e.to_string(),
                 })?;
                 if interval.is_zero() {
-                    return Err(ConfigError::Invalid { name: INTERVAL, reason: "must be positive".into() });
+                    return Err(ConfigError::Invalid {
+                        name: INTERVAL,
+                        reason: "must be positive".into(),
+                    });
                 }
                 interval
             }
@@ -211,7 +214,12 @@ impl HubConfig {
             })
             .transpose()?;
         let registry_plain_http = get(REGISTRY_PLAIN_HTTP)
-            .map(|v| parse_bool(v.trim()).ok_or(ConfigError::Invalid { name: REGISTRY_PLAIN_HTTP, reason: "expected true or false".into() }))
+            .map(|v| {
+                parse_bool(v.trim()).ok_or(ConfigError::Invalid {
+                    name: REGISTRY_PLAIN_HTTP,
+                    reason: "expected true or false".into(),
+                })
+            })
             .transpose()?
             .unwrap_or(false);
 
@@ -236,12 +244,21 @@ impl HubConfig {
 /// An endpoint must be an absolute `http` or `https` URL. The error carries the parser's
 /// reason, not the value.
 fn parse_endpoint(name: &'static str, value: &str) -> Result<Url, ConfigError> {
-    let url = Url::parse(value.trim()).map_err(|e| ConfigError::Invalid { name, reason: format!("not a URL ({e})") })?;
+    let url = Url::parse(value.trim()).map_err(|e| ConfigError::Invalid {
+        name,
+        reason: format!("not a URL ({e})"),
+    })?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(ConfigError::Invalid { name, reason: "the URL scheme must be http or https".into() });
+        return Err(ConfigError::Invalid {
+            name,
+            reason: "the URL scheme must be http or https".into(),
+        });
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(ConfigError::Invalid { name, reason: "the URL must not carry credentials".into() });
+        return Err(ConfigError::Invalid {
+            name,
+            reason: "the URL must not carry credentials".into(),
+        });
     }
     Ok(url)
 }
@@ -271,12 +288,27 @@ struct State {
     files: Option<BTreeMap<String, String>>,
     /// The configuration built from them, if it was valid.
     current: Option<Arc<HubConfig>>,
+    /// The last problem warned about, so a persisting problem is logged once.
+    warned: Option<String>,
+}
+
+impl State {
+    /// Logs a problem with the directories once, while it persists.
+    fn warn_once(&mut self, error: &ConfigError, what: &str) {
+        let message = error.to_string();
+        if self.warned.as_deref() != Some(message.as_str()) {
+            tracing::warn!(error = %message, "{what}; keeping the last valid configuration");
+            self.warned = Some(message);
+        }
+    }
 }
 
 impl fmt::Debug for ConfigSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The environment snapshot holds secrets: show only the directories.
-        f.debug_struct("ConfigSource").field("dirs", &self.dirs).finish_non_exhaustive()
+        f.debug_struct("ConfigSource")
+            .field("dirs", &self.dirs)
+            .finish_non_exhaustive()
     }
 }
 
@@ -299,7 +331,11 @@ impl ConfigSource {
                     .collect()
             })
             .unwrap_or_default();
-        Self { env, dirs, state: Mutex::new(State::default()) }
+        Self {
+            env,
+            dirs,
+            state: Mutex::new(State::default()),
+        }
     }
 
     /// The watched directories, in precedence order (last wins).
@@ -320,19 +356,19 @@ impl ConfigSource {
         let files = match files {
             Ok(files) => files,
             Err(error) => {
-                return match &state.current {
+                return match state.current.clone() {
                     Some(config) => {
-                        tracing::warn!(%error, "cannot re-read the config directories; keeping the last configuration");
-                        Ok(config.clone())
+                        state.warn_once(&error, "cannot re-read the config directories");
+                        Ok(config)
                     }
                     None => Err(error),
                 };
             }
         };
-        if state.files.as_ref() == Some(&files) {
-            if let Some(config) = &state.current {
-                return Ok(config.clone());
-            }
+        if state.files.as_ref() == Some(&files)
+            && let Some(config) = &state.current
+        {
+            return Ok(config.clone());
         }
 
         let mut vars = self.env.clone();
@@ -347,12 +383,13 @@ impl ConfigSource {
                 }
                 let config = Arc::new(config);
                 state.current = Some(config.clone());
+                state.warned = None;
                 Ok(config)
             }
-            Err(error) => match &state.current {
+            Err(error) => match state.current.clone() {
                 Some(config) => {
-                    tracing::warn!(%error, "the changed configuration is invalid; keeping the last valid one");
-                    Ok(config.clone())
+                    state.warn_once(&error, "the changed configuration is invalid");
+                    Ok(config)
                 }
                 None => Err(error),
             },
@@ -394,17 +431,26 @@ fn read_dir_into(dir: &Path, files: &mut BTreeMap<String, String>) -> Result<(),
             continue;
         }
         if metadata.len() > MAX_CONFIG_FILE {
-            return Err(ConfigError::BadFile { path, reason: "larger than 1 MiB" });
+            return Err(ConfigError::BadFile {
+                path,
+                reason: "larger than 1 MiB",
+            });
         }
         let mut content = Vec::new();
         std::fs::File::open(&path)
             .and_then(|file| file.take(MAX_CONFIG_FILE + 1).read_to_end(&mut content))
             .map_err(read_error(&path))?;
         if content.len() as u64 > MAX_CONFIG_FILE {
-            return Err(ConfigError::BadFile { path, reason: "larger than 1 MiB" });
+            return Err(ConfigError::BadFile {
+                path,
+                reason: "larger than 1 MiB",
+            });
         }
         let Ok(mut value) = String::from_utf8(content) else {
-            return Err(ConfigError::BadFile { path, reason: "not UTF-8 text" });
+            return Err(ConfigError::BadFile {
+                path,
+                reason: "not UTF-8 text",
+            });
         };
         let trimmed = value.trim_end_matches(['\n', '\r']).len();
         value.truncate(trimmed);
@@ -486,7 +532,10 @@ mod tests {
 
         let mut env = base_env();
         env.insert(TARGET_ID.into(), "  ".into());
-        assert_eq!(load(env).expect_err("blank id").to_string(), "DISTR_TARGET_ID is not set");
+        assert_eq!(
+            load(env).expect_err("blank id").to_string(),
+            "DISTR_TARGET_ID is not set"
+        );
 
         let mut env = base_env();
         env.insert(INTERVAL.into(), "5 parsecs".into());
@@ -495,7 +544,10 @@ mod tests {
 
         let mut env = base_env();
         env.insert(INTERVAL.into(), "0".into());
-        assert_eq!(load(env).expect_err("zero").to_string(), "DISTR_INTERVAL is invalid: must be positive");
+        assert_eq!(
+            load(env).expect_err("zero").to_string(),
+            "DISTR_INTERVAL is invalid: must be positive"
+        );
 
         let mut env = base_env();
         env.insert(RESOURCE_ENDPOINT.into(), "ftp://hub/resources".into());
@@ -504,7 +556,12 @@ mod tests {
 
         let mut env = base_env();
         env.insert(REGISTRY_PLAIN_HTTP.into(), "yes".into());
-        assert!(load(env).expect_err("bad bool").to_string().starts_with("DISTR_REGISTRY_PLAIN_HTTP"));
+        assert!(
+            load(env)
+                .expect_err("bad bool")
+                .to_string()
+                .starts_with("DISTR_REGISTRY_PLAIN_HTTP")
+        );
     }
 
     #[test]
@@ -546,7 +603,10 @@ mod tests {
         write_volume(
             configmap.path(),
             1,
-            &[(RESOURCE_ENDPOINT, "https://other.example.com/api/v1/agent/resources\n"), (INTERVAL, "10s")],
+            &[
+                (RESOURCE_ENDPOINT, "https://other.example.com/api/v1/agent/resources\n"),
+                (INTERVAL, "10s"),
+            ],
         );
         write_volume(secret.path(), 1, &[(TARGET_SECRET, "file-secret-1\n")]);
 
@@ -561,7 +621,11 @@ mod tests {
         assert_eq!(first.target_secret.expose(), "file-secret-1");
         assert_eq!(first.resource_endpoint.host_str(), Some("other.example.com"));
         assert_eq!(first.interval, Duration::from_secs(10));
-        assert_eq!(first.status_endpoint.host_str(), Some("hub.example.com"), "env still used");
+        assert_eq!(
+            first.status_endpoint.host_str(),
+            Some("hub.example.com"),
+            "env still used"
+        );
 
         // Unchanged files: the very same configuration comes back.
         let again = source.current().expect("valid config");
@@ -573,8 +637,15 @@ mod tests {
         assert_eq!(rotated.target_secret.expose(), "file-secret-2");
 
         // A plain file written in place is picked up too.
-        std::fs::write(configmap.path().join(STATUS_ENDPOINT), "http://moved.example.com/status").expect("write");
-        assert_eq!(source.current().expect("valid").status_endpoint.host_str(), Some("moved.example.com"));
+        std::fs::write(
+            configmap.path().join(STATUS_ENDPOINT),
+            "http://moved.example.com/status",
+        )
+        .expect("write");
+        assert_eq!(
+            source.current().expect("valid").status_endpoint.host_str(),
+            Some("moved.example.com")
+        );
     }
 
     #[test]
@@ -586,7 +657,10 @@ mod tests {
         std::fs::write(second.path().join(format!(".{TARGET_ID}")), "ignored").expect("write");
         std::fs::create_dir(second.path().join(LOGIN_ENDPOINT)).expect("a directory is not a value");
         let mut env = base_env();
-        env.insert(AGENT_CONFIG_DIRS.into(), format!("{}\n{}", first.path().display(), second.path().display()));
+        env.insert(
+            AGENT_CONFIG_DIRS.into(),
+            format!("{}\n{}", first.path().display(), second.path().display()),
+        );
         let config = load(env).expect("valid config");
         assert_eq!(config.target_secret.expose(), "second");
         assert_eq!(config.target_id, "8d4b2c5e-0f4b-4a8e-9d7c-2f1e3a4b5c6d");
@@ -601,7 +675,10 @@ mod tests {
         let source = ConfigSource::from_env(env);
         assert_eq!(source.current().expect("valid").interval, Duration::from_secs(5));
         std::fs::write(dir.path().join(INTERVAL), "soon").expect("write");
-        assert_eq!(source.current().expect("last valid kept").interval, Duration::from_secs(5));
+        assert_eq!(
+            source.current().expect("last valid kept").interval,
+            Duration::from_secs(5)
+        );
         std::fs::write(dir.path().join(INTERVAL), "7s").expect("write");
         assert_eq!(source.current().expect("valid").interval, Duration::from_secs(7));
     }
@@ -611,6 +688,9 @@ mod tests {
         let mut env = base_env();
         env.insert(AGENT_CONFIG_DIRS.into(), "/nonexistent/distr-config".into());
         let message = load(env).expect_err("missing dir").to_string();
-        assert!(message.starts_with("cannot read config /nonexistent/distr-config"), "{message}");
+        assert!(
+            message.starts_with("cannot read config /nonexistent/distr-config"),
+            "{message}"
+        );
     }
 }

@@ -32,7 +32,10 @@ const NANOS_PER_UNIT: &[(&str, u128)] = &[
 
 /// Parses a Go duration string such as `5s`, `1m30s`, `1h2m3.5s`, `500ms` or `0`.
 pub fn parse_go_duration(input: &str) -> Result<Duration, DurationError> {
-    let fail = |reason| DurationError { input: input.to_owned(), reason };
+    let fail = |reason| DurationError {
+        input: input.to_owned(),
+        reason,
+    };
     let mut rest = input;
     if let Some(stripped) = rest.strip_prefix('-') {
         if stripped == "0" {
@@ -75,15 +78,20 @@ pub fn parse_go_duration(input: &str) -> Result<Duration, DurationError> {
             .ok_or_else(|| fail("unknown unit (expected one of ns, us, ms, s, m, h)"))?;
 
         let whole_value = parse_bounded(whole).ok_or_else(|| fail("number out of range"))?;
-        let mut component = whole_value.checked_mul(scale).ok_or_else(|| fail("duration out of range"))?;
+        let mut component = whole_value
+            .checked_mul(scale)
+            .ok_or_else(|| fail("duration out of range"))?;
         if !fraction.is_empty() {
-            // Keep at most 30 fraction digits: more cannot change the result at ns precision.
-            let digits = &fraction[..fraction.len().min(30)];
+            // 18 fraction digits are more than nanosecond precision needs for any unit (an hour
+            // is 3.6e12 ns), and keep `numerator * scale` far from overflowing.
+            let digits = &fraction[..fraction.len().min(18)];
             let numerator = parse_bounded(digits).ok_or_else(|| fail("number out of range"))?;
-            let denominator = 10u128.pow(u32::try_from(digits.len()).unwrap_or(30));
+            let denominator = 10u128.pow(u32::try_from(digits.len()).unwrap_or(18));
             component += numerator * scale / denominator;
         }
-        total = total.checked_add(component).ok_or_else(|| fail("duration out of range"))?;
+        total = total
+            .checked_add(component)
+            .ok_or_else(|| fail("duration out of range"))?;
         if total > i64::MAX as u128 {
             return Err(fail("duration out of range"));
         }
@@ -156,6 +164,8 @@ mod tests {
         assert_eq!(ok("0.1234567891s"), Duration::from_nanos(123_456_789));
         assert_eq!(ok("2h45m"), Duration::from_secs(9900));
         assert_eq!(ok("1h1h"), Duration::from_secs(7200));
+        let long_fraction = format!("1.{}h", "9".repeat(60));
+        assert_eq!(ok(&long_fraction), Duration::from_nanos(7_199_999_999_999));
     }
 
     #[test]

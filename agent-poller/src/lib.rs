@@ -1,19 +1,81 @@
 //! agent-poller: the only agent process that talks to the Distr Hub. It holds the Hub
-//! credentials and no Kubernetes access at all.
+//! credentials and no Kubernetes access at all: every `DISTR_INTERVAL` it fetches the desired
+//! deployments, hands them to the executor over gRPC, and posts the statuses back.
+
+pub mod config;
+pub mod desired;
+pub mod duration;
+pub mod hub;
+pub mod poll;
+pub mod report;
+
+use std::{sync::Arc, time::Duration};
 
 use agent_runtime::{Runtime, RuntimeArgs};
+use anyhow::Context as _;
+use distr_agent_proto::v1::executor_client::ExecutorClient;
+use tonic::transport::Endpoint;
 
+use crate::{config::ConfigSource, hub::HubClient, poll::Poller};
+
+/// Command-line flags. The Hub connection itself is configured by the Hub's `DISTR_*`
+/// variables and the files in `DISTR_AGENT_CONFIG_DIRS` (see [`config`]), re-read every cycle.
 #[derive(Clone, Debug, clap::Parser)]
 #[command(name = "agent-poller", version, about = "Distr agent poller: talks to the Hub")]
 pub struct Args {
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+
+    /// URL of the executor's gRPC server.
+    #[arg(long, env = "AGENT_EXECUTOR_URL", default_value = "http://agent-executor:9443")]
+    pub executor_url: String,
+
+    /// Deadline of each call to the executor, in seconds (Sync never waits for Helm).
+    #[arg(long, env = "AGENT_EXECUTOR_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub executor_timeout_seconds: u64,
+
+    /// Agent version name sent to the Hub in the User-Agent.
+    #[arg(long, env = "DISTR_AGENT_VERSION", default_value = env!("CARGO_PKG_VERSION"))]
+    pub agent_version: String,
+
+    /// How often an unchanged status is posted again, in seconds (the Hub calls statuses
+    /// older than 60 s stale).
+    #[arg(long, env = "AGENT_STATUS_REFRESH_SECONDS", default_value_t = 30)]
+    pub status_refresh_seconds: u64,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let runtime = Runtime::start(&args.runtime, "agent-poller").await?;
-    runtime.readiness.gate("loop").open();
-    runtime.shutdown.cancelled().await;
+    let ready = runtime.readiness.gate("first cycle");
+
+    let config = Arc::new(ConfigSource::from_process_env());
+    let hub = HubClient::new(config.clone(), &args.agent_version).context("creating the Hub client")?;
+    let channel = Endpoint::from_shared(args.executor_url.clone())
+        .with_context(|| format!("invalid executor URL {:?}", args.executor_url))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(args.executor_timeout_seconds))
+        .connect_lazy();
+    let mut poller = Poller::new(hub, ExecutorClient::new(channel), Duration::from_secs(args.status_refresh_seconds));
+
+    loop {
+        // A cycle in flight is abandoned on shutdown: nothing it does needs finishing here.
+        tokio::select! {
+            _ = poller.cycle() => {}
+            _ = runtime.shutdown.cancelled() => break,
+        }
+        ready.open();
+        let interval = match config.current() {
+            Ok(config) => config.interval,
+            Err(error) => {
+                tracing::error!(%error, "invalid Hub configuration");
+                Duration::from_secs(5)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = runtime.shutdown.cancelled() => break,
+        }
+    }
     runtime.finish().await;
     Ok(())
 }

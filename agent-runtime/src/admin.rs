@@ -25,7 +25,8 @@ struct AdminState {
 /// Registers `distr_agent_build_info{component,version} 1`.
 pub fn register_build_info(registry: &mut Registry, component: &'static str) {
     let info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
-    info.get_or_create(&vec![("component", component), ("version", env!("CARGO_PKG_VERSION"))]).set(1);
+    info.get_or_create(&vec![("component", component), ("version", env!("CARGO_PKG_VERSION"))])
+        .set(1);
     registry.register("build_info", "Build of the running agent component", info);
 }
 
@@ -45,7 +46,9 @@ pub async fn serve(
         .route("/metrics", get(metrics_text))
         .with_state(AdminState { readiness, metrics });
     Ok(tokio::spawn(async move {
-        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
         if let Err(error) = served {
             tracing::error!(%error, "admin server failed");
         }
@@ -65,9 +68,16 @@ async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
     match encode(&mut body, &registry) {
         Ok(()) => (
             StatusCode::OK,
-            [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         ),
-        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], error.to_string()),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "text/plain")],
+            error.to_string(),
+        ),
     }
 }

@@ -35,7 +35,11 @@ impl GrpcServer {
         let reflection = reflection.build_v1()?;
         let mut routes = Routes::builder();
         routes.add_service(health_service).add_service(reflection);
-        Ok(Self { listener, routes, health })
+        Ok(Self {
+            listener,
+            routes,
+            health,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {

@@ -16,7 +16,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 pub use args::{LogFormat, RuntimeArgs};
-pub use readiness::{ReadyGate, Readiness};
+pub use readiness::{Readiness, ReadyGate};
 
 /// Installs ring as the process-wide rustls crypto provider. Call once, first thing in `main`.
 pub fn install_crypto_provider() {
@@ -46,7 +46,12 @@ impl Runtime {
         let metrics = Arc::new(Mutex::new(registry));
         let admin = admin::serve(args.admin_addr, readiness.clone(), metrics.clone(), shutdown.clone()).await?;
         tracing::info!(component, version = env!("CARGO_PKG_VERSION"), admin = %args.admin_addr, "starting");
-        Ok(Self { shutdown, readiness, metrics, admin })
+        Ok(Self {
+            shutdown,
+            readiness,
+            metrics,
+            admin,
+        })
     }
 
     /// Waits for the admin server to stop after shutdown.

@@ -6,8 +6,8 @@ use crate::LogFormat;
 
 /// Installs the global subscriber. Logs go to stderr.
 pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(filter)
-        .map_err(|error| anyhow::anyhow!("invalid log filter {filter:?}: {error}"))?;
+    let filter =
+        EnvFilter::try_new(filter).map_err(|error| anyhow::anyhow!("invalid log filter {filter:?}: {error}"))?;
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
         LogFormat::Plain => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),

@@ -7,9 +7,12 @@ use std::sync::{
 
 use tokio_util::sync::CancellationToken;
 
+/// Named gates, each open or not.
+type Gates = Arc<Mutex<Vec<(&'static str, Arc<AtomicBool>)>>>;
+
 #[derive(Clone)]
 pub struct Readiness {
-    gates: Arc<Mutex<Vec<(&'static str, Arc<AtomicBool>)>>>,
+    gates: Gates,
     shutdown: CancellationToken,
 }
 
@@ -25,13 +28,19 @@ impl ReadyGate {
 
 impl Readiness {
     pub fn new(shutdown: CancellationToken) -> Self {
-        Self { gates: Arc::default(), shutdown }
+        Self {
+            gates: Arc::default(),
+            shutdown,
+        }
     }
 
     /// Adds a closed gate; readiness waits for it to open.
     pub fn gate(&self, name: &'static str) -> ReadyGate {
         let flag = Arc::new(AtomicBool::new(false));
-        self.gates.lock().unwrap_or_else(|e| e.into_inner()).push((name, flag.clone()));
+        self.gates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name, flag.clone()));
         ReadyGate(flag)
     }
 
@@ -41,7 +50,11 @@ impl Readiness {
             return Err("shutting down".to_owned());
         }
         let gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
-        let closed: Vec<_> = gates.iter().filter(|(_, open)| !open.load(Ordering::Acquire)).map(|(name, _)| *name).collect();
+        let closed: Vec<_> = gates
+            .iter()
+            .filter(|(_, open)| !open.load(Ordering::Acquire))
+            .map(|(name, _)| *name)
+            .collect();
         if gates.is_empty() {
             Err("starting".to_owned())
         } else if closed.is_empty() {

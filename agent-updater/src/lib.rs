@@ -8,7 +8,11 @@ use agent_runtime::{Runtime, RuntimeArgs, grpc::GrpcServer};
 use distr_agent_proto::v1::updater_server::UpdaterServer;
 
 #[derive(Clone, Debug, clap::Parser)]
-#[command(name = "agent-updater", version, about = "Distr agent updater: applies new agent manifests")]
+#[command(
+    name = "agent-updater",
+    version,
+    about = "Distr agent updater: applies new agent manifests"
+)]
 pub struct Args {
     #[command(flatten)]
     pub runtime: RuntimeArgs,
@@ -22,7 +26,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let runtime = Runtime::start(&args.runtime, "agent-updater").await?;
     let grpc_ready = runtime.readiness.gate("grpc");
     let mut server = GrpcServer::bind(args.grpc_addr, &[distr_agent_proto::FILE_DESCRIPTOR_SET]).await?;
-    server.add_service(UpdaterServer::new(grpc::UpdaterService::default())).await;
+    server
+        .add_service(UpdaterServer::new(grpc::UpdaterService::default()))
+        .await;
     tracing::info!(addr = %server.local_addr()?, "gRPC server listening");
     grpc_ready.open();
     let served = server.serve(runtime.shutdown.clone()).await;

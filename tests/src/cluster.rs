@@ -52,7 +52,10 @@ impl TestNamespace {
         let client = admin_client().await?;
         let name = format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let namespace = Namespace {
-            metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                ..Default::default()
+            },
             ..Default::default()
         };
         Api::<Namespace>::all(client.clone())
@@ -72,19 +75,39 @@ impl TestNamespace {
 
     /// A ServiceAccount bound to a Role with `rules` in this namespace, and a token for it.
     pub async fn service_account(&self, name: &str, rules: Vec<PolicyRule>) -> anyhow::Result<Identity> {
-        let meta = |n: &str| ObjectMeta { name: Some(n.to_owned()), namespace: Some(self.name.clone()), ..Default::default() };
+        let meta = |n: &str| ObjectMeta {
+            name: Some(n.to_owned()),
+            namespace: Some(self.name.clone()),
+            ..Default::default()
+        };
         let pp = PostParams::default();
         self.api::<ServiceAccount>()
-            .create(&pp, &ServiceAccount { metadata: meta(name), ..Default::default() })
+            .create(
+                &pp,
+                &ServiceAccount {
+                    metadata: meta(name),
+                    ..Default::default()
+                },
+            )
             .await
             .context("creating the ServiceAccount")?;
         self.api::<Role>()
-            .create(&pp, &Role { metadata: meta(name), rules: Some(rules) })
+            .create(
+                &pp,
+                &Role {
+                    metadata: meta(name),
+                    rules: Some(rules),
+                },
+            )
             .await
             .context("creating the Role")?;
         let binding = RoleBinding {
             metadata: meta(name),
-            role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "Role".into(), name: name.into() },
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "Role".into(),
+                name: name.into(),
+            },
             subjects: Some(vec![Subject {
                 kind: "ServiceAccount".into(),
                 name: name.into(),
@@ -92,16 +115,28 @@ impl TestNamespace {
                 ..Default::default()
             }]),
         };
-        self.api::<RoleBinding>().create(&pp, &binding).await.context("creating the RoleBinding")?;
+        self.api::<RoleBinding>()
+            .create(&pp, &binding)
+            .await
+            .context("creating the RoleBinding")?;
         let token = self.mint_token(name).await?;
         let kubeconfig = write_token_kubeconfig(&format!("{}-{name}", self.name), &self.name, &token)?;
-        Ok(Identity { namespace: self.name.clone(), service_account: name.into(), token, kubeconfig })
+        Ok(Identity {
+            namespace: self.name.clone(),
+            service_account: name.into(),
+            token,
+            kubeconfig,
+        })
     }
 
     /// Mints a token for a ServiceAccount with the TokenRequest API.
     pub async fn mint_token(&self, service_account: &str) -> anyhow::Result<String> {
         let request = TokenRequest {
-            spec: TokenRequestSpec { expiration_seconds: Some(3600), audiences: vec![], ..Default::default() },
+            spec: TokenRequestSpec {
+                expiration_seconds: Some(3600),
+                audiences: vec![],
+                ..Default::default()
+            },
             ..Default::default()
         };
         let minted: TokenRequest = self
@@ -109,7 +144,10 @@ impl TestNamespace {
             .create_subresource("token", service_account, &PostParams::default(), &request)
             .await
             .context("TokenRequest")?;
-        minted.status.map(|s| s.token).context("TokenRequest answered without a token")
+        minted
+            .status
+            .map(|s| s.token)
+            .context("TokenRequest answered without a token")
     }
 }
 

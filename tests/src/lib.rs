@@ -22,5 +22,8 @@ pub use wait::wait_for;
 /// Sets up test logging (once) and the rustls crypto provider.
 pub fn init() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let _ = tracing_subscriber::fmt().with_env_filter("info").with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_test_writer()
+        .try_init();
 }

@@ -40,7 +40,10 @@ impl AgentProcess {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", std::env::var("HOME").unwrap_or_default())
             .env("AGENT_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
-            .env("AGENT_LOG", "info,agent_executor=debug,agent_poller=debug,agent_runtime=debug")
+            .env(
+                "AGENT_LOG",
+                "info,agent_executor=debug,agent_poller=debug,agent_runtime=debug",
+            )
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -52,7 +55,12 @@ impl AgentProcess {
         if let Some(pid) = child.id() {
             env.record_pid(pid, binary);
         }
-        Ok(Self { name: binary.to_owned(), admin_port, log, child })
+        Ok(Self {
+            name: binary.to_owned(),
+            admin_port,
+            log,
+            child,
+        })
     }
 
     pub fn admin_url(&self, path: &str) -> String {
@@ -61,8 +69,16 @@ impl AgentProcess {
 
     /// HTTP status of an admin endpoint, or None when nothing answers.
     pub async fn admin_status(&self, path: &str) -> Option<u16> {
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().ok()?;
-        client.get(self.admin_url(path)).send().await.ok().map(|r| r.status().as_u16())
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .ok()?;
+        client
+            .get(self.admin_url(path))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
     }
 
     /// Waits until `/readyz` answers 200.
@@ -73,9 +89,18 @@ impl AgentProcess {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {
-                anyhow::bail!("{} exited with {status} before it was ready:\n{}", self.name, self.log_text());
+                anyhow::bail!(
+                    "{} exited with {status} before it was ready:\n{}",
+                    self.name,
+                    self.log_text()
+                );
             }
-            anyhow::ensure!(Instant::now() < deadline, "{} not ready after {timeout:?}:\n{}", self.name, self.log_text());
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} not ready after {timeout:?}:\n{}",
+                self.name,
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -105,7 +130,12 @@ impl Drop for AgentProcess {
             let text = self.log_text();
             let lines: Vec<&str> = text.lines().collect();
             let tail = &lines[lines.len().saturating_sub(300)..];
-            eprintln!("----- {} log ({}) -----\n{}\n-----", self.name, self.log.display(), tail.join("\n"));
+            eprintln!(
+                "----- {} log ({}) -----\n{}\n-----",
+                self.name,
+                self.log.display(),
+                tail.join("\n")
+            );
         }
     }
 }

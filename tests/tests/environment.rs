@@ -4,15 +4,16 @@
 
 use std::time::Duration;
 
-use distr_agent_e2e::{
-    AgentProcess, TestEnv, TestNamespace, charts, cluster, process::free_port, tools, wait_for,
-};
+use distr_agent_e2e::{AgentProcess, TestEnv, TestNamespace, charts, cluster, process::free_port, tools, wait_for};
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{ConfigMap, Pod},
     rbac::v1::PolicyRule,
 };
-use kube::{Api, api::{ListParams, PostParams}};
+use kube::{
+    Api,
+    api::{ListParams, PostParams},
+};
 
 #[tokio::test]
 async fn deployment_becomes_available_with_pods_running_on_a_kwok_node() -> anyhow::Result<()> {
@@ -33,7 +34,11 @@ async fn deployment_becomes_available_with_pods_running_on_a_kwok_node() -> anyh
 
     wait_for("Deployment web Available", Duration::from_secs(60), || async {
         let d = deployments.get("web").await.ok()?;
-        let available = d.status?.conditions?.iter().any(|c| c.type_ == "Available" && c.status == "True");
+        let available = d
+            .status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Available" && c.status == "True");
         available.then_some(())
     })
     .await?;
@@ -42,7 +47,11 @@ async fn deployment_becomes_available_with_pods_running_on_a_kwok_node() -> anyh
     assert_eq!(pods.items.len(), 2, "two replicas");
     for pod in pods.items {
         let spec = pod.spec.unwrap_or_default();
-        assert_eq!(spec.node_name.as_deref(), Some("kwok-node-0"), "scheduled on the kwok node");
+        assert_eq!(
+            spec.node_name.as_deref(),
+            Some("kwok-node-0"),
+            "scheduled on the kwok node"
+        );
         assert_eq!(pod.status.and_then(|s| s.phase).as_deref(), Some("Running"));
     }
     Ok(())
@@ -60,16 +69,30 @@ async fn helm_installs_a_chart_from_the_authenticated_oci_registry() -> anyhow::
     tools::helm(
         home.path(),
         &[
-            "install", "env-web", &oci, "--version", "0.1.0", "-n", &ns.name, "--plain-http",
-            "--username", &env.registry_user, "--password", &env.registry_password, "--wait=watcher",
-            "--timeout", "60s",
+            "install",
+            "env-web",
+            &oci,
+            "--version",
+            "0.1.0",
+            "-n",
+            &ns.name,
+            "--plain-http",
+            "--username",
+            &env.registry_user,
+            "--password",
+            &env.registry_password,
+            "--wait=watcher",
+            "--timeout",
+            "60s",
         ],
     )
     .await?
     .ok("helm install")?;
 
     // Helm v4 lists releases in every status by default (v3's `ls -a`).
-    let list = tools::helm(home.path(), &["ls", "-n", &ns.name, "-o", "json"]).await?.ok("helm ls")?;
+    let list = tools::helm(home.path(), &["ls", "-n", &ns.name, "-o", "json"])
+        .await?
+        .ok("helm ls")?;
     let releases: serde_json::Value = serde_json::from_str(&list.stdout)?;
     let release = &releases[0];
     assert_eq!(release["name"], "env-web");
@@ -78,11 +101,19 @@ async fn helm_installs_a_chart_from_the_authenticated_oci_registry() -> anyhow::
 
     // The same pull without credentials is refused by the registry.
     let anonymous = tempfile::tempdir()?;
-    let pull = tools::helm(anonymous.path(), &["pull", &oci, "--version", "0.1.0", "--plain-http", "-d", "/tmp"]).await?;
+    let pull = tools::helm(
+        anonymous.path(),
+        &["pull", &oci, "--version", "0.1.0", "--plain-http", "-d", "/tmp"],
+    )
+    .await?;
     assert!(!pull.success, "an anonymous pull must fail");
     let url = format!("http://{}/v2/charts/env-web/tags/list", env.registry);
     let status = reqwest::get(&url).await?.status();
-    assert_eq!(status, reqwest::StatusCode::UNAUTHORIZED, "registry answers 401 without credentials");
+    assert_eq!(
+        status,
+        reqwest::StatusCode::UNAUTHORIZED,
+        "registry answers 401 without credentials"
+    );
     // Helm (oras) answers the registry's 401 challenge by looking for a credential it lacks.
     let stderr = pull.stderr.to_lowercase();
     assert!(
@@ -101,7 +132,10 @@ async fn a_namespace_scoped_token_is_forbidden_elsewhere() -> anyhow::Result<()>
     let client = cluster::client_from_kubeconfig(&identity.kubeconfig).await?;
 
     let config_map = |name: &str| ConfigMap {
-        metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
         ..Default::default()
     };
     Api::<ConfigMap>::namespaced(client.clone(), &own.name)
@@ -116,7 +150,11 @@ async fn a_namespace_scoped_token_is_forbidden_elsewhere() -> anyhow::Result<()>
     }
     // The kubectl the harness built sees the same.
     let kubectl = tools::kubectl(&identity.kubeconfig, &["-n", &other.name, "create", "configmap", "x"]).await?;
-    assert!(!kubectl.success && kubectl.stderr.contains("forbidden"), "{}", kubectl.stderr);
+    assert!(
+        !kubectl.success && kubectl.stderr.contains("forbidden"),
+        "{}",
+        kubectl.stderr
+    );
     Ok(())
 }
 
@@ -142,13 +180,21 @@ async fn executor_serves_reflection_and_health_and_stops_on_sigterm() -> anyhow:
     assert!(metrics.contains("distr_agent_build_info"), "{metrics}");
 
     let addr = format!("127.0.0.1:{grpc_port}");
-    let list = tools::grpcurl(&["-plaintext", &addr, "list"]).await?.ok("grpcurl list")?;
+    let list = tools::grpcurl(&["-plaintext", &addr, "list"])
+        .await?
+        .ok("grpcurl list")?;
     let services: Vec<&str> = list.stdout.lines().collect();
     assert!(services.contains(&"distr.agent.v1.Executor"), "{services:?}");
     assert!(services.contains(&"grpc.health.v1.Health"), "{services:?}");
-    let health = tools::grpcurl(&["-plaintext", "-d", r#"{"service":"distr.agent.v1.Executor"}"#, &addr, "grpc.health.v1.Health/Check"])
-        .await?
-        .ok("health check")?;
+    let health = tools::grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"service":"distr.agent.v1.Executor"}"#,
+        &addr,
+        "grpc.health.v1.Health/Check",
+    ])
+    .await?
+    .ok("health check")?;
     assert!(health.stdout.contains("SERVING"), "{}", health.stdout);
 
     let (code, took) = executor.terminate(Duration::from_secs(5)).await?;

@@ -1,0 +1,453 @@
+//! The JSON bodies of the Hub protocol (`hub-protocol.md`).
+//!
+//! Responses are parsed leniently: unknown fields (including the Docker-only ones such as
+//! `composeFile`) are ignored, optional fields may be absent or `null` (the Hub is written in
+//! Go, whose nil slices and maps encode as `null`). Request bodies are written exactly with the
+//! protocol's field names.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+use uuid::Uuid;
+
+use crate::config::Secret;
+use crate::duration::{DurationError, parse_go_duration};
+
+/// `GET DISTR_RESOURCE_ENDPOINT`: what the Hub wants deployed on this target.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Resources {
+    /// The agent version the Hub wants this target to run.
+    #[serde(default)]
+    pub version: Option<AgentVersion>,
+    /// The namespace to deploy into (absent for some targets).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Whether cluster metrics should be sent.
+    #[serde(default)]
+    pub metrics_enabled: bool,
+    /// Whether deployment logs should be shipped.
+    #[serde(default)]
+    pub deployment_logs_enabled: bool,
+    /// Never ship deployment logs older than this.
+    #[serde(default)]
+    pub deployment_logs_after: Option<DateTime<Utc>>,
+    /// The desired deployments; absent or empty means everything undeployed.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub deployments: Vec<Deployment>,
+}
+
+/// `resources.version`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentVersion {
+    /// Compared with `DISTR_AGENT_VERSION_ID` to decide on self-update.
+    pub id: Uuid,
+    /// When the Hub created the version.
+    #[serde(default)]
+    pub created_at: Option<DateTime<Utc>>,
+    /// The version name, e.g. `1.2.3`.
+    #[serde(default)]
+    pub name: String,
+}
+
+/// One entry of `resources.deployments`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Deployment {
+    /// The deployment id.
+    pub id: Uuid,
+    /// The revision to deploy; statuses are reported against it.
+    pub revision_id: Uuid,
+    /// Registry credentials by host, for the image pull Secret and the chart pull.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub registry_auth: BTreeMap<String, RegistryAuth>,
+    /// Whether this deployment's logs are shipped.
+    #[serde(default)]
+    pub logs_enabled: bool,
+    /// Restart the workloads after an upgrade.
+    #[serde(default)]
+    pub force_restart: bool,
+    /// The Helm release name.
+    #[serde(default)]
+    pub release_name: String,
+    /// `oci://...` for an OCI chart, otherwise a classic repository URL.
+    #[serde(default)]
+    pub chart_url: String,
+    /// The chart's name in a classic repository (absent or empty for OCI charts).
+    #[serde(default)]
+    pub chart_name: Option<String>,
+    /// The chart version.
+    #[serde(default)]
+    pub chart_version: String,
+    /// Helm values, already merged by the Hub: any JSON object.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub values: serde_json::Map<String, serde_json::Value>,
+    /// Deploy even when the Helm revision differs from the one the agent recorded.
+    #[serde(default)]
+    pub ignore_revision_skew: bool,
+    /// Helm options; absent means the defaults (see [`HelmOptions::effective`]).
+    #[serde(default)]
+    pub helm_options: Option<HelmOptions>,
+}
+
+impl Deployment {
+    /// Whether the chart is pulled from an OCI registry (`chartUrl` starts with `oci://`).
+    pub fn is_oci(&self) -> bool {
+        self.chart_url.starts_with("oci://")
+    }
+}
+
+/// Credentials for one registry host.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct RegistryAuth {
+    /// The user name.
+    #[serde(default)]
+    pub username: String,
+    /// The password (redacted in `Debug`).
+    #[serde(default = "empty_secret")]
+    pub password: Secret,
+}
+
+fn empty_secret() -> Secret {
+    Secret::new("")
+}
+
+/// `deployments[].helmOptions`: every field optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HelmOptions {
+    /// A Go duration string such as `5m0s`.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// `watcher`, `legacy` or `hookOnly`.
+    #[serde(default)]
+    pub wait_strategy: Option<String>,
+    /// Roll back a failed upgrade (`--rollback-on-failure`).
+    #[serde(default)]
+    pub rollback_on_failure: Option<bool>,
+    /// Clean up new resources of a failed upgrade (`--cleanup-on-fail`).
+    #[serde(default)]
+    pub cleanup_on_failure: Option<bool>,
+    /// `--force-conflicts`.
+    #[serde(default)]
+    pub force_conflicts: Option<bool>,
+}
+
+/// Helm options with the protocol's defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EffectiveHelmOptions {
+    /// Default 5 minutes.
+    pub timeout: Duration,
+    /// Default `watcher`.
+    pub wait_strategy: String,
+    /// Default true.
+    pub rollback_on_failure: bool,
+    /// Default true.
+    pub cleanup_on_failure: bool,
+    /// Default false.
+    pub force_conflicts: bool,
+}
+
+impl Default for EffectiveHelmOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(300),
+            wait_strategy: "watcher".to_owned(),
+            rollback_on_failure: true,
+            cleanup_on_failure: true,
+            force_conflicts: false,
+        }
+    }
+}
+
+impl HelmOptions {
+    /// The options with defaults applied for absent (or empty) fields; `None` gives all the
+    /// defaults. Fails only on an unparsable timeout.
+    pub fn effective(options: Option<&HelmOptions>) -> Result<EffectiveHelmOptions, DurationError> {
+        let defaults = EffectiveHelmOptions::default();
+        let Some(options) = options else {
+            return Ok(defaults);
+        };
+        let timeout = match options.timeout.as_deref().filter(|t| !t.is_empty()) {
+            Some(timeout) => parse_go_duration(timeout)?,
+            None => defaults.timeout,
+        };
+        Ok(EffectiveHelmOptions {
+            timeout,
+            wait_strategy: options
+                .wait_strategy
+                .clone()
+                .filter(|s| !s.is_empty())
+                .unwrap_or(defaults.wait_strategy),
+            rollback_on_failure: options.rollback_on_failure.unwrap_or(defaults.rollback_on_failure),
+            cleanup_on_failure: options.cleanup_on_failure.unwrap_or(defaults.cleanup_on_failure),
+            force_conflicts: options.force_conflicts.unwrap_or(defaults.force_conflicts),
+        })
+    }
+}
+
+/// The `type` of a status report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatusType {
+    /// Nothing to change and every resource passed its status check.
+    Healthy,
+    /// An install or upgrade finished.
+    Running,
+    /// An install or upgrade is under way.
+    Progressing,
+    /// Something failed; the message says what.
+    Error,
+}
+
+/// `POST DISTR_STATUS_ENDPOINT` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    /// The revision the status is about.
+    pub revision_id: Uuid,
+    /// The kind of status.
+    #[serde(rename = "type")]
+    pub status_type: StatusType,
+    /// A human-readable message.
+    pub message: String,
+}
+
+/// `POST DISTR_METRICS_ENDPOINT` body: sums over the cluster's nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentMetrics {
+    /// Total CPU capacity in millicores.
+    pub cpu_cores_millis: i64,
+    /// CPU usage, 0..1.
+    pub cpu_usage: f64,
+    /// Total memory capacity in bytes.
+    pub memory_bytes: i64,
+    /// Memory usage, 0..1.
+    pub memory_usage: f64,
+    /// Per-filesystem disk usage, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_metrics: Option<Vec<DiskMetric>>,
+}
+
+/// One entry of `diskMetrics`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskMetric {
+    /// Device name.
+    pub device: String,
+    /// Mount path.
+    pub path: String,
+    /// Filesystem type.
+    pub fs_type: String,
+    /// Capacity in bytes.
+    pub bytes_total: i64,
+    /// Used bytes.
+    pub bytes_used: i64,
+}
+
+/// One entry of the `PUT DISTR_LOGS_ENDPOINT` body: a deployment's log line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogEntry {
+    /// A fresh id per entry.
+    pub id: Uuid,
+    /// The deployment the line belongs to.
+    pub deployment_id: Uuid,
+    /// The deployment revision.
+    pub deployment_revision_id: Uuid,
+    /// The workload, e.g. `deployments/web`.
+    pub resource: String,
+    /// When the line was written (RFC 3339 with nanoseconds).
+    pub timestamp: DateTime<Utc>,
+    /// Severity.
+    pub severity: String,
+    /// The log line.
+    pub body: String,
+}
+
+/// One entry of the `PUT DISTR_AGENT_LOGS_ENDPOINT` body: one of the agent's own log lines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentLogEntry {
+    /// When the line was written.
+    pub timestamp: DateTime<Utc>,
+    /// Severity.
+    pub severity: String,
+    /// The log line.
+    pub body: String,
+}
+
+/// `POST DISTR_LOGIN_ENDPOINT` answer.
+#[derive(Deserialize)]
+pub(crate) struct LoginResponse {
+    pub(crate) token: Secret,
+}
+
+/// Treats an explicit `null` like an absent field.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn parse(value: serde_json::Value) -> Resources {
+        serde_json::from_value(value).expect("resources parse")
+    }
+
+    #[test]
+    fn parses_the_protocol_example_and_ignores_docker_and_unknown_fields() {
+        let resources = parse(json!({
+            "version": {"id": "7c0e5f4e-9a59-4c1b-bb4c-0c8f5a1f2d3e", "createdAt": "2025-01-02T03:04:05.123456789Z", "name": "1.2.3"},
+            "namespace": "customer-ns",
+            "metricsEnabled": true,
+            "deploymentLogsEnabled": false,
+            "deploymentLogsAfter": "2025-01-02T03:04:05Z",
+            "somethingNew": {"nested": [1, 2]},
+            "deployments": [{
+                "id": "11111111-2222-4333-8444-555555555555",
+                "revisionId": "66666666-7777-4888-9999-aaaaaaaaaaaa",
+                "registryAuth": {"registry.example.com": {"username": "u", "password": "p"}},
+                "logsEnabled": true,
+                "forceRestart": false,
+                "releaseName": "my-app",
+                "chartUrl": "oci://registry.example.com/org/charts/my-app",
+                "chartVersion": "1.4.0",
+                "values": {"replicas": 2, "image": {"tag": "v1"}},
+                "ignoreRevisionSkew": false,
+                "helmOptions": {"timeout": "90s", "waitStrategy": "legacy"},
+                "composeFile": "services: {}",
+                "envFile": "A=B",
+                "dockerType": "compose",
+                "imageCleanupEnabled": true,
+                "futureField": 42
+            }]
+        }));
+        let version = resources.version.as_ref().expect("version");
+        assert_eq!(version.name, "1.2.3");
+        assert_eq!(resources.namespace.as_deref(), Some("customer-ns"));
+        assert!(resources.metrics_enabled);
+        assert!(resources.deployment_logs_after.is_some());
+        let deployment = &resources.deployments[0];
+        assert!(deployment.is_oci());
+        assert_eq!(deployment.chart_name, None);
+        assert_eq!(deployment.values["image"]["tag"], "v1");
+        assert_eq!(deployment.registry_auth["registry.example.com"].password.expose(), "p");
+        assert!(!format!("{deployment:?}").contains("\"p\""));
+        let options = HelmOptions::effective(deployment.helm_options.as_ref()).expect("options");
+        assert_eq!(options.timeout, Duration::from_secs(90));
+        assert_eq!(options.wait_strategy, "legacy");
+        assert!(options.rollback_on_failure && options.cleanup_on_failure && !options.force_conflicts);
+    }
+
+    #[test]
+    fn absent_or_null_fields_take_defaults() {
+        let resources = parse(json!({"version": {"id": "7c0e5f4e-9a59-4c1b-bb4c-0c8f5a1f2d3e", "name": "1"}}));
+        assert_eq!(resources.namespace, None);
+        assert!(resources.deployments.is_empty());
+
+        let resources = parse(json!({
+            "deployments": [{
+                "id": "11111111-2222-4333-8444-555555555555",
+                "revisionId": "66666666-7777-4888-9999-aaaaaaaaaaaa",
+                "registryAuth": null,
+                "values": null,
+                "helmOptions": null,
+                "releaseName": "classic",
+                "chartUrl": "https://charts.example.com",
+                "chartName": "nginx",
+                "chartVersion": "1.0.0"
+            }],
+            "namespace": null
+        }));
+        let deployment = &resources.deployments[0];
+        assert!(!deployment.is_oci());
+        assert_eq!(deployment.chart_name.as_deref(), Some("nginx"));
+        assert!(deployment.values.is_empty());
+        assert!(deployment.registry_auth.is_empty());
+        assert_eq!(
+            HelmOptions::effective(None).expect("defaults"),
+            EffectiveHelmOptions::default()
+        );
+
+        let resources = parse(json!({"deployments": null}));
+        assert!(resources.deployments.is_empty());
+    }
+
+    #[test]
+    fn status_and_log_bodies_use_the_protocol_names() {
+        let report = StatusReport {
+            revision_id: Uuid::nil(),
+            status_type: StatusType::Progressing,
+            message: "helm upgrade in progress".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&report).expect("json"),
+            json!({"revisionId": "00000000-0000-0000-0000-000000000000", "type": "progressing", "message": "helm upgrade in progress"})
+        );
+        let metrics = AgentMetrics {
+            cpu_cores_millis: 4000,
+            cpu_usage: 0.25,
+            memory_bytes: 1 << 30,
+            memory_usage: 0.5,
+            disk_metrics: Some(vec![DiskMetric {
+                device: "/dev/sda1".into(),
+                path: "/".into(),
+                fs_type: "ext4".into(),
+                bytes_total: 100,
+                bytes_used: 40,
+            }]),
+        };
+        let value = serde_json::to_value(&metrics).expect("json");
+        assert_eq!(value["cpuCoresMillis"], 4000);
+        assert_eq!(value["diskMetrics"][0]["fsType"], "ext4");
+        assert_eq!(value["diskMetrics"][0]["bytesUsed"], 40);
+
+        let entry = LogEntry {
+            id: Uuid::nil(),
+            deployment_id: Uuid::nil(),
+            deployment_revision_id: Uuid::nil(),
+            resource: "deployments/web".into(),
+            timestamp: DateTime::parse_from_rfc3339("2025-01-02T03:04:05.000000123Z")
+                .expect("time")
+                .to_utc(),
+            severity: "info".into(),
+            body: "hello".into(),
+        };
+        let value = serde_json::to_value(&entry).expect("json");
+        assert_eq!(value["deploymentRevisionId"], "00000000-0000-0000-0000-000000000000");
+        assert_eq!(value["timestamp"], "2025-01-02T03:04:05.000000123Z");
+        let agent = AgentLogEntry {
+            timestamp: entry.timestamp,
+            severity: "warn".into(),
+            body: "x".into(),
+        };
+        let keys: Vec<String> = serde_json::to_value(&agent)
+            .expect("json")
+            .as_object()
+            .expect("object")
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(keys, ["body", "severity", "timestamp"]);
+    }
+
+    #[test]
+    fn a_bad_timeout_is_reported() {
+        let options = HelmOptions {
+            timeout: Some("soon".into()),
+            ..HelmOptions::default()
+        };
+        assert!(HelmOptions::effective(Some(&options)).is_err());
+    }
+}

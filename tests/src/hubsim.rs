@@ -1,1 +1,0 @@
-//! Hub simulator: placeholder, being written.
