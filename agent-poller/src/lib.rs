@@ -16,7 +16,11 @@ use anyhow::Context as _;
 use distr_agent_proto::v1::executor_client::ExecutorClient;
 use tonic::transport::Endpoint;
 
-use crate::{config::ConfigSource, hub::HubClient, poll::Poller};
+use crate::{
+    config::ConfigSource,
+    hub::{ClientOptions, HubClient},
+    poll::Poller,
+};
 
 /// Command-line flags. The Hub connection itself is configured by the Hub's `DISTR_*`
 /// variables and the files in `DISTR_AGENT_CONFIG_DIRS` (see [`config`]), re-read every cycle.
@@ -38,6 +42,10 @@ pub struct Args {
     #[arg(long, env = "DISTR_AGENT_VERSION", default_value = env!("CARGO_PKG_VERSION"))]
     pub agent_version: String,
 
+    /// Deadline of each call to the Hub, in seconds, from connecting until the body is read.
+    #[arg(long, env = "AGENT_HUB_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub hub_timeout_seconds: u64,
+
     /// How often an unchanged status is posted again, in seconds (the Hub calls statuses
     /// older than 60 s stale).
     #[arg(long, env = "AGENT_STATUS_REFRESH_SECONDS", default_value_t = 30)]
@@ -49,7 +57,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let ready = runtime.readiness.gate("first cycle");
 
     let config = Arc::new(ConfigSource::from_process_env());
-    let hub = HubClient::new(config.clone(), &args.agent_version).context("creating the Hub client")?;
+    let options = ClientOptions { request_timeout: Duration::from_secs(args.hub_timeout_seconds), ..Default::default() };
+    let hub = HubClient::with_options(config.clone(), &args.agent_version, options).context("creating the Hub client")?;
     let channel = Endpoint::from_shared(args.executor_url.clone())
         .with_context(|| format!("invalid executor URL {:?}", args.executor_url))?
         .connect_timeout(Duration::from_secs(5))

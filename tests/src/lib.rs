@@ -6,11 +6,13 @@
 //! client for the harness itself, a fresh namespace, ServiceAccount tokens with exact RBAC,
 //! the registry, helm/kubectl, the agent binaries, and the Hub simulator.
 
+pub mod agent;
 pub mod charts;
 pub mod cluster;
 pub mod env;
 pub mod hubsim;
 pub mod process;
+pub mod registry;
 pub mod tools;
 pub mod wait;
 

@@ -352,6 +352,12 @@ impl HubSim {
     }
 
     /// Changes the lifetime of tokens issued from now on.
+    /// Makes every login of `target` answer `token` (from [`HubSim::mint_token`]), so a test
+    /// can know the JWT the agent will hold, e.g. to use it as a registry password.
+    pub fn set_fixed_token(&self, target: Uuid, token: Option<String>) {
+        self.with_target(target, |t| t.fixed_token = token);
+    }
+
     pub fn set_token_lifetime(&self, lifetime: Duration) {
         self.shared.lock().token_lifetime = lifetime;
     }

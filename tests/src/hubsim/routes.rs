@@ -166,7 +166,10 @@ impl Shared {
         if target.secret.as_deref() != Some(password.as_str()) {
             return (StatusCode::UNAUTHORIZED, "wrong secret").into_response();
         }
-        let token = self.issue(target, target_id, lifetime);
+        let token = match &target.fixed_token {
+            Some(token) => token.clone(),
+            None => self.issue(target, target_id, lifetime),
+        };
         axum::Json(json!({ "token": token })).into_response()
     }
 

@@ -31,11 +31,14 @@ pub(crate) struct Target {
     /// Extra top-level fields merged into the resources answer.
     pub(crate) extra_fields: Map<String, Value>,
     pub(crate) manifest: Option<String>,
+    /// When set, every successful login answers this token instead of a fresh one.
+    pub(crate) fixed_token: Option<String>,
 }
 
 impl Target {
     pub(crate) fn new(secret: String) -> Self {
         Self {
+            fixed_token: None,
             secret: Some(secret),
             issued: Vec::new(),
             revoked: HashSet::new(),

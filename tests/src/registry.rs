@@ -1,0 +1,57 @@
+//! A private OCI registry for one test (Debian's docker-registry with its own htpasswd), for
+//! tests that need credentials other than the shared registry's.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::{TestEnv, process::free_port, wait_for};
+
+/// A running registry; stopped when dropped.
+pub struct Registry {
+    pub host: String,
+    _process: tokio::process::Child,
+}
+
+impl Registry {
+    /// Starts a registry on loopback that admits only `user`/`password`.
+    pub async fn start(test: &str, user: &str, password: &str) -> anyhow::Result<Self> {
+        let env = TestEnv::get();
+        let dir = env.test_dir(test).join(format!("registry-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)?;
+        let htpasswd = tokio::process::Command::new("htpasswd")
+            .args(["-Bbn", user, password])
+            .output()
+            .await
+            .context("running htpasswd")?;
+        anyhow::ensure!(htpasswd.status.success(), "htpasswd failed");
+        std::fs::write(dir.join("htpasswd"), &htpasswd.stdout)?;
+        let port = free_port()?;
+        let config = format!(
+            "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem: {{rootdirectory: {root}}}\nhttp:\n  addr: 127.0.0.1:{port}\n\
+             auth:\n  htpasswd:\n    realm: test\n    path: {root}/../htpasswd\n",
+            root = dir.join("data").display(),
+        );
+        std::fs::write(dir.join("config.yml"), config)?;
+        let log = std::fs::File::create(dir.join("registry.log"))?;
+        let process = tokio::process::Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(dir.join("config.yml"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting docker-registry")?;
+        if let Some(pid) = process.id() {
+            env.record_pid(pid, "registry");
+        }
+        let host = format!("127.0.0.1:{port}");
+        let url = format!("http://{host}/v2/");
+        wait_for("test registry", Duration::from_secs(20), || async {
+            reqwest::get(&url).await.ok().map(|_| ())
+        })
+        .await?;
+        Ok(Self { host, _process: process })
+    }
+}
+
