@@ -48,7 +48,9 @@ impl Agent {
     pub async fn start(test: &str, options: AgentOptions) -> anyhow::Result<Self> {
         let env = TestEnv::get();
         let ns = TestNamespace::create(test).await?;
-        let identity = ns.service_account("distr-agent-executor", cluster::namespace_admin_rules()).await?;
+        let identity = ns
+            .service_account("distr-agent-executor", cluster::namespace_admin_rules())
+            .await?;
         let grpc_port = free_port()?;
         let mut executor = AgentProcess::start(
             test,
@@ -58,7 +60,10 @@ impl Agent {
                 ("AGENT_NAMESPACE", ns.name.clone()),
                 ("KUBECONFIG", identity.kubeconfig.display().to_string()),
                 ("AGENT_HELM_BIN", env.bin.join("helm").display().to_string()),
-                ("AGENT_SCRATCH_DIR", env.test_dir(test).join("scratch").display().to_string()),
+                (
+                    "AGENT_SCRATCH_DIR",
+                    env.test_dir(test).join("scratch").display().to_string(),
+                ),
             ],
         )
         .await?;
@@ -110,15 +115,22 @@ impl Agent {
         })
         .await;
         found.map_err(|error| {
-            let seen: Vec<String> =
-                self.statuses(revision).iter().map(|s| format!("{}: {}", s.status_type, s.message)).collect();
+            let seen: Vec<String> = self
+                .statuses(revision)
+                .iter()
+                .map(|s| format!("{}: {}", s.status_type, s.message))
+                .collect();
             anyhow::anyhow!("{error}; statuses seen: {seen:#?}")
         })
     }
 
     /// Every status the Hub received for `revision`, in order.
     pub fn statuses(&self, revision: &str) -> Vec<RecordedStatus> {
-        self.hub.statuses_for(self.target).into_iter().filter(|s| s.revision_id == revision).collect()
+        self.hub
+            .statuses_for(self.target)
+            .into_iter()
+            .filter(|s| s.revision_id == revision)
+            .collect()
     }
 
     /// `helm <args> -n <ns> -o json` as the admin, parsed.
@@ -131,7 +143,11 @@ impl Agent {
 
     /// Names of the Secrets in the namespace.
     pub async fn secret_names(&self) -> anyhow::Result<Vec<String>> {
-        let secrets = self.ns.api::<k8s_openapi::api::core::v1::Secret>().list(&Default::default()).await?;
+        let secrets = self
+            .ns
+            .api::<k8s_openapi::api::core::v1::Secret>()
+            .list(&Default::default())
+            .await?;
         Ok(secrets.items.into_iter().filter_map(|s| s.metadata.name).collect())
     }
 }

@@ -17,7 +17,9 @@ impl Registry {
     /// Starts a registry on loopback that admits only `user`/`password`.
     pub async fn start(test: &str, user: &str, password: &str) -> anyhow::Result<Self> {
         let env = TestEnv::get();
-        let dir = env.test_dir(test).join(format!("registry-{}", uuid::Uuid::new_v4().simple()));
+        let dir = env
+            .test_dir(test)
+            .join(format!("registry-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;
         let htpasswd = tokio::process::Command::new("htpasswd")
             .args(["-Bbn", user, password])
@@ -51,7 +53,9 @@ impl Registry {
             reqwest::get(&url).await.ok().map(|_| ())
         })
         .await?;
-        Ok(Self { host, _process: process })
+        Ok(Self {
+            host,
+            _process: process,
+        })
     }
 }
-

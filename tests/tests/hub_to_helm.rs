@@ -1,0 +1,467 @@
+//! From the Hub to Helm and back: the poller speaks the Hub protocol, the executor installs,
+//! upgrades, rolls back and uninstalls releases. Each test runs the real binaries against the
+//! Hub simulator, the real control plane (executor with a namespace-only Role), helm v4 and
+//! the authenticated OCI registry.
+
+use std::time::{Duration, Instant};
+
+use distr_agent_e2e::{
+    TestEnv,
+    agent::{Agent, AgentOptions, deployment, registry_auth, revise, revision},
+    charts,
+    hubsim::{Failure, HubSimOptions},
+    registry::Registry,
+};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Secret};
+use serde_json::json;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Pushes the sample web chart as `<name>` at each version and returns its `oci://` URL.
+async fn push_web_chart(test: &str, name: &str, versions: &[&str]) -> anyhow::Result<String> {
+    let dir = TestEnv::get().test_dir(test).join("charts");
+    let mut url = String::new();
+    for version in versions {
+        url = charts::push_chart(&charts::write_web_chart(&dir, name, version)?).await?;
+    }
+    Ok(url)
+}
+
+fn tracking_secret(release: &str) -> String {
+    format!("sh.distr.agent.v1.{release}")
+}
+
+#[tokio::test]
+async fn install_upgrade_and_uninstall_follow_the_hub() -> anyhow::Result<()> {
+    let test = "lifecycle";
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "lifecycle-web", &["0.1.0"]).await?;
+    let started = Instant::now();
+    let v1 = deployment(
+        "web",
+        &chart,
+        "0.1.0",
+        json!({"message": "one", "imagePullSecrets": [], "nested": {"pullSecrets": [{"name": "existing"}]}}),
+    );
+    let v1 = revise(&v1, json!({"registryAuth": registry_auth(None)}));
+    agent.set_deployments(vec![v1.clone()]);
+
+    // a. install: progressing, then running; the release, tracking and pull Secrets exist.
+    agent.wait_status(&revision(&v1), "progressing", "", MINUTE).await?;
+    agent
+        .wait_status(&revision(&v1), "running", "helm install succeeded", MINUTE)
+        .await?;
+    eprintln!("hub change -> running (install): {:?}", started.elapsed());
+    let releases = agent.helm_json(&["ls"]).await?;
+    assert_eq!(releases[0]["name"], "web");
+    assert_eq!(releases[0]["status"], "deployed");
+    let secrets = agent.secret_names().await?;
+    assert!(secrets.contains(&tracking_secret("web")), "{secrets:?}");
+    assert!(
+        secrets.contains(&format!("{}.pull", tracking_secret("web"))),
+        "{secrets:?}"
+    );
+    let tracking = agent.ns.api::<Secret>().get(&tracking_secret("web")).await?;
+    let labels = tracking.metadata.labels.unwrap_or_default();
+    assert_eq!(labels.get("agent.distr.sh/deployment").map(String::as_str), Some("web"));
+    let record: serde_json::Value = serde_json::from_slice(&tracking.data.unwrap_or_default()["release"].0)?;
+    assert_eq!(record["revisionId"], v1["revisionId"]);
+    assert_eq!(record["id"], v1["id"]);
+    assert_eq!(record["releaseName"], "web");
+    assert_eq!(record["helmRevision"], 1);
+    // The pull Secret's name is appended to the values' pull-secret lists.
+    let web = agent.ns.api::<Deployment>().get("web-web").await?;
+    let pull = web
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|s| s.image_pull_secrets)
+        .unwrap_or_default();
+    assert_eq!(
+        pull.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        vec!["sh.distr.agent.v1.web.pull"]
+    );
+
+    // b. changed values with a new revision: an upgrade to Helm revision 2.
+    let started = Instant::now();
+    let v2 = revise(&v1, json!({"values": {"message": "two", "imagePullSecrets": []}}));
+    agent.set_deployments(vec![v2.clone()]);
+    agent
+        .wait_status(&revision(&v2), "running", "helm upgrade succeeded", MINUTE)
+        .await?;
+    eprintln!("hub change -> running (upgrade): {:?}", started.elapsed());
+    let history = agent.helm_json(&["history", "web"]).await?;
+    let revisions: Vec<i64> = history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h["revision"].as_i64())
+        .collect();
+    assert_eq!(revisions, vec![1, 2]);
+    let web = agent.ns.api::<Deployment>().get("web-web").await?;
+    let message = web
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .get("distr.test/message")
+        .cloned();
+    assert_eq!(message.as_deref(), Some("two"));
+    agent
+        .wait_status(&revision(&v2), "healthy", "status check passed", MINUTE)
+        .await?;
+
+    // c. removed from the Hub: the release, its tracking and pull Secrets are gone.
+    agent.set_deployments(vec![]);
+    distr_agent_e2e::wait_for("release uninstalled", MINUTE, || async {
+        let releases = agent.helm_json(&["ls"]).await.ok()?;
+        let secrets = agent.secret_names().await.ok()?;
+        let gone = releases.as_array().is_some_and(|r| r.is_empty())
+            && !secrets
+                .iter()
+                .any(|s| s.starts_with("sh.distr.agent.v1.web") || s.starts_with("sh.helm.release.v1.web"));
+        gone.then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failed_upgrade_is_rolled_back_and_reported_once() -> anyhow::Result<()> {
+    let test = "rollback";
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "rollback-web", &["0.1.0", "0.2.0"]).await?;
+    let v1 = deployment("web", &chart, "0.1.0", json!({}));
+    agent.set_deployments(vec![v1.clone()]);
+    agent
+        .wait_status(&revision(&v1), "running", "helm install succeeded", MINUTE)
+        .await?;
+
+    // An upgrade to 0.2.0 whose pods never become ready, with rollback on failure.
+    let v2 = revise(
+        &v1,
+        json!({
+            "chartVersion": "0.2.0",
+            "values": {"readinessGate": true},
+            "helmOptions": {"timeout": "8s", "rollbackOnFailure": true, "waitStrategy": "watcher"}
+        }),
+    );
+    agent.set_deployments(vec![v2.clone()]);
+    let error = agent.wait_status(&revision(&v2), "error", "", 2 * MINUTE).await?;
+    assert!(
+        error.message.contains("upgrade"),
+        "says the upgrade failed: {}",
+        error.message
+    );
+
+    // Back at the previous chart, with Helm's rollback recorded.
+    let releases = agent.helm_json(&["ls"]).await?;
+    assert_eq!(releases[0]["chart"], "rollback-web-0.1.0", "{releases}");
+    assert_eq!(releases[0]["status"], "deployed");
+    let history = agent.helm_json(&["history", "web"]).await?;
+    let latest = history.as_array().and_then(|h| h.last()).cloned().unwrap_or_default();
+    let tracking = agent.ns.api::<Secret>().get(&tracking_secret("web")).await?;
+    let record: serde_json::Value = serde_json::from_slice(&tracking.data.unwrap_or_default()["release"].0)?;
+    assert_eq!(
+        record["helmRevision"], latest["revision"],
+        "tracking follows Helm's rollback revision"
+    );
+
+    // The following cycles: no revision-skew error and no new upgrade of the same revision.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let statuses = agent.statuses(&revision(&v2));
+    assert!(
+        statuses
+            .iter()
+            .all(|s| !s.message.contains("is different from latest deployed by agent")),
+        "no revision skew: {statuses:#?}"
+    );
+    let history_after = agent.helm_json(&["history", "web"]).await?;
+    assert_eq!(
+        history_after.as_array().map(Vec::len),
+        history.as_array().map(Vec::len),
+        "no new upgrade"
+    );
+    let errors: Vec<_> = statuses.iter().filter(|s| s.status_type == "error").collect();
+    assert!(
+        errors.iter().all(|s| s.message == error.message),
+        "one error, repeated unchanged: {errors:#?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_release_stuck_waiting_does_not_delay_another() -> anyhow::Result<()> {
+    let test = "concurrency";
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "concurrency-web", &["0.1.0"]).await?;
+    let slow = deployment("slow", &chart, "0.1.0", json!({"readinessGate": true}));
+    let slow = revise(
+        &slow,
+        json!({"helmOptions": {"timeout": "10m", "waitStrategy": "watcher"}}),
+    );
+    agent.set_deployments(vec![slow.clone()]);
+    agent.wait_status(&revision(&slow), "progressing", "", MINUTE).await?;
+
+    let fast = deployment("fast", &chart, "0.1.0", json!({}));
+    let started = Instant::now();
+    agent.set_deployments(vec![slow.clone(), fast.clone()]);
+    agent
+        .wait_status(
+            &revision(&fast),
+            "running",
+            "helm install succeeded",
+            Duration::from_secs(30),
+        )
+        .await?;
+    eprintln!(
+        "fast release running {:?} after it appeared, while slow waits",
+        started.elapsed()
+    );
+    let slow_statuses = agent.statuses(&revision(&slow));
+    assert!(
+        slow_statuses.iter().all(|s| s.status_type == "progressing"),
+        "slow still in progress: {slow_statuses:#?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn hub_failures_change_nothing_and_the_agent_recovers() -> anyhow::Result<()> {
+    let test = "hub-failures";
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "failures-web", &["0.1.0"]).await?;
+    let web = deployment("web", &chart, "0.1.0", json!({}));
+    agent.set_deployments(vec![web.clone()]);
+    agent
+        .wait_status(&revision(&web), "healthy", "status check passed", MINUTE)
+        .await?;
+
+    let failures = [
+        (Failure::Status(500), "500"),
+        (Failure::Stall(None), "timed out"),
+        (Failure::MalformedJson, "malformed"),
+        (Failure::Truncated, ""),
+        (Failure::Oversized(20 << 20), "too large"),
+    ];
+    for (failure, expected) in failures {
+        let before = agent.statuses(&revision(&web)).len();
+        agent.hub.fail_resources(failure.clone());
+        // Several cycles of failure.
+        let error = distr_agent_e2e::wait_for("an error status about the Hub", MINUTE, || async {
+            agent.statuses(&revision(&web))[before..]
+                .iter()
+                .find(|s| s.status_type == "error" && s.message.contains("cannot fetch deployments from the Hub"))
+                .cloned()
+        })
+        .await?;
+        assert!(
+            error.message.to_lowercase().contains(expected),
+            "{failure:?}: {}",
+            error.message
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let releases = agent.helm_json(&["ls"]).await?;
+        assert_eq!(
+            releases.as_array().map(Vec::len),
+            Some(1),
+            "{failure:?}: nothing uninstalled"
+        );
+        assert!(agent.secret_names().await?.contains(&tracking_secret("web")));
+        agent.hub.clear_failures();
+        let after = agent.statuses(&revision(&web)).len();
+        distr_agent_e2e::wait_for("recovery", MINUTE, || async {
+            agent.statuses(&revision(&web))[after..]
+                .iter()
+                .find(|s| s.status_type == "healthy")
+                .cloned()
+        })
+        .await?;
+    }
+
+    // A complete response with an empty list is a real removal: only now is it uninstalled.
+    agent.set_deployments(vec![]);
+    distr_agent_e2e::wait_for("uninstalled after an explicit empty list", MINUTE, || async {
+        agent
+            .helm_json(&["ls"])
+            .await
+            .ok()?
+            .as_array()?
+            .is_empty()
+            .then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn charts_come_through_registry_auth_and_the_hub_registry() -> anyhow::Result<()> {
+    let test = "registries";
+    let env = TestEnv::get();
+    let agent = Agent::start(
+        test,
+        AgentOptions {
+            poller_env: vec![
+                ("AGENT_HUB_TIMEOUT_SECONDS", "3".into()),
+                ("DISTR_REGISTRY_PLAIN_HTTP", "true".into()),
+            ],
+            ..Default::default()
+        },
+    )
+    .await?;
+    // The Hub registry admits user "-" with the agent's JWT as password.
+    let token = agent.hub.mint_token(agent.target, 3600);
+    agent.hub.set_fixed_token(agent.target, Some(token.clone()));
+    let hub_registry = Registry::start(test, "-", &token).await?;
+    std::fs::write(agent.config_dir.join("DISTR_REGISTRY_HOST"), &hub_registry.host)?;
+
+    let chart = push_web_chart(test, "auth-web", &["0.1.0"]).await?;
+    let with_auth = revise(
+        &deployment("with-auth", &chart, "0.1.0", json!({})),
+        json!({"registryAuth": registry_auth(None)}),
+    );
+    let wrong = revise(
+        &deployment("wrong-password", &chart, "0.1.0", json!({})),
+        json!({"registryAuth": registry_auth(Some("not-the-password"))}),
+    );
+
+    // Push the same chart to the Hub registry with the JWT.
+    let work = tempfile::tempdir()?;
+    let dir = env.test_dir(test).join("hub-chart");
+    let chart_dir = charts::write_web_chart(&dir, "hub-web", "0.1.0")?;
+    let package = distr_agent_e2e::tools::helm(
+        work.path(),
+        &[
+            "package",
+            chart_dir.to_str().unwrap_or_default(),
+            "-d",
+            work.path().to_str().unwrap_or_default(),
+        ],
+    )
+    .await?
+    .ok("helm package")?;
+    let archive = package.stdout.rsplit(": ").next().unwrap_or_default().trim().to_owned();
+    distr_agent_e2e::tools::helm(
+        work.path(),
+        &[
+            "push",
+            &archive,
+            &format!("oci://{}/charts", hub_registry.host),
+            "--plain-http",
+            "--username",
+            "-",
+            "--password",
+            &token,
+        ],
+    )
+    .await?
+    .ok("helm push to the Hub registry")?;
+    let from_hub = deployment(
+        "from-hub",
+        &format!("oci://{}/charts/hub-web", hub_registry.host),
+        "0.1.0",
+        json!({}),
+    );
+
+    agent.set_deployments(vec![with_auth.clone(), wrong.clone(), from_hub.clone()]);
+    agent
+        .wait_status(&revision(&with_auth), "running", "helm install succeeded", MINUTE)
+        .await?;
+    agent
+        .wait_status(&revision(&from_hub), "running", "helm install succeeded", MINUTE)
+        .await?;
+    let refused = agent.wait_status(&revision(&wrong), "error", "", MINUTE).await?;
+    assert!(
+        refused.message.contains("registry refused the credentials"),
+        "says the registry refused the credentials: {}",
+        refused.message
+    );
+    // The Hub registry login lands in the pull Secret too.
+    let pull = agent.ns.api::<Secret>().get("sh.distr.agent.v1.from-hub.pull").await?;
+    let config: serde_json::Value = serde_json::from_slice(&pull.data.unwrap_or_default()[".dockerconfigjson"].0)?;
+    assert!(config["auths"][&hub_registry.host].is_object(), "{config}");
+    assert_eq!(pull.type_.as_deref(), Some("kubernetes.io/dockerconfigjson"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn steady_state_statuses_token_expiry_and_secret_rotation() -> anyhow::Result<()> {
+    let test = "steady-state";
+    let agent = Agent::start(
+        test,
+        AgentOptions {
+            hub: HubSimOptions {
+                token_lifetime: MINUTE,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await?;
+    let chart = push_web_chart(test, "steady-web", &["0.1.0"]).await?;
+    let web = deployment("web", &chart, "0.1.0", json!({}));
+    agent.set_deployments(vec![web.clone()]);
+    agent
+        .wait_status(&revision(&web), "healthy", "status check passed", MINUTE)
+        .await?;
+
+    // Rotate the target secret: the new one, written into a config dir, is used at the next login.
+    let rotated = "rotated-secret-value";
+    agent.hub.set_secret(agent.target, rotated);
+    std::fs::write(agent.config_dir.join("DISTR_TARGET_SECRET"), rotated)?;
+    agent.hub.revoke_tokens(agent.target);
+
+    // Observe the steady state across more than one token lifetime.
+    let window_start = chrono::Utc::now();
+    let window = Duration::from_secs(95);
+    tokio::time::sleep(window).await;
+    let statuses: Vec<_> = agent
+        .statuses(&revision(&web))
+        .into_iter()
+        .filter(|s| s.received_at >= window_start)
+        .collect();
+    let resources = agent
+        .hub
+        .requests_on(distr_agent_e2e::hubsim::Route::Resources)
+        .into_iter()
+        .filter(|r| r.received_at >= window_start)
+        .count();
+    let logins = agent
+        .hub
+        .logins(agent.target)
+        .into_iter()
+        .filter(|r| r.received_at >= window_start)
+        .collect::<Vec<_>>();
+    eprintln!(
+        "steady state over {window:?}: {resources} resource fetches, {} status posts, {} logins",
+        statuses.len(),
+        logins.len()
+    );
+    // The rotated secret works and tokens are renewed across several 60 s expiries.
+    assert!(
+        logins.iter().filter(|l| l.status == Some(200)).count() >= 3,
+        "logins: {logins:#?}"
+    );
+    assert!(resources > 60, "the loop kept running: {resources} fetches");
+    // Fresh statuses at least every 60 s, fewer than one post per cycle.
+    let mut previous = window_start;
+    for status in &statuses {
+        assert!(
+            (status.received_at - previous).num_seconds() <= 60,
+            "gap before {status:?}"
+        );
+        previous = status.received_at;
+    }
+    assert!(
+        (chrono::Utc::now() - previous).num_seconds() <= 60,
+        "no status in the last minute"
+    );
+    assert!(
+        statuses.len() * 5 < resources,
+        "{} posts for {resources} cycles",
+        statuses.len()
+    );
+    assert!(
+        statuses.iter().all(|s| s.status_type == "healthy" && s.accepted()),
+        "{statuses:#?}"
+    );
+    Ok(())
+}
