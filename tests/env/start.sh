@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts the local control plane on loopback: etcd, kube-apiserver (RBAC enforced),
 # kube-controller-manager, kube-scheduler, kwok with one Ready node, and an OCI registry with
-# htpasswd authentication. Writes "$state/env" (KEY=value lines for the harness) and returns
+# TLS (certificate from the environment's CA) and htpasswd authentication. Writes "$state/env" (KEY=value lines for the harness) and returns
 # once everything is ready. Stop it with tests/env/stop.sh "$state".
 #
 # usage: start.sh <state-dir> <bin-dir>
@@ -51,6 +51,11 @@ openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
 printf 'subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n' >"$pki/apiserver.ext"
 openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
   -days 2 -extfile "$pki/apiserver.ext" -out "$pki/apiserver.crt" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj "/CN=registry" \
+  -keyout "$pki/registry.key" -out "$pki/registry.csr" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >"$pki/registry.ext"
+openssl x509 -req -in "$pki/registry.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+  -days 2 -extfile "$pki/registry.ext" -out "$pki/registry.crt" 2>/dev/null
 openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
 openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
 admin_token=$(openssl rand -hex 24)
@@ -143,7 +148,7 @@ NODE
 wait_until "kwok node" 60 kubectl wait --for=condition=Ready node/kwok-node-0 --timeout=2s
 wait_until "default ServiceAccount" 60 kubectl get serviceaccount default -n default
 
-log "starting the OCI registry on 127.0.0.1:$registry_port"
+log "starting the OCI registry on https://127.0.0.1:$registry_port"
 registry_user=distr-test
 registry_password=$(openssl rand -hex 16)
 htpasswd -Bbn "$registry_user" "$registry_password" >"$state/registry/htpasswd" 2>/dev/null
@@ -155,13 +160,14 @@ storage:
   delete: {enabled: true}
 http:
   addr: 127.0.0.1:$registry_port
+  tls: {certificate: $pki/registry.crt, key: $pki/registry.key}
 auth:
   htpasswd:
     realm: distr-testenv
     path: $state/registry/htpasswd
 REGISTRY
 run registry /usr/bin/docker-registry serve "$state/registry/config.yml"
-wait_until registry 30 curl -sS -o /dev/null "http://127.0.0.1:$registry_port/v2/"
+wait_until registry 30 curl -sS --cacert "$pki/ca.crt" -o /dev/null "https://127.0.0.1:$registry_port/v2/"
 
 cat >"$state/env" <<ENV
 DISTR_TESTENV_STATE=$state
@@ -173,4 +179,4 @@ DISTR_TESTENV_REGISTRY=127.0.0.1:$registry_port
 DISTR_TESTENV_REGISTRY_USER=$registry_user
 DISTR_TESTENV_REGISTRY_PASSWORD=$registry_password
 ENV
-log "control plane ready: $api (kubeconfig $kubeconfig), registry 127.0.0.1:$registry_port"
+log "control plane ready: $api (kubeconfig $kubeconfig), registry https://127.0.0.1:$registry_port"

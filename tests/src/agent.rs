@@ -64,6 +64,8 @@ impl Agent {
                     "AGENT_SCRATCH_DIR",
                     env.test_dir(test).join("scratch").display().to_string(),
                 ),
+                // Helm trusts the environment's CA, which signed the registry's certificate.
+                ("SSL_CERT_FILE", env.ca_file.display().to_string()),
             ],
         )
         .await?;

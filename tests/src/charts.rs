@@ -73,7 +73,6 @@ pub async fn push_chart(chart_dir: &Path) -> anyhow::Result<String> {
             "push",
             &archive,
             &repo,
-            "--plain-http",
             "--username",
             &env.registry_user,
             "--password",

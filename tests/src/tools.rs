@@ -42,6 +42,8 @@ pub async fn helm(home: &Path, args: &[&str]) -> anyhow::Result<Run> {
         .env("HELM_CONFIG_HOME", home.join("config"))
         .env("HELM_CACHE_HOME", home.join("cache"))
         .env("HELM_DATA_HOME", home.join("data"))
+        // Trust the environment's CA (the registry's TLS certificate), as the executor does.
+        .env("SSL_CERT_FILE", &env.ca_file)
         .kill_on_drop(true)
         .output()
         .await
@@ -60,6 +62,18 @@ pub async fn kubectl(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<Run> {
         .await
         .context("running kubectl")?;
     Ok(output.into())
+}
+
+/// HTTP status of a GET with curl, trusting the environment's CA.
+pub async fn http_status(url: &str) -> anyhow::Result<u16> {
+    let output = tokio::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(&TestEnv::get().ca_file)
+        .arg(url)
+        .output()
+        .await
+        .context("running curl")?;
+    Ok(String::from_utf8_lossy(&output.stdout).trim().parse()?)
 }
 
 /// Runs `grpcurl`.

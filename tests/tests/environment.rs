@@ -76,7 +76,6 @@ async fn helm_installs_a_chart_from_the_authenticated_oci_registry() -> anyhow::
             "0.1.0",
             "-n",
             &ns.name,
-            "--plain-http",
             "--username",
             &env.registry_user,
             "--password",
@@ -103,17 +102,12 @@ async fn helm_installs_a_chart_from_the_authenticated_oci_registry() -> anyhow::
     let anonymous = tempfile::tempdir()?;
     let pull = tools::helm(
         anonymous.path(),
-        &["pull", &oci, "--version", "0.1.0", "--plain-http", "-d", "/tmp"],
+        &["pull", &oci, "--version", "0.1.0", "-d", "/tmp"],
     )
     .await?;
     assert!(!pull.success, "an anonymous pull must fail");
-    let url = format!("http://{}/v2/charts/env-web/tags/list", env.registry);
-    let status = reqwest::get(&url).await?.status();
-    assert_eq!(
-        status,
-        reqwest::StatusCode::UNAUTHORIZED,
-        "registry answers 401 without credentials"
-    );
+    let url = format!("https://{}/v2/charts/env-web/tags/list", env.registry);
+    assert_eq!(tools::http_status(&url).await?, 401, "registry answers 401 without credentials");
     // Helm (oras) answers the registry's 401 challenge by looking for a credential it lacks.
     let stderr = pull.stderr.to_lowercase();
     assert!(
