@@ -1,15 +1,46 @@
 //! agent-executor: holds the cluster RBAC, reconciles Helm releases and reports their status.
 //! The gRPC service in [`grpc`] only validates and converts; the domain code knows no tonic.
+//!
+//! Modules, from the inside out:
+//! - [`model`]: desired state, Helm options, statuses; [`validate`]: checks on Hub input.
+//! - [`helm`]: the `helm` subprocess driver; [`helm_storage`]: Helm's release Secrets.
+//! - [`tracking`], [`pull_secret`], [`docker_config`]: the cluster state the agent keeps.
+//! - [`manifest`], [`health`], [`restart`]: the resources of a release.
+//! - [`plan`], [`recovery`], [`status_board`], [`reconciler`] (with its per-release
+//!   workers): the reconciliation; [`kube_util`]: timeouts and messages of API calls.
 
+pub mod docker_config;
 pub mod grpc;
+pub mod health;
+pub mod helm;
+pub mod helm_storage;
+pub mod kube_util;
+pub mod manifest;
+pub mod model;
+pub mod plan;
+pub mod pull_secret;
+pub mod reconciler;
+pub mod recovery;
+pub mod restart;
+pub mod status_board;
+pub mod tracking;
+pub mod validate;
+mod worker;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use agent_runtime::{Runtime, RuntimeArgs, grpc::GrpcServer};
 use distr_agent_proto::v1::executor_server::ExecutorServer;
 
+/// Time Helm operations in flight get to finish once shutdown begins.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 #[derive(Clone, Debug, clap::Parser)]
-#[command(name = "agent-executor", version, about = "Distr agent executor: runs Helm for the poller")]
+#[command(
+    name = "agent-executor",
+    version,
+    about = "Distr agent executor: runs Helm for the poller"
+)]
 pub struct Args {
     #[command(flatten)]
     pub runtime: RuntimeArgs,
@@ -17,16 +48,73 @@ pub struct Args {
     /// Address of the gRPC server.
     #[arg(long, env = "AGENT_GRPC_ADDR", default_value = "0.0.0.0:9443")]
     pub grpc_addr: SocketAddr,
+
+    /// Namespace of the releases when the Hub names none (the agent's own namespace).
+    #[arg(long, env = "AGENT_NAMESPACE")]
+    pub namespace: String,
+
+    /// The helm v4 binary.
+    #[arg(long, env = "AGENT_HELM_BIN", default_value = "helm")]
+    pub helm_bin: PathBuf,
+
+    /// Writable directory for Helm's config, cache and per-operation files
+    /// [default: $TMPDIR/distr-agent].
+    #[arg(long, env = "AGENT_SCRATCH_DIR")]
+    pub scratch_dir: Option<PathBuf>,
+
+    /// Helm operations (install, upgrade, uninstall, rollback) run at the same time at most.
+    #[arg(long, env = "AGENT_MAX_CONCURRENT_HELM", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_concurrent_helm: u16,
+
+    /// Accept chart repositories on plain `http://` URLs.
+    #[arg(long, env = "AGENT_ALLOW_HTTP_CHARTS", default_value_t = false)]
+    pub allow_http_charts: bool,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let runtime = Runtime::start(&args.runtime, "agent-executor").await?;
     let grpc_ready = runtime.readiness.gate("grpc");
+    let recovered = runtime.readiness.gate("recovery");
+    validate::namespace(&args.namespace)?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot configure the Kubernetes client: {error}"))?;
+    let scratch_dir = args
+        .scratch_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("distr-agent"));
+    let helm = helm::HelmDriver::new(helm::HelmConfig {
+        bin: args.helm_bin.clone(),
+        scratch_dir,
+        allow_http_charts: args.allow_http_charts,
+    })?;
+    let reconciler = reconciler::Reconciler::new(
+        client,
+        helm,
+        args.namespace.clone(),
+        usize::from(args.max_concurrent_helm),
+    );
+
     let mut server = GrpcServer::bind(args.grpc_addr, &[distr_agent_proto::FILE_DESCRIPTOR_SET]).await?;
-    server.add_service(ExecutorServer::new(grpc::ExecutorService::default())).await;
-    tracing::info!(addr = %server.local_addr()?, "gRPC server listening");
+    server
+        .add_service(ExecutorServer::new(grpc::ExecutorService::new(reconciler.clone())))
+        .await;
+    tracing::info!(addr = %server.local_addr()?, namespace = %args.namespace, "gRPC server listening");
     grpc_ready.open();
+
+    // Recovery runs beside the server: workers and recovery take the same per-release lock,
+    // and readiness (hence traffic through the Service) waits for it.
+    let recovery = {
+        let reconciler = reconciler.clone();
+        tokio::spawn(async move {
+            reconciler.recover_on_startup().await;
+            recovered.open();
+        })
+    };
+
     let served = server.serve(runtime.shutdown.clone()).await;
+    recovery.abort();
+    reconciler.shutdown(SHUTDOWN_GRACE).await;
     runtime.finish().await;
     served
 }

@@ -27,8 +27,10 @@ fn deployment(d: &Deployment) -> pb::Deployment {
             .registry_auth
             .iter()
             .map(|(host, auth)| {
-                let credentials =
-                    pb::RegistryCredentials { username: auth.username.clone(), password: auth.password.expose().to_owned() };
+                let credentials = pb::RegistryCredentials {
+                    username: auth.username.clone(),
+                    password: auth.password.expose().to_owned(),
+                };
                 (host.clone(), credentials)
             })
             .collect(),
@@ -76,10 +78,16 @@ mod tests {
         let d = &request.deployments[0];
         assert_eq!(d.release_name, "web");
         assert_eq!(d.chart_name, "web");
-        assert_eq!(serde_json::from_str::<serde_json::Value>(&d.values_json).ok(), Some(serde_json::json!({"replicas": 2})));
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&d.values_json).ok(),
+            Some(serde_json::json!({"replicas": 2}))
+        );
         assert_eq!(d.registry_auth["r.example.com"].password, "p");
         let options = d.helm_options.as_ref().expect("options");
         assert_eq!(options.timeout.as_deref(), Some("90s"));
-        assert_eq!(options.rollback_on_failure, None, "absent stays absent; the executor applies the defaults");
+        assert_eq!(
+            options.rollback_on_failure, None,
+            "absent stays absent; the executor applies the defaults"
+        );
     }
 }

@@ -57,14 +57,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let ready = runtime.readiness.gate("first cycle");
 
     let config = Arc::new(ConfigSource::from_process_env());
-    let options = ClientOptions { request_timeout: Duration::from_secs(args.hub_timeout_seconds), ..Default::default() };
-    let hub = HubClient::with_options(config.clone(), &args.agent_version, options).context("creating the Hub client")?;
+    let options = ClientOptions {
+        request_timeout: Duration::from_secs(args.hub_timeout_seconds),
+        ..Default::default()
+    };
+    let hub =
+        HubClient::with_options(config.clone(), &args.agent_version, options).context("creating the Hub client")?;
     let channel = Endpoint::from_shared(args.executor_url.clone())
         .with_context(|| format!("invalid executor URL {:?}", args.executor_url))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(args.executor_timeout_seconds))
         .connect_lazy();
-    let mut poller = Poller::new(hub, ExecutorClient::new(channel), Duration::from_secs(args.status_refresh_seconds));
+    let mut poller = Poller::new(
+        hub,
+        ExecutorClient::new(channel),
+        Duration::from_secs(args.status_refresh_seconds),
+    );
 
     loop {
         // A cycle in flight is abandoned on shutdown: nothing it does needs finishing here.

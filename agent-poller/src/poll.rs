@@ -30,7 +30,12 @@ pub struct Poller {
 
 impl Poller {
     pub fn new(hub: HubClient, executor: ExecutorClient<Channel>, status_refresh: Duration) -> Self {
-        Self { hub, executor, book: StatusBook::new(status_refresh), last_known: Vec::new() }
+        Self {
+            hub,
+            executor,
+            book: StatusBook::new(status_refresh),
+            last_known: Vec::new(),
+        }
     }
 
     /// One cycle: fetch, sync, report.
@@ -112,5 +117,9 @@ fn report(status: &pb::DeploymentStatus) -> Option<StatusReport> {
         pb::StatusType::Unspecified => return None,
     };
     let revision_id = status.revision_id.parse().ok()?;
-    Some(StatusReport { revision_id, status_type, message: status.message.clone() })
+    Some(StatusReport {
+        revision_id,
+        status_type,
+        message: status.message.clone(),
+    })
 }

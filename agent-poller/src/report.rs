@@ -29,13 +29,17 @@ pub struct StatusBook {
 
 impl StatusBook {
     pub fn new(refresh: Duration) -> Self {
-        Self { refresh, posted: HashMap::new() }
+        Self {
+            refresh,
+            posted: HashMap::new(),
+        }
     }
 
     /// The reports among `current` that are due at `now`: changed, never posted, or older than
     /// the refresh period. Revisions absent from `current` are forgotten.
     pub fn due(&mut self, current: &[StatusReport], now: Instant) -> Vec<StatusReport> {
-        self.posted.retain(|revision, _| current.iter().any(|r| &r.revision_id == revision));
+        self.posted
+            .retain(|revision, _| current.iter().any(|r| &r.revision_id == revision));
         current
             .iter()
             .filter(|report| match self.posted.get(&report.revision_id) {
@@ -54,7 +58,11 @@ impl StatusBook {
     pub fn accepted(&mut self, report: &StatusReport, now: Instant) {
         self.posted.insert(
             report.revision_id,
-            Posted { kind: report.status_type, message: report.message.clone(), at: now },
+            Posted {
+                kind: report.status_type,
+                message: report.message.clone(),
+                at: now,
+            },
         );
     }
 }
@@ -64,7 +72,11 @@ mod tests {
     use super::*;
 
     fn report(revision: u128, kind: StatusType, message: &str) -> StatusReport {
-        StatusReport { revision_id: Uuid::from_u128(revision), status_type: kind, message: message.into() }
+        StatusReport {
+            revision_id: Uuid::from_u128(revision),
+            status_type: kind,
+            message: message.into(),
+        }
     }
 
     #[test]
@@ -72,20 +84,43 @@ mod tests {
         let mut book = StatusBook::new(Duration::from_secs(30));
         let t0 = Instant::now();
         let running = report(1, StatusType::Running, "helm install succeeded");
-        assert_eq!(book.due(std::slice::from_ref(&running), t0), vec![running.clone()], "new status is due");
+        assert_eq!(
+            book.due(std::slice::from_ref(&running), t0),
+            vec![running.clone()],
+            "new status is due"
+        );
         book.accepted(&running, t0);
         let later = t0 + Duration::from_secs(5);
-        assert!(book.due(std::slice::from_ref(&running), later).is_empty(), "unchanged within 30 s");
+        assert!(
+            book.due(std::slice::from_ref(&running), later).is_empty(),
+            "unchanged within 30 s"
+        );
 
         let healthy = report(1, StatusType::Healthy, "status check passed. 1 resources healthy");
-        assert_eq!(book.due(std::slice::from_ref(&healthy), later), vec![healthy.clone()], "a change is due");
+        assert_eq!(
+            book.due(std::slice::from_ref(&healthy), later),
+            vec![healthy.clone()],
+            "a change is due"
+        );
         book.accepted(&healthy, later);
 
         let message_changed = report(1, StatusType::Healthy, "status check passed. 2 resources healthy");
-        assert_eq!(book.due(std::slice::from_ref(&message_changed), later).len(), 1, "a new message is a change");
+        assert_eq!(
+            book.due(std::slice::from_ref(&message_changed), later).len(),
+            1,
+            "a new message is a change"
+        );
 
-        assert!(book.due(std::slice::from_ref(&healthy), later + Duration::from_secs(29)).is_empty());
-        assert_eq!(book.due(std::slice::from_ref(&healthy), later + Duration::from_secs(30)).len(), 1, "refresh");
+        assert!(
+            book.due(std::slice::from_ref(&healthy), later + Duration::from_secs(29))
+                .is_empty()
+        );
+        assert_eq!(
+            book.due(std::slice::from_ref(&healthy), later + Duration::from_secs(30))
+                .len(),
+            1,
+            "refresh"
+        );
     }
 
     #[test]
@@ -98,6 +133,10 @@ mod tests {
         assert_eq!(book.due(std::slice::from_ref(&a), t0 + Duration::from_secs(1)).len(), 1);
         book.accepted(&a, t0);
         assert!(book.due(&[], t0).is_empty());
-        assert_eq!(book.due(std::slice::from_ref(&a), t0 + Duration::from_secs(1)).len(), 1, "forgotten, so new");
+        assert_eq!(
+            book.due(std::slice::from_ref(&a), t0 + Duration::from_secs(1)).len(),
+            1,
+            "forgotten, so new"
+        );
     }
 }

@@ -85,24 +85,21 @@ go_install() {
 
 build_kwok() {
   go_install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
-  # kwok refuses to start without Stage objects; they ship in its module.
-  local stages
+  # kwok refuses to start without Stage objects; they ship in its module. Take exactly the
+  # ones that make Nodes Ready (with Lease heartbeats) and Pods Running/Ready, never the
+  # "chaos" stages that fail nodes and pods on purpose.
+  local stages out f
   stages="$(go env GOMODCACHE)/sigs.k8s.io/kwok@$KWOK_VERSION/kustomize/stage"
+  out="$cache/kwok/stages-$KWOK_VERSION.yaml"
   mkdir -p "$cache/kwok"
-  local out="$cache/kwok/stages.yaml"
-  : >"$out"
-  local f
-  for f in node-fast/node-initialize.yaml node-heartbeat/node-heartbeat.yaml \
-    pod-fast/pod-ready.yaml pod-fast/pod-complete.yaml pod-fast/pod-delete.yaml; do
-    if [ -f "$stages/$f" ]; then
-      { echo "---"; cat "$stages/$f"; } >>"$out"
-    fi
+  : >"$out.tmp"
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+    pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    [ -f "$stages/$f" ] || { log "kwok $KWOK_VERSION has no stage $f"; exit 1; }
+    { echo "---"; cat "$stages/$f"; } >>"$out.tmp"
   done
-  if ! grep -q 'kind: Stage' "$out"; then
-    # Layout differs between kwok releases: take every stage it ships.
-    find "$stages" -name '*.yaml' ! -name kustomization.yaml -print0 |
-      xargs -0 -I{} sh -c 'echo ---; cat "{}"' >>"$out"
-  fi
+  mv "$out.tmp" "$out"
+  ln -sf "$(basename "$out")" "$cache/kwok/stages.yaml"
 }
 
 install_registry() {

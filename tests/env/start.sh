@@ -128,7 +128,8 @@ run kube-scheduler "$bin/kube-scheduler" --kubeconfig "$kubeconfig" \
   --leader-elect=false --bind-address 127.0.0.1 --secure-port "$sched_port" \
   --authorization-always-allow-paths "$always_allow"
 run kwok "$bin/kwok" --kubeconfig "$kubeconfig" --config "$cache/kwok/stages.yaml" \
-  --manage-all-nodes=true --cidr 10.244.0.0/16 --server-address "127.0.0.1:$kwok_port"
+  --manage-all-nodes=true --cidr 10.244.0.0/16 --server-address "127.0.0.1:$kwok_port" \
+  --node-lease-duration-seconds 40
 
 kubectl() { "$bin/kubectl" --kubeconfig "$kubeconfig" "$@"; }
 kubectl apply -f - >/dev/null <<'NODE'

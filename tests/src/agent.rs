@@ -154,9 +154,10 @@ impl Agent {
     }
 }
 
-/// A Hub deployment entry with fresh ids.
+/// A Hub deployment entry with fresh ids, pulling with the shared registry's credentials.
 pub fn deployment(release: &str, chart_url: &str, version: &str, values: Value) -> Value {
     json!({
+        "registryAuth": registry_auth(None),
         "id": Uuid::new_v4(),
         "revisionId": Uuid::new_v4(),
         "releaseName": release,

@@ -7,8 +7,9 @@ use anyhow::Context as _;
 use crate::{TestEnv, tools};
 
 /// A chart with one Deployment (`<release>-web`) whose replicas, image and readiness come
-/// from the values. Pods on kwok nodes become Ready unless `readinessGate` is set, which adds a
-/// readiness gate no one ever satisfies (a workload that never becomes ready).
+/// from the values. Pods on kwok nodes become Ready unless `neverReady` is set, which gives
+/// them a node selector no node matches (a workload that never becomes ready; kwok marks every
+/// scheduled pod Ready, readiness gates included).
 pub fn write_web_chart(dir: &Path, name: &str, version: &str) -> anyhow::Result<PathBuf> {
     let chart = dir.join(format!("{name}-{version}"));
     std::fs::create_dir_all(chart.join("templates"))?;
@@ -18,7 +19,7 @@ pub fn write_web_chart(dir: &Path, name: &str, version: &str) -> anyhow::Result<
     )?;
     std::fs::write(
         chart.join("values.yaml"),
-        "replicas: 1\nimage: registry.example/web:1\nmessage: hello\nreadinessGate: false\nimagePullSecrets: []\n",
+        "replicas: 1\nimage: registry.example/web:1\nmessage: hello\nneverReady: false\nimagePullSecrets: []\n",
     )?;
     std::fs::write(
         chart.join("templates/deployment.yaml"),
@@ -40,9 +41,9 @@ spec:
       {{- with .Values.imagePullSecrets }}
       imagePullSecrets: {{ toJson . }}
       {{- end }}
-      {{- if .Values.readinessGate }}
-      readinessGates:
-        - conditionType: distr.test/never
+      {{- if .Values.neverReady }}
+      nodeSelector:
+        distr.test/no-such-node: "true"
       {{- end }}
       containers:
         - name: web

@@ -21,18 +21,27 @@ impl Registry {
             .test_dir(test)
             .join(format!("registry-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;
+        // bcrypt reads only the first 72 bytes of a password (the registry compares the same
+        // way), and htpasswd refuses passwords longer than 255: hash the prefix, which lets a
+        // long JWT serve as the password.
+        let hashed: String = password.chars().take(72).collect();
         let htpasswd = tokio::process::Command::new("htpasswd")
-            .args(["-Bbn", user, password])
+            .args(["-Bbn", user, &hashed])
             .output()
             .await
             .context("running htpasswd")?;
-        anyhow::ensure!(htpasswd.status.success(), "htpasswd failed");
+        anyhow::ensure!(
+            htpasswd.status.success(),
+            "htpasswd failed: {}",
+            String::from_utf8_lossy(&htpasswd.stderr)
+        );
         std::fs::write(dir.join("htpasswd"), &htpasswd.stdout)?;
         let port = free_port()?;
         let config = format!(
             "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem: {{rootdirectory: {root}}}\nhttp:\n  addr: 127.0.0.1:{port}\n\
-             auth:\n  htpasswd:\n    realm: test\n    path: {root}/../htpasswd\n",
+             auth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n",
             root = dir.join("data").display(),
+            htpasswd = dir.join("htpasswd").display(),
         );
         std::fs::write(dir.join("config.yml"), config)?;
         let log = std::fs::File::create(dir.join("registry.log"))?;

@@ -100,14 +100,14 @@ async fn helm_installs_a_chart_from_the_authenticated_oci_registry() -> anyhow::
 
     // The same pull without credentials is refused by the registry.
     let anonymous = tempfile::tempdir()?;
-    let pull = tools::helm(
-        anonymous.path(),
-        &["pull", &oci, "--version", "0.1.0", "-d", "/tmp"],
-    )
-    .await?;
+    let pull = tools::helm(anonymous.path(), &["pull", &oci, "--version", "0.1.0", "-d", "/tmp"]).await?;
     assert!(!pull.success, "an anonymous pull must fail");
     let url = format!("https://{}/v2/charts/env-web/tags/list", env.registry);
-    assert_eq!(tools::http_status(&url).await?, 401, "registry answers 401 without credentials");
+    assert_eq!(
+        tools::http_status(&url).await?,
+        401,
+        "registry answers 401 without credentials"
+    );
     // Helm (oras) answers the registry's 401 challenge by looking for a credential it lacks.
     let stderr = pull.stderr.to_lowercase();
     assert!(

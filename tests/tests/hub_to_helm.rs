@@ -140,7 +140,7 @@ async fn a_failed_upgrade_is_rolled_back_and_reported_once() -> anyhow::Result<(
         &v1,
         json!({
             "chartVersion": "0.2.0",
-            "values": {"readinessGate": true},
+            "values": {"neverReady": true},
             "helmOptions": {"timeout": "8s", "rollbackOnFailure": true, "waitStrategy": "watcher"}
         }),
     );
@@ -193,7 +193,7 @@ async fn a_release_stuck_waiting_does_not_delay_another() -> anyhow::Result<()> 
     let test = "concurrency";
     let agent = Agent::start(test, AgentOptions::default()).await?;
     let chart = push_web_chart(test, "concurrency-web", &["0.1.0"]).await?;
-    let slow = deployment("slow", &chart, "0.1.0", json!({"readinessGate": true}));
+    let slow = deployment("slow", &chart, "0.1.0", json!({"neverReady": true}));
     let slow = revise(
         &slow,
         json!({"helmOptions": {"timeout": "10m", "waitStrategy": "watcher"}}),
@@ -240,7 +240,7 @@ async fn hub_failures_change_nothing_and_the_agent_recovers() -> anyhow::Result<
         (Failure::Stall(None), "timed out"),
         (Failure::MalformedJson, "malformed"),
         (Failure::Truncated, ""),
-        (Failure::Oversized(20 << 20), "too large"),
+        (Failure::Oversized(20 << 20), "larger than"),
     ];
     for (failure, expected) in failures {
         let before = agent.statuses(&revision(&web)).len();
@@ -308,6 +308,8 @@ async fn charts_come_through_registry_auth_and_the_hub_registry() -> anyhow::Res
     )
     .await?;
     // The Hub registry admits user "-" with the agent's JWT as password.
+    // Revoke what the poller holds so its next login answers the known token.
+    agent.hub.revoke_tokens(agent.target);
     let token = agent.hub.mint_token(agent.target, 3600);
     agent.hub.set_fixed_token(agent.target, Some(token.clone()));
     let hub_registry = Registry::start(test, "-", &token).await?;

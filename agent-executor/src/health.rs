@@ -1,0 +1,628 @@
+//! Health of a release's resources, judged from the live objects named in its manifest.
+//!
+//! The judgements are pure functions over k8s-openapi objects (unit-tested without an API
+//! server); [`HealthChecker`] fetches the objects. Kinds that carry no runtime state
+//! (ConfigMap, RBAC, ...) count as healthy without a request.
+
+use std::{collections::HashMap, sync::Mutex};
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment, StatefulSet},
+    batch::v1::Job,
+    core::v1::{PersistentVolumeClaim, Pod, Service},
+};
+use kube::{
+    Api,
+    api::{ApiResource, DynamicObject},
+    core::GroupVersionKind,
+    discovery::{ApiCapabilities, Scope},
+};
+
+use crate::{kube_util, manifest::ManifestObject, model::StatusKind};
+
+/// Requests in flight per health check.
+const CONCURRENT_FETCHES: usize = 8;
+
+/// Kinds counted healthy without fetching them: they have no readiness of their own.
+const STATELESS_KINDS: &[&str] = &[
+    "ConfigMap",
+    "Secret",
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "NetworkPolicy",
+    "Endpoints",
+    "EndpointSlice",
+    "LimitRange",
+    "ResourceQuota",
+    "PriorityClass",
+    "StorageClass",
+    "CronJob",
+    "HorizontalPodAutoscaler",
+    "PodDisruptionBudget",
+    "Ingress",
+    "IngressClass",
+    "MutatingWebhookConfiguration",
+    "ValidatingWebhookConfiguration",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+    "CustomResourceDefinition",
+    "Namespace",
+];
+
+/// Health of one resource of a release.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResourceHealth {
+    pub kind: String,
+    pub name: String,
+    pub healthy: bool,
+    /// Why it is unhealthy; empty when healthy.
+    pub message: String,
+}
+
+impl ResourceHealth {
+    fn new(object: &ManifestObject, verdict: Result<(), String>) -> Self {
+        let (healthy, message) = match verdict {
+            Ok(()) => (true, String::new()),
+            Err(message) => (false, message),
+        };
+        Self {
+            kind: object.kind.clone(),
+            name: object.name.clone(),
+            healthy,
+            message,
+        }
+    }
+
+    /// `Kind/name`, such as `Deployment/web`.
+    pub fn resource(&self) -> String {
+        format!("{}/{}", self.kind, self.name)
+    }
+}
+
+/// The status a health check reports: `healthy` when every resource passed, otherwise
+/// `error` naming the first resource that did not.
+pub fn summarize(results: &[ResourceHealth]) -> (StatusKind, String) {
+    match results.iter().find(|result| !result.healthy) {
+        Some(bad) => (
+            StatusKind::Error,
+            format!(
+                "resource status error: {} {} status check failed: {}",
+                bad.kind, bad.name, bad.message
+            ),
+        ),
+        None => (
+            StatusKind::Healthy,
+            format!("status check passed. {} resources healthy", results.len()),
+        ),
+    }
+}
+
+fn behind(what: &str, actual: i64, desired: i64) -> Result<(), String> {
+    if actual < desired {
+        Err(format!("{what} ({actual}) is less than desired ({desired})"))
+    } else {
+        Ok(())
+    }
+}
+
+fn generation_observed(generation: Option<i64>, observed: Option<i64>) -> Result<(), String> {
+    match (generation, observed) {
+        (Some(generation), Some(observed)) if observed < generation => Err(format!(
+            "ObservedGeneration ({observed}) is less than Generation ({generation})"
+        )),
+        (Some(generation), None) if generation > 0 => Err("the controller has not observed it yet".to_owned()),
+        _ => Ok(()),
+    }
+}
+
+/// A Deployment is healthy when all desired replicas are ready and updated and the
+/// controller has seen its latest spec.
+pub fn deployment(object: &Deployment) -> Result<(), String> {
+    let desired = i64::from(object.spec.as_ref().and_then(|spec| spec.replicas).unwrap_or(1));
+    let status = object.status.clone().unwrap_or_default();
+    behind("ReadyReplicas", status.ready_replicas.unwrap_or(0).into(), desired)?;
+    generation_observed(object.metadata.generation, status.observed_generation)?;
+    behind("UpdatedReplicas", status.updated_replicas.unwrap_or(0).into(), desired)
+}
+
+/// A StatefulSet is healthy when all desired replicas are ready (and updated, unless its
+/// update strategy is `OnDelete`) and the controller has seen its latest spec.
+pub fn stateful_set(object: &StatefulSet) -> Result<(), String> {
+    let spec = object.spec.as_ref();
+    let desired = i64::from(spec.and_then(|spec| spec.replicas).unwrap_or(1));
+    let status = object.status.clone().unwrap_or_default();
+    behind("ReadyReplicas", status.ready_replicas.unwrap_or(0).into(), desired)?;
+    generation_observed(object.metadata.generation, status.observed_generation)?;
+    let on_delete = spec
+        .and_then(|spec| spec.update_strategy.as_ref())
+        .and_then(|strategy| strategy.type_.as_deref())
+        .is_some_and(|strategy| strategy == "OnDelete");
+    if on_delete {
+        Ok(())
+    } else {
+        behind("UpdatedReplicas", status.updated_replicas.unwrap_or(0).into(), desired)
+    }
+}
+
+/// A DaemonSet is healthy when every scheduled pod is ready and updated.
+pub fn daemon_set(object: &DaemonSet) -> Result<(), String> {
+    let status = object.status.clone().unwrap_or_default();
+    let desired = i64::from(status.desired_number_scheduled);
+    behind("NumberReady", status.number_ready.into(), desired)?;
+    generation_observed(object.metadata.generation, status.observed_generation)?;
+    behind(
+        "UpdatedNumberScheduled",
+        status.updated_number_scheduled.unwrap_or(0).into(),
+        desired,
+    )
+}
+
+/// A Job is healthy once it completed; failed or still running is not healthy.
+pub fn job(object: &Job) -> Result<(), String> {
+    let status = object.status.clone().unwrap_or_default();
+    let conditions = status.conditions.unwrap_or_default();
+    let is_true = |kind: &str| conditions.iter().find(|c| c.type_ == kind && c.status == "True");
+    if let Some(failed) = is_true("Failed") {
+        return Err(format!(
+            "Job failed: {}",
+            reason_and_message(failed.reason.as_deref(), failed.message.as_deref())
+        ));
+    }
+    if is_true("Complete").is_some() || is_true("SuccessCriteriaMet").is_some() {
+        return Ok(());
+    }
+    Err(format!(
+        "Job has not completed yet ({} active, {} succeeded)",
+        status.active.unwrap_or(0),
+        status.succeeded.unwrap_or(0)
+    ))
+}
+
+/// A Pod is healthy when it succeeded, or runs with its `Ready` condition true.
+pub fn pod(object: &Pod) -> Result<(), String> {
+    let status = object.status.clone().unwrap_or_default();
+    let phase = status.phase.unwrap_or_else(|| "Unknown".to_owned());
+    match phase.as_str() {
+        "Succeeded" => Ok(()),
+        "Running" => {
+            let ready = status
+                .conditions
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            if ready {
+                Ok(())
+            } else {
+                Err("Pod is running but not ready".to_owned())
+            }
+        }
+        other => Err(format!("Pod phase is {other}")),
+    }
+}
+
+/// A PersistentVolumeClaim is healthy once bound.
+pub fn persistent_volume_claim(object: &PersistentVolumeClaim) -> Result<(), String> {
+    let phase = object
+        .status
+        .as_ref()
+        .and_then(|status| status.phase.clone())
+        .unwrap_or_else(|| "Pending".to_owned());
+    if phase == "Bound" {
+        Ok(())
+    } else {
+        Err(format!("PersistentVolumeClaim phase is {phase}, not Bound"))
+    }
+}
+
+/// A Service of type LoadBalancer is healthy once it has an ingress address; other types
+/// always are.
+pub fn service(object: &Service) -> Result<(), String> {
+    let load_balancer = object.spec.as_ref().and_then(|spec| spec.type_.as_deref()) == Some("LoadBalancer");
+    let has_ingress = object
+        .status
+        .as_ref()
+        .and_then(|status| status.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .is_some_and(|ingress| !ingress.is_empty());
+    if !load_balancer || has_ingress {
+        Ok(())
+    } else {
+        Err("LoadBalancer has no ingress address yet".to_owned())
+    }
+}
+
+/// Any other object: healthy unless it has a `Ready` condition that is not `True`.
+pub fn ready_condition(object: &serde_json::Value) -> Result<(), String> {
+    let conditions = object
+        .pointer("/status/conditions")
+        .and_then(serde_json::Value::as_array);
+    let ready = conditions.and_then(|conditions| {
+        conditions
+            .iter()
+            .find(|condition| condition.get("type").and_then(serde_json::Value::as_str) == Some("Ready"))
+    });
+    let Some(ready) = ready else {
+        return Ok(());
+    };
+    let field = |name: &str| ready.get(name).and_then(serde_json::Value::as_str);
+    let status = field("status").unwrap_or("Unknown");
+    if status == "True" {
+        Ok(())
+    } else {
+        Err(format!(
+            "Ready condition is {status}: {}",
+            reason_and_message(field("reason"), field("message"))
+        ))
+    }
+}
+
+fn reason_and_message(reason: Option<&str>, message: Option<&str>) -> String {
+    match (reason.filter(|r| !r.is_empty()), message.filter(|m| !m.is_empty())) {
+        (Some(reason), Some(message)) => format!("{reason}: {message}"),
+        (Some(text), None) | (None, Some(text)) => text.to_owned(),
+        (None, None) => "no reason given".to_owned(),
+    }
+}
+
+/// Fetches the objects of a release and judges them. Remembers resolved kinds.
+pub struct HealthChecker {
+    client: kube::Client,
+    kinds: Mutex<HashMap<GroupVersionKind, (ApiResource, ApiCapabilities)>>,
+}
+
+impl HealthChecker {
+    pub fn new(client: kube::Client) -> Self {
+        Self {
+            client,
+            kinds: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Health of every object, in manifest order. `namespace` is the release namespace, used
+    /// for objects whose manifest names none.
+    pub async fn check(&self, namespace: &str, objects: &[ManifestObject]) -> Vec<ResourceHealth> {
+        let checks: Vec<_> = objects.iter().map(|object| self.check_one(namespace, object)).collect();
+        stream::iter(checks).buffered(CONCURRENT_FETCHES).collect().await
+    }
+
+    async fn check_one(&self, release_namespace: &str, object: &ManifestObject) -> ResourceHealth {
+        let namespace = object.namespace.as_deref().unwrap_or(release_namespace);
+        ResourceHealth::new(object, self.judge(namespace, object).await)
+    }
+
+    async fn judge(&self, namespace: &str, object: &ManifestObject) -> Result<(), String> {
+        let kind = object.kind.as_str();
+        if STATELESS_KINDS.contains(&kind) {
+            return Ok(());
+        }
+        let name = object.name.as_str();
+        match (object.group(), kind) {
+            ("apps", "Deployment") => deployment(&self.fetch::<Deployment>(namespace, name).await?),
+            ("apps", "StatefulSet") => stateful_set(&self.fetch::<StatefulSet>(namespace, name).await?),
+            ("apps", "DaemonSet") => daemon_set(&self.fetch::<DaemonSet>(namespace, name).await?),
+            ("batch", "Job") => job(&self.fetch::<Job>(namespace, name).await?),
+            ("", "Pod") => pod(&self.fetch::<Pod>(namespace, name).await?),
+            ("", "PersistentVolumeClaim") => {
+                persistent_volume_claim(&self.fetch::<PersistentVolumeClaim>(namespace, name).await?)
+            }
+            // Only a LoadBalancer Service has something to wait for.
+            ("", "Service") if object.spec_type.as_deref() == Some("LoadBalancer") => {
+                service(&self.fetch::<Service>(namespace, name).await?)
+            }
+            ("", "Service") => Ok(()),
+            _ => ready_condition(&self.fetch_dynamic(namespace, object).await?),
+        }
+    }
+
+    async fn fetch<K>(&self, namespace: &str, name: &str) -> Result<K, String>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
+        match kube_util::call_opt(api.get(name)).await {
+            Ok(Some(object)) => Ok(object),
+            Ok(None) => Err("resource not found".to_owned()),
+            Err(error) => Err(format!("cannot read it: {error}")),
+        }
+    }
+
+    async fn fetch_dynamic(&self, namespace: &str, object: &ManifestObject) -> Result<serde_json::Value, String> {
+        let gvk = GroupVersionKind::gvk(object.group(), object.version(), &object.kind);
+        let cached = self.kinds.lock().unwrap_or_else(|e| e.into_inner()).get(&gvk).cloned();
+        let (resource, capabilities) = match cached {
+            Some(found) => found,
+            None => {
+                let found = kube_util::call(kube::discovery::pinned_kind(&self.client, &gvk))
+                    .await
+                    .map_err(|error| format!("cannot resolve kind {}: {error}", object.api_version))?;
+                self.kinds
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(gvk, found.clone());
+                found
+            }
+        };
+        let api: Api<DynamicObject> = match capabilities.scope {
+            Scope::Cluster => Api::all_with(self.client.clone(), &resource),
+            Scope::Namespaced => Api::namespaced_with(self.client.clone(), namespace, &resource),
+        };
+        match kube_util::call_opt(api.get(&object.name)).await {
+            Ok(Some(found)) => Ok(found.data),
+            Ok(None) => Err("resource not found".to_owned()),
+            Err(error) => Err(format!("cannot read it: {error}")),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use k8s_openapi::{
+        api::{
+            apps::v1::{DaemonSetStatus, DeploymentSpec, DeploymentStatus, StatefulSetSpec, StatefulSetStatus},
+            batch::v1::{JobCondition, JobStatus},
+            core::v1::{
+                LoadBalancerIngress, LoadBalancerStatus, PersistentVolumeClaimStatus, PodCondition, PodStatus,
+                ServiceSpec, ServiceStatus,
+            },
+        },
+        apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
+    use serde_json::json;
+
+    use super::*;
+
+    fn web(replicas: i32, ready: i32, updated: i32, generation: i64, observed: i64) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                generation: Some(generation),
+                ..Default::default()
+            },
+            spec: Some(DeploymentSpec {
+                replicas: Some(replicas),
+                ..Default::default()
+            }),
+            status: Some(DeploymentStatus {
+                ready_replicas: Some(ready),
+                updated_replicas: Some(updated),
+                observed_generation: Some(observed),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn ready_deployments_are_healthy() {
+        assert_eq!(deployment(&web(2, 2, 2, 3, 3)), Ok(()));
+        assert_eq!(deployment(&web(0, 0, 0, 1, 1)), Ok(()), "scaled to zero");
+    }
+
+    #[test]
+    fn unready_deployments_say_why() {
+        assert_eq!(
+            deployment(&web(1, 0, 1, 1, 1)),
+            Err("ReadyReplicas (0) is less than desired (1)".into())
+        );
+        assert_eq!(
+            deployment(&web(2, 2, 1, 2, 2)),
+            Err("UpdatedReplicas (1) is less than desired (2)".into())
+        );
+        assert_eq!(
+            deployment(&web(1, 1, 1, 4, 3)),
+            Err("ObservedGeneration (3) is less than Generation (4)".into())
+        );
+        let no_status = Deployment {
+            status: None,
+            ..web(1, 0, 0, 1, 1)
+        };
+        assert_eq!(
+            deployment(&no_status),
+            Err("ReadyReplicas (0) is less than desired (1)".into())
+        );
+        let default_replicas = Deployment {
+            spec: Some(DeploymentSpec::default()),
+            status: None,
+            ..web(1, 0, 0, 1, 1)
+        };
+        assert!(deployment(&default_replicas).is_err(), "replicas default to 1");
+    }
+
+    #[test]
+    fn summary_names_the_first_bad_resource() {
+        let object = |kind: &str| ManifestObject {
+            api_version: "apps/v1".into(),
+            kind: kind.into(),
+            name: "web".into(),
+            namespace: None,
+            spec_type: None,
+        };
+        let results = vec![
+            ResourceHealth::new(&object("ConfigMap"), Ok(())),
+            ResourceHealth::new(&object("Deployment"), deployment(&web(1, 0, 1, 1, 1))),
+        ];
+        assert_eq!(
+            summarize(&results),
+            (
+                StatusKind::Error,
+                "resource status error: Deployment web status check failed: ReadyReplicas (0) is less than desired (1)"
+                    .into()
+            )
+        );
+        assert_eq!(results[1].resource(), "Deployment/web");
+        assert_eq!(
+            summarize(&results[..1]),
+            (StatusKind::Healthy, "status check passed. 1 resources healthy".into())
+        );
+    }
+
+    #[test]
+    fn stateful_sets() {
+        let set = |ready, updated, strategy: Option<&str>| StatefulSet {
+            metadata: ObjectMeta {
+                generation: Some(1),
+                ..Default::default()
+            },
+            spec: Some(StatefulSetSpec {
+                replicas: Some(2),
+                update_strategy: strategy.map(|s| k8s_openapi::api::apps::v1::StatefulSetUpdateStrategy {
+                    type_: Some(s.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            status: Some(StatefulSetStatus {
+                ready_replicas: Some(ready),
+                updated_replicas: Some(updated),
+                observed_generation: Some(1),
+                replicas: 2,
+                ..Default::default()
+            }),
+        };
+        assert_eq!(stateful_set(&set(2, 2, None)), Ok(()));
+        assert_eq!(
+            stateful_set(&set(1, 2, None)),
+            Err("ReadyReplicas (1) is less than desired (2)".into())
+        );
+        assert!(stateful_set(&set(2, 1, None)).is_err());
+        assert_eq!(stateful_set(&set(2, 1, Some("OnDelete"))), Ok(()));
+    }
+
+    #[test]
+    fn daemon_sets() {
+        let set = |desired, ready, updated| DaemonSet {
+            metadata: ObjectMeta {
+                generation: Some(1),
+                ..Default::default()
+            },
+            status: Some(DaemonSetStatus {
+                desired_number_scheduled: desired,
+                number_ready: ready,
+                updated_number_scheduled: Some(updated),
+                observed_generation: Some(1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(daemon_set(&set(3, 3, 3)), Ok(()));
+        assert_eq!(
+            daemon_set(&set(3, 2, 3)),
+            Err("NumberReady (2) is less than desired (3)".into())
+        );
+        assert_eq!(
+            daemon_set(&set(3, 3, 1)),
+            Err("UpdatedNumberScheduled (1) is less than desired (3)".into())
+        );
+    }
+
+    #[test]
+    fn jobs() {
+        let with = |kind: &str, reason: Option<&str>| Job {
+            status: Some(JobStatus {
+                conditions: Some(vec![JobCondition {
+                    type_: kind.into(),
+                    status: "True".into(),
+                    reason: reason.map(Into::into),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(job(&with("Complete", None)), Ok(()));
+        assert_eq!(
+            job(&with("Failed", Some("BackoffLimitExceeded"))),
+            Err("Job failed: BackoffLimitExceeded".into())
+        );
+        let running = Job {
+            status: Some(JobStatus {
+                active: Some(1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            job(&running),
+            Err("Job has not completed yet (1 active, 0 succeeded)".into())
+        );
+    }
+
+    #[test]
+    fn pods() {
+        let with = |phase: &str, ready: &str| Pod {
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                conditions: Some(vec![PodCondition {
+                    type_: "Ready".into(),
+                    status: ready.into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(pod(&with("Running", "True")), Ok(()));
+        assert_eq!(pod(&with("Succeeded", "False")), Ok(()));
+        assert_eq!(
+            pod(&with("Running", "False")),
+            Err("Pod is running but not ready".into())
+        );
+        assert_eq!(pod(&with("Pending", "False")), Err("Pod phase is Pending".into()));
+    }
+
+    #[test]
+    fn claims_and_load_balancers() {
+        let claim = |phase: &str| PersistentVolumeClaim {
+            status: Some(PersistentVolumeClaimStatus {
+                phase: Some(phase.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(persistent_volume_claim(&claim("Bound")), Ok(()));
+        assert!(persistent_volume_claim(&claim("Pending")).is_err());
+        let lb = |ingress: Vec<LoadBalancerIngress>| Service {
+            spec: Some(ServiceSpec {
+                type_: Some("LoadBalancer".into()),
+                ..Default::default()
+            }),
+            status: Some(ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus { ingress: Some(ingress) }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(service(&lb(vec![])).is_err());
+        assert_eq!(
+            service(&lb(vec![LoadBalancerIngress {
+                ip: Some("10.0.0.1".into()),
+                ..Default::default()
+            }])),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn ready_conditions_of_other_objects() {
+        assert_eq!(ready_condition(&json!({"status": {}})), Ok(()), "no Ready condition");
+        assert_eq!(
+            ready_condition(&json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}})),
+            Ok(())
+        );
+        assert_eq!(
+            ready_condition(&json!({"status": {"conditions": [
+                {"type": "Synced", "status": "True"},
+                {"type": "Ready", "status": "False", "reason": "Pending", "message": "waiting for issuer"}
+            ]}})),
+            Err("Ready condition is False: Pending: waiting for issuer".into())
+        );
+    }
+}

@@ -1,0 +1,928 @@
+//! The Helm driver: runs the pinned `helm` v4 binary as a subprocess with explicit arguments
+//! (never through a shell).
+//!
+//! - Helm's config, cache and data homes live in a writable scratch directory; the process
+//!   gets a short allow-list of the executor's environment (kube access, proxies, CA files)
+//!   and nothing else, so stray `HELM_*` variables cannot change what it does.
+//! - Every install/upgrade runs in a private directory (mode 0700, removed afterwards, never
+//!   shared between releases) holding `values.json` (JSON is valid YAML) and the
+//!   `--registry-config` docker config built for that release.
+//! - Hub-provided values of flags use the `--flag=value` form and positional arguments come
+//!   after `--`, so nothing from the Hub can be read as a flag (validation also refuses
+//!   leading dashes).
+//! - A whole-operation timeout (Helm's own `--timeout` plus a margin for chart download)
+//!   kills a stuck process. Helm's stderr becomes a one-line error message.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::Arc,
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use tokio::process::Command;
+
+use crate::{
+    docker_config,
+    helm_storage::{self, StoredRelease},
+    model::{ChartSource, HelmOptions, RegistryCredentials, RegistryLogin, WaitStrategy, format_helm_duration},
+};
+
+/// Extra time a whole Helm operation gets beyond Helm's own `--timeout` (chart download,
+/// client start-up, hooks bookkeeping).
+pub const OPERATION_MARGIN: Duration = Duration::from_secs(60);
+/// Limit for read-only commands (`status`, `history`).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Revisions Helm keeps per release.
+const HISTORY_MAX: u32 = 10;
+/// Longest error message taken from Helm's stderr.
+const MAX_ERROR_LEN: usize = 512;
+/// Environment variables handed down to `helm` (everything else is cleared).
+const INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "TZ",
+    "KUBECONFIG",
+    "KUBERNETES_SERVICE_HOST",
+    "KUBERNETES_SERVICE_PORT",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+];
+
+/// Errors of the Helm driver.
+#[derive(Debug, thiserror::Error)]
+pub enum HelmError {
+    /// The scratch directory or an operation's private files could not be prepared
+    /// (retryable once the disk is fixed).
+    #[error("cannot prepare helm's working files in {path}: {source}")]
+    Workspace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The binary could not be started.
+    #[error("cannot run {bin}: {source}")]
+    Spawn {
+        bin: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The operation ran longer than its limit and was killed.
+    #[error("helm {operation} did not finish within {limit:?} and was stopped")]
+    TimedOut { operation: &'static str, limit: Duration },
+    /// Helm exited with an error; `message` is Helm's own, on one line.
+    #[error("{message}")]
+    Failed { operation: &'static str, message: String },
+    /// Helm's output could not be parsed.
+    #[error("cannot parse the output of helm {operation}: {reason}")]
+    Output { operation: &'static str, reason: String },
+}
+
+/// How the driver is set up.
+#[derive(Clone, Debug)]
+pub struct HelmConfig {
+    /// The `helm` binary (a path, or a name looked up in `PATH`).
+    pub bin: PathBuf,
+    /// Writable directory for Helm's homes and the per-operation files.
+    pub scratch_dir: PathBuf,
+    /// Accept `http://` chart repositories.
+    pub allow_http_charts: bool,
+}
+
+/// One chart install or upgrade.
+#[derive(Clone, Copy, Debug)]
+pub struct ChartRequest<'a> {
+    pub release: &'a str,
+    pub namespace: &'a str,
+    pub source: &'a ChartSource,
+    pub version: &'a str,
+    pub options: &'a HelmOptions,
+    /// Final values (pull Secret already injected). Never logged.
+    pub values: &'a serde_json::Value,
+    pub hub_registry: Option<&'a RegistryLogin>,
+    pub registry_auth: &'a BTreeMap<String, RegistryCredentials>,
+}
+
+impl ChartRequest<'_> {
+    /// `--plain-http` applies when the chart is an OCI chart on the Hub's plain-HTTP registry.
+    fn plain_http(&self) -> bool {
+        matches!(self.source, ChartSource::Oci { host, .. }
+            if self.hub_registry.is_some_and(|hub| hub.plain_http && hub.host == *host))
+    }
+
+    /// Credentials for a classic repository, when `registryAuth` has its host.
+    fn repository_credentials(&self) -> Option<&RegistryCredentials> {
+        match self.source {
+            ChartSource::Repository { host, .. } => self.registry_auth.get(host),
+            ChartSource::Oci { .. } => None,
+        }
+    }
+}
+
+/// One entry of `helm history -o json`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct HistoryEntry {
+    pub revision: u32,
+    #[serde(default)]
+    pub updated: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub chart: String,
+    #[serde(default)]
+    pub app_version: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// Files of one operation, in its private directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct OperationFiles {
+    values: String,
+    registry_config: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChartOperation {
+    Install,
+    Upgrade,
+}
+
+impl ChartOperation {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Install => "install",
+            Self::Upgrade => "upgrade",
+        }
+    }
+}
+
+/// Runs `helm`. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct HelmDriver {
+    inner: Arc<DriverInner>,
+}
+
+#[derive(Debug)]
+struct DriverInner {
+    bin: PathBuf,
+    scratch: PathBuf,
+    operations: PathBuf,
+    allow_http_charts: bool,
+}
+
+impl HelmDriver {
+    /// Creates the scratch layout (`config/`, `cache/`, `data/`, `kube-cache/`, `tmp/`,
+    /// `operations/`, all private).
+    pub fn new(config: HelmConfig) -> Result<Self, HelmError> {
+        let scratch = config.scratch_dir;
+        if scratch.to_str().is_none() {
+            return Err(HelmError::Workspace {
+                path: scratch,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path must be valid UTF-8"),
+            });
+        }
+        for dir in ["config", "cache", "data", "kube-cache", "tmp", "operations"] {
+            create_private_dir(&scratch.join(dir))?;
+        }
+        let operations = scratch.join("operations");
+        Ok(Self {
+            inner: Arc::new(DriverInner {
+                bin: config.bin,
+                scratch,
+                operations,
+                allow_http_charts: config.allow_http_charts,
+            }),
+        })
+    }
+
+    /// Whether `http://` chart repositories are accepted.
+    pub fn allows_http_charts(&self) -> bool {
+        self.inner.allow_http_charts
+    }
+
+    /// `helm install` of a new release.
+    pub async fn install(&self, request: &ChartRequest<'_>) -> Result<(), HelmError> {
+        self.chart_operation(ChartOperation::Install, request).await
+    }
+
+    /// `helm upgrade` of an existing release.
+    pub async fn upgrade(&self, request: &ChartRequest<'_>) -> Result<(), HelmError> {
+        self.chart_operation(ChartOperation::Upgrade, request).await
+    }
+
+    /// `helm uninstall` (a missing release is fine).
+    pub async fn uninstall(&self, namespace: &str, release: &str, timeout: Duration) -> Result<(), HelmError> {
+        let args = uninstall_args(namespace, release, timeout);
+        self.run("uninstall", release, &args, timeout + OPERATION_MARGIN)
+            .await
+            .map(drop)
+    }
+
+    /// `helm rollback` to `revision` (`None`: the previous one).
+    pub async fn rollback(
+        &self,
+        namespace: &str,
+        release: &str,
+        revision: Option<u32>,
+        options: &HelmOptions,
+    ) -> Result<(), HelmError> {
+        let args = rollback_args(namespace, release, revision, options);
+        self.run("rollback", release, &args, options.timeout + OPERATION_MARGIN)
+            .await
+            .map(drop)
+    }
+
+    /// `helm history -o json`.
+    pub async fn history(&self, namespace: &str, release: &str) -> Result<Vec<HistoryEntry>, HelmError> {
+        let args = query_args("history", namespace, release);
+        let stdout = self.run("history", release, &args, QUERY_TIMEOUT).await?;
+        serde_json::from_slice(&stdout).map_err(|error| HelmError::Output {
+            operation: "history",
+            reason: error.to_string(),
+        })
+    }
+
+    /// `helm status -o json`: the latest release record.
+    pub async fn status(&self, namespace: &str, release: &str) -> Result<StoredRelease, HelmError> {
+        let args = query_args("status", namespace, release);
+        let stdout = self.run("status", release, &args, QUERY_TIMEOUT).await?;
+        helm_storage::parse_release_json(&stdout).map_err(|error| HelmError::Output {
+            operation: "status",
+            reason: error.to_string(),
+        })
+    }
+
+    async fn chart_operation(&self, operation: ChartOperation, request: &ChartRequest<'_>) -> Result<(), HelmError> {
+        let workspace = self.workspace()?;
+        let values = serde_json::to_vec(request.values).map_err(|error| HelmError::Output {
+            operation: operation.name(),
+            reason: error.to_string(),
+        })?;
+        let files = OperationFiles {
+            values: workspace.write("values.json", &values)?,
+            registry_config: workspace.write(
+                "registry-config.json",
+                &docker_config::build(request.hub_registry, request.registry_auth),
+            )?,
+        };
+        let args = chart_args(operation, request, &files);
+        let result = self
+            .run(
+                operation.name(),
+                request.release,
+                &args,
+                request.options.timeout + OPERATION_MARGIN,
+            )
+            .await;
+        drop(workspace);
+        result.map(drop)
+    }
+
+    fn workspace(&self) -> Result<Workspace, HelmError> {
+        let dir = tempfile::Builder::new()
+            .prefix("op-")
+            .tempdir_in(&self.inner.operations)
+            .map_err(|source| HelmError::Workspace {
+                path: self.inner.operations.clone(),
+                source,
+            })?;
+        Ok(Workspace { dir })
+    }
+
+    fn environment(&self) -> Vec<(String, PathBuf)> {
+        let scratch = &self.inner.scratch;
+        let mut env: Vec<(String, PathBuf)> = INHERITED_ENV
+            .iter()
+            .filter_map(|name| Some((name.to_string(), PathBuf::from(std::env::var_os(name)?))))
+            .collect();
+        env.extend([
+            ("HELM_CONFIG_HOME".to_owned(), scratch.join("config")),
+            ("HELM_CACHE_HOME".to_owned(), scratch.join("cache")),
+            ("HELM_DATA_HOME".to_owned(), scratch.join("data")),
+            ("HELM_DRIVER".to_owned(), PathBuf::from("secret")),
+            ("KUBECACHEDIR".to_owned(), scratch.join("kube-cache")),
+            ("TMPDIR".to_owned(), scratch.join("tmp")),
+        ]);
+        env
+    }
+
+    /// Runs helm with `args`; stdout on success.
+    async fn run(
+        &self,
+        operation: &'static str,
+        release: &str,
+        args: &[String],
+        limit: Duration,
+    ) -> Result<Vec<u8>, HelmError> {
+        tracing::debug!(release, operation, args = ?redacted(args), "running helm");
+        let started = std::time::Instant::now();
+        let child = Command::new(&self.inner.bin)
+            .args(args)
+            .env_clear()
+            .envs(self.environment())
+            .current_dir(&self.inner.scratch)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| HelmError::Spawn {
+                bin: self.inner.bin.clone(),
+                source,
+            })?;
+        // On timeout the future, and with it the child, is dropped: kill_on_drop stops it.
+        let output = match tokio::time::timeout(limit, child.wait_with_output()).await {
+            Ok(Ok(output)) => output,
+            Ok(Err(source)) => {
+                return Err(HelmError::Spawn {
+                    bin: self.inner.bin.clone(),
+                    source,
+                });
+            }
+            Err(_) => {
+                tracing::warn!(release, operation, ?limit, "helm did not finish in time; killed");
+                return Err(HelmError::TimedOut { operation, limit });
+            }
+        };
+        let elapsed = started.elapsed();
+        if output.status.success() {
+            tracing::debug!(release, operation, ?elapsed, "helm succeeded");
+            Ok(output.stdout)
+        } else {
+            let message = explain(summarize_stderr(
+                &String::from_utf8_lossy(&output.stderr),
+                output.status.code(),
+            ));
+            tracing::debug!(release, operation, ?elapsed, error = %message, "helm failed");
+            Err(HelmError::Failed { operation, message })
+        }
+    }
+}
+
+/// A private directory for one operation, removed on drop.
+struct Workspace {
+    dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    /// Writes a private (0600) file and returns its path.
+    fn write(&self, name: &str, content: &[u8]) -> Result<String, HelmError> {
+        let path = self.dir.path().join(name);
+        let error = |source| HelmError::Workspace {
+            path: path.clone(),
+            source,
+        };
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&path).map_err(error)?;
+        file.write_all(content).map_err(error)?;
+        file.sync_all().map_err(error)?;
+        // The scratch path was checked to be UTF-8 and the rest is ASCII.
+        Ok(path.to_string_lossy().into_owned())
+    }
+}
+
+fn create_private_dir(path: &Path) -> Result<(), HelmError> {
+    let error = |source| HelmError::Workspace {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(error)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(error)?;
+    }
+    Ok(())
+}
+
+/// Arguments of `helm install`/`helm upgrade`.
+fn chart_args(operation: ChartOperation, request: &ChartRequest<'_>, files: &OperationFiles) -> Vec<String> {
+    let options = request.options;
+    let mut args = vec![
+        operation.name().to_owned(),
+        format!("--namespace={}", request.namespace),
+        format!("--version={}", request.version),
+        format!("--values={}", files.values),
+        format!("--registry-config={}", files.registry_config),
+        format!("--timeout={}", format_helm_duration(options.timeout)),
+        format!("--wait={}", options.wait.as_helm_arg()),
+    ];
+    if options.rollback_on_failure {
+        args.push("--rollback-on-failure".to_owned());
+    }
+    if operation == ChartOperation::Upgrade {
+        // The Hub sends the complete, merged values: never let Helm reuse the previous ones
+        // (which it does for an upgrade whose values are empty).
+        args.push("--reset-values".to_owned());
+        args.push(format!("--history-max={HISTORY_MAX}"));
+        if options.cleanup_on_failure {
+            args.push("--cleanup-on-fail".to_owned());
+        }
+    }
+    if options.force_conflicts {
+        args.push("--force-conflicts".to_owned());
+    }
+    if request.plain_http() {
+        args.push("--plain-http".to_owned());
+    }
+    let chart = match request.source {
+        ChartSource::Oci { reference, .. } => reference.clone(),
+        ChartSource::Repository { url, chart, .. } => {
+            args.push(format!("--repo={url}"));
+            // A classic repository takes its credentials as flags; `--registry-config` only
+            // covers OCI registries. These arguments are never logged (see `redacted`), and
+            // the process runs alone in the executor's container.
+            if let Some(credentials) = request.repository_credentials() {
+                args.push(format!("--username={}", credentials.username));
+                args.push(format!("--password={}", credentials.password.expose()));
+            }
+            chart.clone()
+        }
+    };
+    args.extend(["--".to_owned(), request.release.to_owned(), chart]);
+    args
+}
+
+fn uninstall_args(namespace: &str, release: &str, timeout: Duration) -> Vec<String> {
+    vec![
+        "uninstall".to_owned(),
+        format!("--namespace={namespace}"),
+        format!("--timeout={}", format_helm_duration(timeout)),
+        "--ignore-not-found".to_owned(),
+        "--".to_owned(),
+        release.to_owned(),
+    ]
+}
+
+fn rollback_args(namespace: &str, release: &str, revision: Option<u32>, options: &HelmOptions) -> Vec<String> {
+    let mut args = vec![
+        "rollback".to_owned(),
+        format!("--namespace={namespace}"),
+        format!("--timeout={}", format_helm_duration(options.timeout)),
+        format!("--wait={}", options.wait.as_helm_arg()),
+        format!("--history-max={HISTORY_MAX}"),
+    ];
+    if options.cleanup_on_failure {
+        args.push("--cleanup-on-fail".to_owned());
+    }
+    if options.force_conflicts {
+        args.push("--force-conflicts".to_owned());
+    }
+    args.extend(["--".to_owned(), release.to_owned()]);
+    if let Some(revision) = revision {
+        args.push(revision.to_string());
+    }
+    args
+}
+
+fn query_args(command: &str, namespace: &str, release: &str) -> Vec<String> {
+    vec![
+        command.to_owned(),
+        format!("--namespace={namespace}"),
+        "--output=json".to_owned(),
+        "--".to_owned(),
+        release.to_owned(),
+    ]
+}
+
+/// Options for a rollback that must be quick (crash recovery): no waiting for resources.
+pub fn recovery_rollback_options(timeout: Duration) -> HelmOptions {
+    HelmOptions {
+        timeout,
+        wait: WaitStrategy::HookOnly,
+        rollback_on_failure: false,
+        cleanup_on_failure: false,
+        force_conflicts: false,
+    }
+}
+
+/// The arguments with secret values hidden, for logs.
+fn redacted(args: &[String]) -> Vec<&str> {
+    args.iter()
+        .map(|arg| {
+            if arg.starts_with("--password=") {
+                "--password=<redacted>"
+            } else {
+                arg.as_str()
+            }
+        })
+        .collect()
+}
+
+/// Puts a plain explanation in front of Helm messages whose cause is not obvious from the
+/// registry's wording: refused and missing credentials.
+pub fn explain(message: String) -> String {
+    const REFUSED: &[&str] = &[
+        "response status code 401",
+        "response status code 403",
+        ": 401 Unauthorized",
+        ": 403 Forbidden",
+    ];
+    if REFUSED.iter().any(|pattern| message.contains(pattern)) {
+        format!("the registry refused the credentials: {message}")
+    } else if message.contains("basic credential not found") {
+        format!("the registry requires credentials and none were configured for it: {message}")
+    } else {
+        message
+    }
+}
+
+/// Turns Helm's stderr into one line: Helm's last `Error: ...` (warnings before it are
+/// dropped) without that prefix nor the `INSTALLATION FAILED: ` / `UPGRADE FAILED: `
+/// banner (the status already says which operation failed), bounded in length.
+pub fn summarize_stderr(stderr: &str, exit_code: Option<i32>) -> String {
+    let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|line| !line.is_empty()).collect();
+    let text = match lines.iter().rposition(|line| line.starts_with("Error: ")) {
+        Some(start) => lines[start..].join(" "),
+        None => lines.last().map(|line| (*line).to_owned()).unwrap_or_default(),
+    };
+    let mut message = text.strip_prefix("Error: ").unwrap_or(&text);
+    for banner in ["INSTALLATION FAILED: ", "UPGRADE FAILED: ", "ROLLBACK FAILED: "] {
+        message = message.strip_prefix(banner).unwrap_or(message);
+    }
+    if message.is_empty() {
+        return match exit_code {
+            Some(code) => format!("helm exited with status {code} and no message"),
+            None => "helm was killed by a signal".to_owned(),
+        };
+    }
+    one_line(message, MAX_ERROR_LEN)
+}
+
+/// Collapses whitespace (newlines included) to single spaces and bounds the length.
+pub fn one_line(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max + 4));
+    for word in text.split_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(word);
+        if out.len() > max {
+            break;
+        }
+    }
+    if out.len() > max {
+        let mut end = max;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::model::SecretString;
+
+    fn files() -> OperationFiles {
+        OperationFiles {
+            values: "/s/op-1/values.json".into(),
+            registry_config: "/s/op-1/registry-config.json".into(),
+        }
+    }
+
+    fn oci() -> ChartSource {
+        ChartSource::Oci {
+            reference: "oci://hub.example.com/org/charts/web".into(),
+            host: "hub.example.com".into(),
+        }
+    }
+
+    fn request<'a>(
+        source: &'a ChartSource,
+        options: &'a HelmOptions,
+        hub: Option<&'a RegistryLogin>,
+        auth: &'a BTreeMap<String, RegistryCredentials>,
+    ) -> ChartRequest<'a> {
+        static VALUES: std::sync::LazyLock<serde_json::Value> = std::sync::LazyLock::new(|| serde_json::json!({}));
+        ChartRequest {
+            release: "web",
+            namespace: "apps",
+            source,
+            version: "1.4.0",
+            options,
+            values: &VALUES,
+            hub_registry: hub,
+            registry_auth: auth,
+        }
+    }
+
+    #[test]
+    fn oci_install_args() {
+        let (source, options, auth) = (oci(), HelmOptions::default(), BTreeMap::new());
+        let args = chart_args(
+            ChartOperation::Install,
+            &request(&source, &options, None, &auth),
+            &files(),
+        );
+        assert_eq!(
+            args,
+            [
+                "install",
+                "--namespace=apps",
+                "--version=1.4.0",
+                "--values=/s/op-1/values.json",
+                "--registry-config=/s/op-1/registry-config.json",
+                "--timeout=300s",
+                "--wait=watcher",
+                "--rollback-on-failure",
+                "--",
+                "web",
+                "oci://hub.example.com/org/charts/web",
+            ]
+        );
+    }
+
+    #[test]
+    fn oci_upgrade_args_with_all_options() {
+        let source = oci();
+        let options = HelmOptions {
+            timeout: Duration::from_millis(3_723_500),
+            wait: WaitStrategy::Legacy,
+            rollback_on_failure: true,
+            cleanup_on_failure: true,
+            force_conflicts: true,
+        };
+        let hub = RegistryLogin {
+            host: "hub.example.com".into(),
+            username: "-".into(),
+            password: SecretString::new("jwt"),
+            plain_http: true,
+        };
+        let auth = BTreeMap::new();
+        let args = chart_args(
+            ChartOperation::Upgrade,
+            &request(&source, &options, Some(&hub), &auth),
+            &files(),
+        );
+        assert_eq!(
+            args,
+            [
+                "upgrade",
+                "--namespace=apps",
+                "--version=1.4.0",
+                "--values=/s/op-1/values.json",
+                "--registry-config=/s/op-1/registry-config.json",
+                "--timeout=3723500ms",
+                "--wait=legacy",
+                "--rollback-on-failure",
+                "--reset-values",
+                "--history-max=10",
+                "--cleanup-on-fail",
+                "--force-conflicts",
+                "--plain-http",
+                "--",
+                "web",
+                "oci://hub.example.com/org/charts/web",
+            ]
+        );
+    }
+
+    #[test]
+    fn upgrade_without_failure_options() {
+        let source = oci();
+        let options = HelmOptions {
+            wait: WaitStrategy::HookOnly,
+            rollback_on_failure: false,
+            cleanup_on_failure: false,
+            ..HelmOptions::default()
+        };
+        let auth = BTreeMap::new();
+        let args = chart_args(
+            ChartOperation::Upgrade,
+            &request(&source, &options, None, &auth),
+            &files(),
+        );
+        assert!(args.contains(&"--wait=hookOnly".to_owned()));
+        assert!(
+            !args
+                .iter()
+                .any(|arg| arg == "--rollback-on-failure" || arg == "--cleanup-on-fail")
+        );
+    }
+
+    #[test]
+    fn plain_http_only_for_the_hub_registry_host() {
+        let source = ChartSource::Oci {
+            reference: "oci://other.example.com/c".into(),
+            host: "other.example.com".into(),
+        };
+        let options = HelmOptions::default();
+        let hub = RegistryLogin {
+            host: "hub.example.com".into(),
+            username: String::new(),
+            password: SecretString::new("jwt"),
+            plain_http: true,
+        };
+        let auth = BTreeMap::new();
+        let args = chart_args(
+            ChartOperation::Install,
+            &request(&source, &options, Some(&hub), &auth),
+            &files(),
+        );
+        assert!(!args.contains(&"--plain-http".to_owned()));
+    }
+
+    #[test]
+    fn classic_repository_args() {
+        let source = ChartSource::Repository {
+            url: "https://charts.example.com/stable".into(),
+            host: "charts.example.com".into(),
+            chart: "web-chart".into(),
+        };
+        let options = HelmOptions::default();
+        let mut auth = BTreeMap::new();
+        auth.insert(
+            "charts.example.com".to_owned(),
+            RegistryCredentials {
+                username: "user".into(),
+                password: SecretString::new("-pass"),
+            },
+        );
+        let args = chart_args(
+            ChartOperation::Install,
+            &request(&source, &options, None, &auth),
+            &files(),
+        );
+        assert_eq!(
+            args,
+            [
+                "install",
+                "--namespace=apps",
+                "--version=1.4.0",
+                "--values=/s/op-1/values.json",
+                "--registry-config=/s/op-1/registry-config.json",
+                "--timeout=300s",
+                "--wait=watcher",
+                "--rollback-on-failure",
+                "--repo=https://charts.example.com/stable",
+                "--username=user",
+                "--password=-pass",
+                "--",
+                "web",
+                "web-chart",
+            ]
+        );
+        assert!(redacted(&args).contains(&"--password=<redacted>"));
+        assert!(!redacted(&args).iter().any(|arg| arg.ends_with("=-pass")));
+        let no_auth = BTreeMap::new();
+        let args = chart_args(
+            ChartOperation::Install,
+            &request(&source, &options, None, &no_auth),
+            &files(),
+        );
+        assert!(
+            !args
+                .iter()
+                .any(|arg| arg.starts_with("--username") || arg.starts_with("--password"))
+        );
+    }
+
+    #[test]
+    fn uninstall_rollback_and_query_args() {
+        assert_eq!(
+            uninstall_args("apps", "web", Duration::from_secs(300)),
+            [
+                "uninstall",
+                "--namespace=apps",
+                "--timeout=300s",
+                "--ignore-not-found",
+                "--",
+                "web"
+            ]
+        );
+        assert_eq!(
+            rollback_args("apps", "web", Some(3), &HelmOptions::default()),
+            [
+                "rollback",
+                "--namespace=apps",
+                "--timeout=300s",
+                "--wait=watcher",
+                "--history-max=10",
+                "--cleanup-on-fail",
+                "--",
+                "web",
+                "3"
+            ]
+        );
+        assert_eq!(
+            rollback_args("apps", "web", None, &recovery_rollback_options(Duration::from_secs(60))),
+            [
+                "rollback",
+                "--namespace=apps",
+                "--timeout=60s",
+                "--wait=hookOnly",
+                "--history-max=10",
+                "--",
+                "web"
+            ]
+        );
+        assert_eq!(
+            query_args("history", "apps", "web"),
+            ["history", "--namespace=apps", "--output=json", "--", "web"]
+        );
+    }
+
+    #[test]
+    fn one_line_collapses_and_bounds() {
+        assert_eq!(one_line("a\n  b\tc", 100), "a b c");
+        assert_eq!(one_line("abcdef", 3), "abc…");
+        assert_eq!(one_line("ééé", 3), "é…");
+    }
+
+    #[test]
+    fn stderr_becomes_one_line() {
+        let stderr = "level=WARN msg=\"something\"\nError: INSTALLATION FAILED: failed to perform \"FetchReference\" on source: not found\n";
+        assert_eq!(
+            summarize_stderr(stderr, Some(1)),
+            "failed to perform \"FetchReference\" on source: not found"
+        );
+        let stderr =
+            "Error: UPGRADE FAILED: release web failed, and has been rolled back:\n  context deadline exceeded\n";
+        assert_eq!(
+            summarize_stderr(stderr, Some(1)),
+            "release web failed, and has been rolled back: context deadline exceeded"
+        );
+        assert_eq!(
+            summarize_stderr("", Some(2)),
+            "helm exited with status 2 and no message"
+        );
+        assert_eq!(summarize_stderr("panic: boom\n", Some(2)), "panic: boom");
+        assert!(summarize_stderr(&format!("Error: {}", "x".repeat(5000)), Some(1)).len() <= MAX_ERROR_LEN + 3);
+    }
+
+    #[test]
+    fn registry_refusals_are_explained() {
+        let refused = "failed to perform \"FetchReference\" on source: GET \"http://127.0.0.1:5000/v2/charts/web/manifests/0.1.0\": response status code 401: unauthorized: authentication required";
+        assert!(explain(refused.to_owned()).starts_with("the registry refused the credentials: failed to perform"));
+        let classic = "looks like \"https://charts.example.com\" is not a valid chart repository or cannot be reached: failed to fetch https://charts.example.com/index.yaml : 401 Unauthorized";
+        assert!(explain(classic.to_owned()).starts_with("the registry refused the credentials: "));
+        let missing = "failed to perform \"FetchReference\" on source: GET \"http://h/v2/c/manifests/1\": basic credential not found";
+        assert!(explain(missing.to_owned()).starts_with("the registry requires credentials and none were configured"));
+        let rbac = "secrets is forbidden: User \"system:serviceaccount:a:b\" cannot create resource \"secrets\"";
+        assert_eq!(explain(rbac.to_owned()), rbac);
+    }
+
+    #[test]
+    fn history_json_parses() {
+        let json = r#"[{"revision":1,"updated":"2025-01-02T03:04:05.123Z","status":"superseded","chart":"web-1.0.0","app_version":"1.0","description":"Install complete"},{"revision":2,"status":"deployed","chart":"web-1.1.0","app_version":"1.1","description":"Upgrade complete"}]"#;
+        let entries: Vec<HistoryEntry> = serde_json::from_str(json).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[1].revision, 2);
+        assert!(entries[0].updated.is_some());
+    }
+
+    #[tokio::test]
+    async fn the_real_binary_reports_a_clear_error() {
+        // Runs the pinned helm if this machine has it; no cluster is needed because the chart
+        // download fails first.
+        let bin = PathBuf::from("/root/.cache/distr-agent-testenv/bin/helm");
+        if !bin.exists() {
+            return;
+        }
+        let scratch = tempfile::tempdir().unwrap();
+        let driver = HelmDriver::new(HelmConfig {
+            bin,
+            scratch_dir: scratch.path().to_owned(),
+            allow_http_charts: false,
+        })
+        .unwrap();
+        let source = ChartSource::Oci {
+            reference: "oci://127.0.0.1:1/org/web".into(),
+            host: "127.0.0.1:1".into(),
+        };
+        let options = HelmOptions {
+            timeout: Duration::from_secs(5),
+            ..HelmOptions::default()
+        };
+        let auth = BTreeMap::new();
+        let error = driver
+            .install(&request(&source, &options, None, &auth))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("127.0.0.1:1"), "{error}");
+        assert!(!error.starts_with("Error:"), "{error}");
+        let leftovers = std::fs::read_dir(scratch.path().join("operations")).unwrap().count();
+        assert_eq!(leftovers, 0, "the operation directory is removed");
+    }
+}

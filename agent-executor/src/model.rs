@@ -1,0 +1,440 @@
+//! Domain types of the executor: the desired state as the Hub sends it (converted from the
+//! protocol by the gRPC layer) and the status reported back per deployment.
+//!
+//! Nothing here knows about tonic or Kubernetes. Secrets (registry passwords, the Hub's JWT)
+//! live in [`SecretString`], values in [`Values`]; both print as `<redacted>` in `Debug` so
+//! neither can leak through a `?deployment` in a log line.
+
+use std::{collections::BTreeMap, fmt, time::Duration};
+
+use chrono::{DateTime, Utc};
+
+/// The nil UUID: a tracking Secret with this `id` is an adoption request.
+pub const NIL_UUID: &str = "00000000-0000-0000-0000-000000000000";
+
+/// Errors converting Hub input into domain types.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ModelError {
+    /// `helmOptions.timeout` is not a Go duration.
+    #[error("invalid helm timeout {value:?}: {reason}")]
+    Duration { value: String, reason: &'static str },
+    /// `helmOptions.waitStrategy` is not one Helm knows.
+    #[error("invalid helm wait strategy {0:?} (expected watcher, legacy or hookOnly)")]
+    WaitStrategy(String),
+}
+
+/// A secret value (password, token). `Debug` never shows it; use [`SecretString::expose`]
+/// where the value must really be used.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct SecretString(String);
+
+impl SecretString {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself. Never log the result.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Helm values of a deployment (a JSON object). Values routinely hold passwords, so `Debug`
+/// does not print them.
+#[derive(Clone, PartialEq, Default)]
+pub struct Values(pub serde_json::Value);
+
+impl fmt::Debug for Values {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Values(<redacted>)")
+    }
+}
+
+/// Credentials for one registry (OCI or classic chart repository).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegistryCredentials {
+    pub username: String,
+    pub password: SecretString,
+}
+
+/// Login for the Hub's own OCI registry: user `-`, password = the agent's JWT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegistryLogin {
+    /// `host[:port]`.
+    pub host: String,
+    pub username: String,
+    pub password: SecretString,
+    /// Talk plain HTTP to this registry (development Hubs).
+    pub plain_http: bool,
+}
+
+impl RegistryLogin {
+    /// User name to log in with; the Hub's registry takes `-` when none is given.
+    pub fn effective_username(&self) -> &str {
+        if self.username.is_empty() { "-" } else { &self.username }
+    }
+}
+
+/// Everything the Hub wants deployed in one namespace. Level-triggered: releases the agent
+/// tracks that are not listed here are uninstalled.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct DesiredState {
+    /// Namespace of the releases; empty means the executor's own namespace.
+    pub namespace: String,
+    pub deployments: Vec<Deployment>,
+    pub hub_registry: Option<RegistryLogin>,
+}
+
+/// One entry of the Hub's `deployments` list.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Deployment {
+    pub id: String,
+    pub revision_id: String,
+    pub release_name: String,
+    /// `oci://...` for an OCI chart, otherwise a classic repository URL.
+    pub chart_url: String,
+    /// Chart name inside a classic repository; ignored for OCI charts.
+    pub chart_name: String,
+    pub chart_version: String,
+    /// Helm values, a JSON object.
+    pub values: Values,
+    /// Extra registry credentials by registry host.
+    pub registry_auth: BTreeMap<String, RegistryCredentials>,
+    pub logs_enabled: bool,
+    pub force_restart: bool,
+    pub ignore_revision_skew: bool,
+    pub helm_options: HelmOptions,
+    /// Set when the deployment as received could not be used (values not a JSON object, a bad
+    /// helm option). Such a deployment still counts as desired, so its release is never
+    /// uninstalled because of bad input, but it only reports this message as an `error`.
+    pub input_error: Option<String>,
+}
+
+/// How Helm waits for resources (`--wait=<strategy>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum WaitStrategy {
+    /// kstatus-based watching (the Hub's default).
+    #[default]
+    Watcher,
+    /// Helm 3 style polling.
+    Legacy,
+    /// Wait for hooks only.
+    HookOnly,
+}
+
+impl WaitStrategy {
+    /// The value Helm's `--wait` flag takes.
+    pub fn as_helm_arg(self) -> &'static str {
+        match self {
+            Self::Watcher => "watcher",
+            Self::Legacy => "legacy",
+            Self::HookOnly => "hookOnly",
+        }
+    }
+}
+
+impl std::str::FromStr for WaitStrategy {
+    type Err = ModelError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "watcher" => Ok(Self::Watcher),
+            "legacy" => Ok(Self::Legacy),
+            "hookOnly" => Ok(Self::HookOnly),
+            other => Err(ModelError::WaitStrategy(other.to_owned())),
+        }
+    }
+}
+
+/// Helm options of a deployment. [`Default`] gives the Hub's defaults for absent fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelmOptions {
+    pub timeout: Duration,
+    pub wait: WaitStrategy,
+    pub rollback_on_failure: bool,
+    pub cleanup_on_failure: bool,
+    pub force_conflicts: bool,
+}
+
+/// The Hub's default Helm timeout.
+pub const DEFAULT_HELM_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
+impl Default for HelmOptions {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_HELM_TIMEOUT,
+            wait: WaitStrategy::Watcher,
+            rollback_on_failure: true,
+            cleanup_on_failure: true,
+            force_conflicts: false,
+        }
+    }
+}
+
+/// Parses the Hub's `helmOptions.timeout`. A zero duration means "not set" and gives the
+/// default, as Helm would otherwise fail every wait at once.
+pub fn parse_helm_timeout(value: &str) -> Result<Duration, ModelError> {
+    let duration = parse_go_duration(value)?;
+    Ok(if duration.is_zero() {
+        DEFAULT_HELM_TIMEOUT
+    } else {
+        duration
+    })
+}
+
+/// Parses a Go duration string (`"5m0s"`, `"90s"`, `"1h2m3.5s"`, `"250ms"`): a sequence of
+/// decimal numbers, each with a unit `ns`, `us`/`µs`, `ms`, `s`, `m` or `h`. A leading `+` is
+/// accepted; negative durations are rejected (a timeout cannot be negative).
+pub fn parse_go_duration(value: &str) -> Result<Duration, ModelError> {
+    let error = |reason| ModelError::Duration {
+        value: value.to_owned(),
+        reason,
+    };
+    let mut rest = value.strip_prefix('+').unwrap_or(value);
+    if rest.starts_with('-') {
+        return Err(error("negative durations are not allowed"));
+    }
+    if rest == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return Err(error("empty duration"));
+    }
+    let mut total_nanos: u128 = 0;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (number, after) = rest.split_at(number_len);
+        if number.is_empty() || number == "." {
+            return Err(error("expected a number"));
+        }
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(after.len());
+        let (unit, after) = after.split_at(unit_len);
+        let unit_nanos: u128 = match unit {
+            "ns" => 1,
+            "us" | "µs" | "μs" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60 * 1_000_000_000,
+            "h" => 3_600 * 1_000_000_000,
+            "" => return Err(error("missing unit")),
+            _ => return Err(error("unknown unit")),
+        };
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        if fraction.contains('.') {
+            return Err(error("expected a number"));
+        }
+        let whole: u128 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| error("number too large"))?
+        };
+        let mut nanos = whole
+            .checked_mul(unit_nanos)
+            .ok_or_else(|| error("duration too large"))?;
+        // Fraction digits beyond nanosecond precision are dropped, as Go does.
+        let mut scale = unit_nanos;
+        for digit in fraction.bytes() {
+            scale /= 10;
+            if scale == 0 {
+                break;
+            }
+            nanos += u128::from(digit - b'0') * scale;
+        }
+        total_nanos = total_nanos
+            .checked_add(nanos)
+            .ok_or_else(|| error("duration too large"))?;
+        rest = after;
+    }
+    let secs = u64::try_from(total_nanos / 1_000_000_000).map_err(|_| error("duration too large"))?;
+    // The remainder is below 10^9 and therefore fits.
+    let sub_nanos = u32::try_from(total_nanos % 1_000_000_000).map_err(|_| error("duration too large"))?;
+    Ok(Duration::new(secs, sub_nanos))
+}
+
+/// Formats a duration the way Helm's `--timeout` flag accepts it, normalised: whole seconds
+/// as `"300s"`, anything finer in milliseconds (`"3723500ms"`, rounded up to 1 ms).
+pub fn format_helm_duration(duration: Duration) -> String {
+    if duration.subsec_nanos() == 0 {
+        format!("{}s", duration.as_secs())
+    } else {
+        format!("{}ms", duration.as_nanos().div_ceil(1_000_000))
+    }
+}
+
+/// What a deployment's status says, as the Hub knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusKind {
+    /// A Helm operation is under way.
+    Progressing,
+    /// The last install or upgrade succeeded.
+    Running,
+    /// Nothing to change and every resource passed its check.
+    Healthy,
+    /// Something failed; the message says what.
+    Error,
+}
+
+/// The status of one deployment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub kind: StatusKind,
+    pub message: String,
+    /// When kind or message last changed.
+    pub changed_at: DateTime<Utc>,
+}
+
+impl Status {
+    /// The status after an observation of `kind`/`message` at `now`: `changed_at` moves only
+    /// when the kind or the message differs from `previous`.
+    pub fn observe(previous: Option<&Status>, kind: StatusKind, message: &str, now: DateTime<Utc>) -> Status {
+        match previous {
+            Some(previous) if previous.kind == kind && previous.message == message => previous.clone(),
+            _ => Status {
+                kind,
+                message: message.to_owned(),
+                changed_at: now,
+            },
+        }
+    }
+}
+
+/// The status of one desired deployment, as [`crate::reconciler::Reconciler::sync`] returns it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeploymentStatus {
+    pub deployment_id: String,
+    pub revision_id: String,
+    pub release_name: String,
+    pub status: Status,
+}
+
+/// Where a chart comes from, after validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChartSource {
+    /// `oci://host[:port]/path`; Helm takes the URL as the chart reference.
+    Oci {
+        reference: String,
+        /// `host[:port]` of the registry.
+        host: String,
+    },
+    /// A classic chart repository (`--repo <url> <chart>`).
+    Repository {
+        url: String,
+        /// `host[:port]` of the repository.
+        host: String,
+        chart: String,
+    },
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations_parse() {
+        let cases = [
+            ("5m0s", Duration::from_secs(300)),
+            ("90s", Duration::from_secs(90)),
+            ("1h2m3.5s", Duration::from_millis(3_723_500)),
+            ("0", Duration::ZERO),
+            ("0s", Duration::ZERO),
+            ("250ms", Duration::from_millis(250)),
+            ("1.5h", Duration::from_secs(5400)),
+            ("+10s", Duration::from_secs(10)),
+            (".5s", Duration::from_millis(500)),
+            ("3us", Duration::from_micros(3)),
+            ("3µs", Duration::from_micros(3)),
+            ("7ns", Duration::from_nanos(7)),
+            ("1m1m", Duration::from_secs(120)),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(parse_go_duration(input), Ok(expected), "{input}");
+        }
+    }
+
+    #[test]
+    fn bad_go_durations_are_rejected() {
+        for input in [
+            "",
+            "5",
+            "5x",
+            "-5s",
+            "m",
+            "1.2.3s",
+            "s5",
+            ".s",
+            "99999999999999999999999h",
+            "5 m",
+        ] {
+            assert!(parse_go_duration(input).is_err(), "{input} should be rejected");
+        }
+    }
+
+    #[test]
+    fn helm_timeout_defaults_when_zero() {
+        assert_eq!(parse_helm_timeout("0s"), Ok(DEFAULT_HELM_TIMEOUT));
+        assert_eq!(parse_helm_timeout("90s"), Ok(Duration::from_secs(90)));
+    }
+
+    #[test]
+    fn durations_are_normalised_for_helm() {
+        assert_eq!(format_helm_duration(Duration::from_secs(300)), "300s");
+        assert_eq!(format_helm_duration(Duration::from_millis(3_723_500)), "3723500ms");
+        assert_eq!(format_helm_duration(Duration::from_nanos(1)), "1ms");
+    }
+
+    #[test]
+    fn helm_option_defaults_are_the_hubs() {
+        let options = HelmOptions::default();
+        assert_eq!(options.timeout, Duration::from_secs(300));
+        assert_eq!(options.wait, WaitStrategy::Watcher);
+        assert!(options.rollback_on_failure && options.cleanup_on_failure && !options.force_conflicts);
+    }
+
+    #[test]
+    fn wait_strategies_round_trip() {
+        for value in ["watcher", "legacy", "hookOnly"] {
+            assert_eq!(value.parse::<WaitStrategy>().unwrap().as_helm_arg(), value);
+        }
+        assert!("hookonly".parse::<WaitStrategy>().is_err());
+    }
+
+    #[test]
+    fn status_changed_at_moves_only_on_change() {
+        let t0 = DateTime::from_timestamp(1_000, 0).unwrap();
+        let t1 = DateTime::from_timestamp(2_000, 0).unwrap();
+        let first = Status::observe(None, StatusKind::Progressing, "helm install in progress", t0);
+        assert_eq!(first.changed_at, t0);
+        let same = Status::observe(Some(&first), StatusKind::Progressing, "helm install in progress", t1);
+        assert_eq!(same.changed_at, t0, "same kind and message keep the time");
+        let new_message = Status::observe(Some(&same), StatusKind::Progressing, "other", t1);
+        assert_eq!(new_message.changed_at, t1);
+        let new_kind = Status::observe(Some(&first), StatusKind::Error, "helm install in progress", t1);
+        assert_eq!(new_kind.changed_at, t1);
+    }
+
+    #[test]
+    fn secrets_and_values_are_redacted_in_debug() {
+        let login = RegistryLogin {
+            host: "registry.example.com".into(),
+            username: String::new(),
+            password: SecretString::new("jwt-secret"),
+            plain_http: false,
+        };
+        let printed = format!("{login:?}");
+        assert!(!printed.contains("jwt-secret"), "{printed}");
+        assert_eq!(login.effective_username(), "-");
+        let values = Values(serde_json::json!({"password": "hunter2"}));
+        assert!(!format!("{values:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,313 @@
+//! The decisions of the reconciler, as pure functions of what the tracking Secret and
+//! Helm's storage say: what to do next for a release ([`plan`]), how to settle the tracking
+//! record after an interrupted operation ([`settle`]), and how long to wait before retrying
+//! ([`retry_delay`]).
+
+use std::time::Duration;
+
+use crate::{
+    helm_storage::{ReleaseStatus, StoredRelease},
+    model::{Deployment, NIL_UUID},
+    tracking::{Phase, TrackingRecord},
+};
+
+/// What the next pass over a desired release does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Nothing of this release is deployed (or Helm lost it): `helm install`.
+    Install,
+    /// The agent tracks another revision (or an adoption request): `helm upgrade`.
+    Upgrade,
+    /// The tracked revision is deployed: check the health of its resources.
+    CheckHealth,
+    /// The last operation on this very revision failed and Helm recorded it: report the
+    /// failure, do not retry the same revision (a new revision from the Hub retries).
+    KeepFailed,
+    /// An operation was interrupted (tracking phase `progressing`, or Helm `pending-*`).
+    Recover,
+    /// The agent must not touch the release; the message says why.
+    Refuse(String),
+}
+
+/// Decides the next step for `desired` from the tracking record and Helm's latest revision.
+pub fn plan(desired: &Deployment, tracked: Option<&TrackingRecord>, latest: Option<&StoredRelease>) -> Plan {
+    let release = &desired.release_name;
+    match (tracked, latest) {
+        (None, None) => Plan::Install,
+        (None, Some(_)) => Plan::Refuse(format!(
+            "helm release {release} already exists but was not created by the agent"
+        )),
+        (Some(record), _) if record.phase == Phase::Progressing => Plan::Recover,
+        (Some(_), Some(latest)) if latest.status.is_pending() => Plan::Recover,
+        // Tracked but gone from Helm: a failed install that Helm rolled back, or an
+        // uninstall behind the agent's back. Either way the Hub wants it deployed.
+        (Some(_), None) => Plan::Install,
+        (Some(record), Some(latest)) => {
+            if let Some(tracked_revision) = record.helm_revision
+                && tracked_revision != latest.revision
+                && !desired.ignore_revision_skew
+            {
+                return Plan::Refuse(format!(
+                    "actual helm revision for {release} ({}) is different from latest deployed by agent ({tracked_revision})",
+                    latest.revision
+                ));
+            }
+            if record.is_adoption_request() || !record.is_revision(&desired.revision_id) {
+                Plan::Upgrade
+            } else if record.phase == Phase::Failed {
+                Plan::KeepFailed
+            } else {
+                Plan::CheckHealth
+            }
+        }
+    }
+}
+
+/// The tracking record after recovering an interrupted operation, given Helm's latest
+/// revision once any pending revision was undone (`undone`: the recovery rolled back or
+/// uninstalled it).
+///
+/// - Phase not `progressing` (only Helm was pending): keep the record, take Helm's revision.
+/// - Helm has nothing: phase `failed`, no revision; the next pass installs again.
+/// - The operation finished before the crash (a newer revision is `deployed`, nothing
+///   undone): phase `ready` with that revision.
+/// - The operation failed before the crash (latest `failed`): phase `failed` with that
+///   revision; this revision is not retried, as after any failed upgrade.
+/// - Otherwise (never started, or undone): phase `ready` at Helm's revision and the revision
+///   id forgotten (nil UUID), so the next pass upgrades to the Hub's revision again.
+pub fn settle(record: &TrackingRecord, latest: Option<&StoredRelease>, undone: bool) -> TrackingRecord {
+    let mut settled = record.clone();
+    settled.helm_revision = latest.map(|latest| latest.revision);
+    if record.phase != Phase::Progressing {
+        return settled;
+    }
+    match latest {
+        None => settled.phase = Phase::Failed,
+        Some(latest)
+            if !undone && latest.status == ReleaseStatus::Deployed && record.helm_revision != Some(latest.revision) =>
+        {
+            settled.phase = Phase::Ready;
+        }
+        Some(latest) if !undone && latest.status == ReleaseStatus::Failed => settled.phase = Phase::Failed,
+        Some(_) => {
+            settled.phase = Phase::Ready;
+            NIL_UUID.clone_into(&mut settled.revision_id);
+        }
+    }
+    settled
+}
+
+/// Delay before retry number `attempt` (1-based) of an operation that left nothing behind:
+/// 30 s, doubling, at most 10 minutes.
+pub fn retry_delay(attempt: u32) -> Duration {
+    const FIRST: Duration = Duration::from_secs(30);
+    const MAX: Duration = Duration::from_secs(600);
+    FIRST.saturating_mul(1u32 << attempt.saturating_sub(1).min(10)).min(MAX)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn desired(revision: &str) -> Deployment {
+        Deployment {
+            id: "dep".into(),
+            revision_id: revision.into(),
+            release_name: "web".into(),
+            ..Deployment::default()
+        }
+    }
+
+    fn record(revision: &str, helm_revision: Option<u32>, phase: Phase) -> TrackingRecord {
+        TrackingRecord {
+            id: "dep".into(),
+            revision_id: revision.into(),
+            release_name: "web".into(),
+            helm_revision,
+            phase,
+            logs_enabled: false,
+        }
+    }
+
+    fn helm(revision: u32, status: ReleaseStatus) -> StoredRelease {
+        StoredRelease {
+            name: "web".into(),
+            namespace: "apps".into(),
+            revision,
+            status,
+            chart_name: "web".into(),
+            chart_version: "1.0.0".into(),
+            app_version: String::new(),
+            description: String::new(),
+            manifest: String::new(),
+            last_deployed: None,
+        }
+    }
+
+    #[test]
+    fn untracked_releases_install_or_are_refused() {
+        assert_eq!(plan(&desired("r1"), None, None), Plan::Install);
+        assert_eq!(
+            plan(&desired("r1"), None, Some(&helm(1, ReleaseStatus::Deployed))),
+            Plan::Refuse("helm release web already exists but was not created by the agent".into())
+        );
+    }
+
+    #[test]
+    fn tracked_releases_upgrade_check_or_keep_failing() {
+        let deployed = helm(3, ReleaseStatus::Deployed);
+        assert_eq!(
+            plan(
+                &desired("r2"),
+                Some(&record("r1", Some(3), Phase::Ready)),
+                Some(&deployed)
+            ),
+            Plan::Upgrade
+        );
+        assert_eq!(
+            plan(
+                &desired("r1"),
+                Some(&record("r1", Some(3), Phase::Ready)),
+                Some(&deployed)
+            ),
+            Plan::CheckHealth
+        );
+        assert_eq!(
+            plan(
+                &desired("r1"),
+                Some(&record("r1", Some(3), Phase::Failed)),
+                Some(&deployed)
+            ),
+            Plan::KeepFailed
+        );
+        assert_eq!(
+            plan(&desired("r1"), Some(&record("r1", Some(3), Phase::Ready)), None),
+            Plan::Install
+        );
+    }
+
+    #[test]
+    fn revision_skew_is_refused_unless_ignored() {
+        let tracked = record("r1", Some(1), Phase::Ready);
+        let latest = helm(3, ReleaseStatus::Deployed);
+        assert_eq!(
+            plan(&desired("r1"), Some(&tracked), Some(&latest)),
+            Plan::Refuse("actual helm revision for web (3) is different from latest deployed by agent (1)".into())
+        );
+        let ignoring = Deployment {
+            ignore_revision_skew: true,
+            ..desired("r1")
+        };
+        assert_eq!(plan(&ignoring, Some(&tracked), Some(&latest)), Plan::CheckHealth);
+    }
+
+    #[test]
+    fn adoption_requests_upgrade_without_a_skew_check() {
+        let adoption = TrackingRecord {
+            id: NIL_UUID.into(),
+            ..record("", None, Phase::Ready)
+        };
+        assert_eq!(
+            plan(&desired("r1"), Some(&adoption), Some(&helm(7, ReleaseStatus::Deployed))),
+            Plan::Upgrade
+        );
+        let with_revision = TrackingRecord {
+            revision_id: "r1".into(),
+            ..adoption
+        };
+        assert_eq!(
+            plan(
+                &desired("r1"),
+                Some(&with_revision),
+                Some(&helm(7, ReleaseStatus::Deployed))
+            ),
+            Plan::Upgrade
+        );
+    }
+
+    #[test]
+    fn interrupted_operations_are_recovered() {
+        let progressing = record("r2", Some(3), Phase::Progressing);
+        assert_eq!(
+            plan(
+                &desired("r2"),
+                Some(&progressing),
+                Some(&helm(3, ReleaseStatus::Deployed))
+            ),
+            Plan::Recover
+        );
+        let ready = record("r1", Some(3), Phase::Ready);
+        assert_eq!(
+            plan(
+                &desired("r2"),
+                Some(&ready),
+                Some(&helm(4, ReleaseStatus::PendingUpgrade))
+            ),
+            Plan::Recover
+        );
+    }
+
+    #[test]
+    fn after_a_failed_upgrade_that_helm_rolled_back_nothing_more_happens() {
+        // Upgrade r1 (helm 3) → r2 failed; Helm wrote 4 (failed) and 5 (rollback to 3).
+        // The worker records r2, phase failed, helm revision 5.
+        let after = record("r2", Some(5), Phase::Failed);
+        let latest = helm(5, ReleaseStatus::Deployed);
+        assert_eq!(
+            plan(&desired("r2"), Some(&after), Some(&latest)),
+            Plan::KeepFailed,
+            "no skew, no retry"
+        );
+        assert_eq!(
+            plan(&desired("r3"), Some(&after), Some(&latest)),
+            Plan::Upgrade,
+            "a new revision retries"
+        );
+    }
+
+    #[test]
+    fn settling_interrupted_operations() {
+        let progressing = record("r2", Some(3), Phase::Progressing);
+        // Finished before the crash.
+        let settled = settle(&progressing, Some(&helm(4, ReleaseStatus::Deployed)), false);
+        assert_eq!(settled, record("r2", Some(4), Phase::Ready));
+        // Never started.
+        let settled = settle(&progressing, Some(&helm(3, ReleaseStatus::Deployed)), false);
+        assert_eq!(settled, record(NIL_UUID, Some(3), Phase::Ready));
+        // Pending upgrade rolled back by the recovery: retry.
+        let settled = settle(&progressing, Some(&helm(5, ReleaseStatus::Deployed)), true);
+        assert_eq!(settled, record(NIL_UUID, Some(5), Phase::Ready));
+        // Failed before the crash: keep failed.
+        let settled = settle(&progressing, Some(&helm(4, ReleaseStatus::Failed)), false);
+        assert_eq!(settled, record("r2", Some(4), Phase::Failed));
+        // Install interrupted and uninstalled: failed with no revision, the next pass installs.
+        let installing = record("r1", None, Phase::Progressing);
+        let settled = settle(&installing, None, true);
+        assert_eq!(settled, record("r1", None, Phase::Failed));
+        assert_eq!(plan(&desired("r1"), Some(&settled), None), Plan::Install);
+        // Install finished before the crash.
+        assert_eq!(
+            settle(&installing, Some(&helm(1, ReleaseStatus::Deployed)), false),
+            record("r1", Some(1), Phase::Ready)
+        );
+    }
+
+    #[test]
+    fn settling_only_a_pending_helm_release_keeps_the_phase() {
+        let failed = record("r2", Some(4), Phase::Failed);
+        assert_eq!(
+            settle(&failed, Some(&helm(5, ReleaseStatus::Deployed)), true),
+            record("r2", Some(5), Phase::Failed)
+        );
+    }
+
+    #[test]
+    fn retry_delays_grow_and_are_capped() {
+        assert_eq!(retry_delay(1), Duration::from_secs(30));
+        assert_eq!(retry_delay(2), Duration::from_secs(60));
+        assert_eq!(retry_delay(5), Duration::from_secs(480));
+        assert_eq!(retry_delay(6), Duration::from_secs(600));
+        assert_eq!(retry_delay(100), Duration::from_secs(600));
+    }
+}

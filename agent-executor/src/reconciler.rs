@@ -1,0 +1,679 @@
+//! The reconciler: turns the Hub's desired state into Helm releases, asynchronously.
+//!
+//! - [`Reconciler::sync`] never waits for Helm: it hands each desired deployment to the
+//!   worker of its release (one tokio task per release, fed through a `watch` channel with
+//!   the latest desired deployment) and answers with the statuses known right now.
+//! - A global semaphore bounds concurrent Helm operations, so a release stuck in a long
+//!   `--wait` delays nobody else's install or status.
+//! - Releases the agent tracks that are no longer desired get a worker that uninstalls them:
+//!   those with a worker are told at once; tracking Secrets without a worker (after a
+//!   restart) are found by a background scan of the namespace.
+//! - Per release, an async lock serialises the worker, a manual rollback and the start-up
+//!   recovery.
+//!
+//! This module knows nothing of tonic; errors map to gRPC codes in [`crate::grpc`].
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use crate::{
+    health::{HealthChecker, ResourceHealth},
+    helm::{HelmDriver, HelmError},
+    helm_storage::{HelmStorage, StorageError, StoredRelease},
+    manifest,
+    model::{Deployment, DeploymentStatus, DesiredState, HelmOptions, Status, StatusKind},
+    pull_secret::PullSecrets,
+    recovery::{self, Outcome},
+    status_board::{ReleaseKey, StatusBoard},
+    tracking::{Listed, Phase, TrackingError, TrackingRecord, TrackingStore},
+    validate::{self, ValidationError},
+    worker::{WorkItem, Worker},
+};
+
+/// How long a manual rollback waits for the release's worker to finish its current step.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+/// Minimum time between two scans for orphaned tracking Secrets.
+const SCAN_INTERVAL: Duration = Duration::from_secs(15);
+/// Time between retries of the start-up recovery when the API is unavailable.
+const STARTUP_RETRY: Duration = Duration::from_secs(5);
+
+/// Errors of the reconciler's request/response operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// Bad input (not retryable).
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// The release is not one the agent tracks (not retryable).
+    #[error("release {0} is not tracked by the agent")]
+    NotTracked(String),
+    /// Helm has no revision of the release (not retryable).
+    #[error("helm has no release {0}")]
+    NotInstalled(String),
+    /// Another operation holds the release (retryable).
+    #[error("another operation on release {0} is in progress; try again later")]
+    Busy(String),
+    /// The executor is stopping (retryable elsewhere).
+    #[error("the executor is shutting down")]
+    ShuttingDown,
+    /// Reading or writing a tracking Secret failed (retryable, unless the record is broken).
+    #[error(transparent)]
+    Tracking(#[from] TrackingError),
+    /// Reading Helm's storage failed (retryable).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// Helm refused or failed (not retryable as such).
+    #[error("helm {operation} of {release} failed: {source}")]
+    Helm {
+        operation: &'static str,
+        release: String,
+        #[source]
+        source: HelmError,
+    },
+}
+
+/// One release as the tracking Secret and Helm's storage describe it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReleaseInfo {
+    pub release_name: String,
+    pub deployment_id: String,
+    pub revision_id: String,
+    /// Helm revision the agent last recorded.
+    pub tracked_revision: Option<u32>,
+    /// Latest revision in Helm's storage.
+    pub helm_revision: Option<u32>,
+    /// Helm's status of that revision (`deployed`, `failed`, ...); empty when none.
+    pub helm_status: String,
+    /// Tracking phase (`progressing`, `ready`, `failed`), or `invalid` for a broken record.
+    pub phase: String,
+    /// `name-version` of the chart.
+    pub chart: String,
+    /// Latest status reported for the release, if it is desired.
+    pub status: Option<DeploymentStatus>,
+}
+
+/// One revision in a release's history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelmRevisionInfo {
+    pub revision: u32,
+    pub status: String,
+    pub chart: String,
+    pub app_version: String,
+    pub description: String,
+    pub updated: Option<DateTime<Utc>>,
+}
+
+/// A release with its history and the health of its resources.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReleaseDetail {
+    pub release: ReleaseInfo,
+    pub history: Vec<HelmRevisionInfo>,
+    pub resources: Vec<ResourceHealth>,
+}
+
+/// Reconciles desired deployments with Helm releases. Cheap to clone.
+#[derive(Clone)]
+pub struct Reconciler {
+    inner: Arc<Inner>,
+}
+
+/// State shared by the reconciler, its workers and the scan.
+pub(crate) struct Inner {
+    pub(crate) client: kube::Client,
+    pub(crate) helm: HelmDriver,
+    pub(crate) statuses: StatusBoard,
+    pub(crate) health: HealthChecker,
+    pub(crate) shutdown: CancellationToken,
+    default_namespace: String,
+    helm_slots: Arc<Semaphore>,
+    state: Mutex<State>,
+    op_locks: Mutex<HashMap<ReleaseKey, Arc<tokio::sync::Mutex<()>>>>,
+    tasks: TaskTracker,
+}
+
+#[derive(Default)]
+struct State {
+    /// Latest desired deployment per release with a worker (`None`: uninstall).
+    workers: HashMap<ReleaseKey, watch::Sender<Option<Arc<WorkItem>>>>,
+    /// What the latest `sync` asked for.
+    desired: Option<DesiredSet>,
+    /// Feeds the orphan scan; created on the first `sync`.
+    scan: Option<watch::Sender<DesiredSet>>,
+}
+
+/// The releases a `sync` wants, by name, in its namespace.
+#[derive(Clone, Debug, Default)]
+struct DesiredSet {
+    namespace: String,
+    releases: HashSet<String>,
+}
+
+/// The Kubernetes-side stores of one namespace.
+pub(crate) struct Stores {
+    pub(crate) tracking: TrackingStore,
+    pub(crate) storage: HelmStorage,
+    pub(crate) pull_secrets: PullSecrets,
+}
+
+impl Stores {
+    pub(crate) fn new(client: &kube::Client, namespace: &str) -> Self {
+        Self {
+            tracking: TrackingStore::new(client.clone(), namespace),
+            storage: HelmStorage::new(client.clone(), namespace),
+            pull_secrets: PullSecrets::new(client.clone(), namespace),
+        }
+    }
+}
+
+impl Inner {
+    /// A permit for one Helm operation, or `None` once shutdown began.
+    pub(crate) async fn helm_slot(&self) -> Option<OwnedSemaphorePermit> {
+        tokio::select! {
+            permit = self.helm_slots.clone().acquire_owned() => permit.ok(),
+            () = self.shutdown.cancelled() => None,
+        }
+    }
+
+    /// The lock that serialises operations on one release.
+    pub(crate) fn op_lock(&self, key: &ReleaseKey) -> Arc<tokio::sync::Mutex<()>> {
+        self.op_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Records a status observation for the deployment revision; true when it changed.
+    pub(crate) fn report(
+        &self,
+        key: &ReleaseKey,
+        deployment_id: &str,
+        revision_id: &str,
+        kind: StatusKind,
+        message: &str,
+    ) -> bool {
+        let now = Utc::now();
+        self.statuses
+            .set(key, deployment_id, revision_id, kind, message, now)
+            .changed_at
+            == now
+    }
+
+    /// Called by a worker whose release is no longer desired and fully removed: forgets the
+    /// worker unless a `sync` made the release desired again meanwhile. True when the worker
+    /// must stop.
+    pub(crate) fn retire(&self, key: &ReleaseKey, receiver: &watch::Receiver<Option<Arc<WorkItem>>>) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let still_absent = receiver.borrow().is_none() && !receiver.has_changed().unwrap_or(false);
+        if still_absent {
+            state.workers.remove(key);
+            self.statuses.remove(key);
+        }
+        still_absent
+    }
+
+    fn spawn_worker(self: &Arc<Self>, state: &mut State, key: ReleaseKey, item: Option<Arc<WorkItem>>) {
+        let (sender, receiver) = watch::channel(item);
+        state.workers.insert(key.clone(), sender);
+        let span = tracing::info_span!("release", release = %key.release, namespace = %key.namespace);
+        let worker = Worker::new(self.clone(), key, receiver);
+        self.tasks.spawn(worker.run().instrument(span));
+    }
+
+    /// Looks for tracking Secrets of releases that are neither desired nor handled by a
+    /// worker, and starts a worker that uninstalls each.
+    async fn scan_orphans(self: &Arc<Self>, desired: &DesiredSet) {
+        let DesiredSet {
+            namespace,
+            releases: desired,
+        } = desired;
+        let store = TrackingStore::new(self.client.clone(), namespace);
+        let entries = match store.list().await {
+            Ok(entries) => entries,
+            Err(error) => {
+                tracing::warn!(%namespace, %error, "cannot look for releases to uninstall");
+                return;
+            }
+        };
+        for entry in entries {
+            let record = match entry {
+                Listed::Valid(tracked) => tracked.record,
+                Listed::Broken { release, error } => {
+                    // A desired release reports this as its status; ListReleases shows it too.
+                    tracing::debug!(%namespace, ?release, %error, "ignoring a broken tracking Secret");
+                    continue;
+                }
+            };
+            // Adoption requests for releases the Hub does not list are left for later.
+            if record.is_adoption_request() || desired.contains(&record.release_name) {
+                continue;
+            }
+            if let Err(error) = validate::release_name(&record.release_name) {
+                tracing::warn!(%namespace, %error, "ignoring a tracking Secret with an invalid release name");
+                continue;
+            }
+            let key = ReleaseKey::new(namespace, &record.release_name);
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let desired_now = state
+                .desired
+                .as_ref()
+                .is_some_and(|now| now.namespace == *namespace && now.releases.contains(&record.release_name));
+            if !desired_now && !state.workers.contains_key(&key) {
+                tracing::info!(release = %record.release_name, %namespace, "release is no longer desired; uninstalling");
+                self.spawn_worker(&mut state, key, None);
+            }
+        }
+    }
+
+    async fn scan_loop(self: Arc<Self>, mut requests: watch::Receiver<DesiredSet>) {
+        loop {
+            tokio::select! {
+                changed = requests.changed() => if changed.is_err() { return },
+                () = self.shutdown.cancelled() => return,
+            }
+            let request = requests.borrow_and_update().clone();
+            self.scan_orphans(&request).await;
+            tokio::select! {
+                () = tokio::time::sleep(SCAN_INTERVAL) => {},
+                () = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    fn current_namespace(&self) -> String {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .desired
+            .as_ref()
+            .map_or_else(|| self.default_namespace.clone(), |desired| desired.namespace.clone())
+    }
+
+    /// Helm options of the release's desired deployment, or the defaults.
+    fn options_of(&self, key: &ReleaseKey) -> HelmOptions {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .workers
+            .get(key)
+            .and_then(|sender| {
+                sender
+                    .borrow()
+                    .as_ref()
+                    .map(|item| item.deployment.helm_options.clone())
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Reconciler {
+    /// A reconciler for releases in `namespace` (used when a `sync` names none), running at
+    /// most `max_concurrent_helm` Helm operations at once.
+    pub fn new(client: kube::Client, helm: HelmDriver, namespace: String, max_concurrent_helm: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                health: HealthChecker::new(client.clone()),
+                client,
+                helm,
+                statuses: StatusBoard::default(),
+                shutdown: CancellationToken::new(),
+                default_namespace: namespace,
+                helm_slots: Arc::new(Semaphore::new(max_concurrent_helm.max(1))),
+                state: Mutex::new(State::default()),
+                op_locks: Mutex::new(HashMap::new()),
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// Takes the desired state and returns at once with the current status of every
+    /// deployment in it; the work happens in the background. Deployments with bad input get
+    /// an `error` status and leave every other release alone.
+    pub async fn sync(&self, desired: DesiredState) -> Vec<DeploymentStatus> {
+        let inner = &self.inner;
+        let now = Utc::now();
+        let namespace = if desired.namespace.is_empty() {
+            inner.default_namespace.clone()
+        } else {
+            desired.namespace.clone()
+        };
+        if let Err(error) = validate::namespace(&namespace) {
+            // Touch nothing (least of all uninstall) when the namespace itself is unusable.
+            let message = error.to_string();
+            return desired
+                .deployments
+                .iter()
+                .map(|deployment| error_status(deployment, &message, now))
+                .collect();
+        }
+        let mut seen = HashSet::new();
+        let mut invalid = HashSet::new();
+        let mut replies = Vec::with_capacity(desired.deployments.len());
+        let mut state = inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        for deployment in desired.deployments {
+            let key = ReleaseKey::new(&namespace, &deployment.release_name);
+            if let Err(error) = validate::release_name(&deployment.release_name) {
+                invalid.insert(key.clone());
+                let message = error.to_string();
+                inner.statuses.set(
+                    &key,
+                    &deployment.id,
+                    &deployment.revision_id,
+                    StatusKind::Error,
+                    &message,
+                    now,
+                );
+                replies.push(
+                    inner
+                        .statuses
+                        .current(&key, &deployment.id, &deployment.revision_id, now),
+                );
+                continue;
+            }
+            if !seen.insert(deployment.release_name.clone()) {
+                // Two Hub deployments claim one release: the first keeps it.
+                let message = format!("release name {} is used by another deployment", deployment.release_name);
+                replies.push(error_status(&deployment, &message, now));
+                continue;
+            }
+            let (id, revision) = (deployment.id.clone(), deployment.revision_id.clone());
+            let item = Arc::new(WorkItem {
+                namespace: namespace.clone(),
+                deployment,
+                hub_registry: desired.hub_registry.clone(),
+            });
+            match state.workers.get(&key) {
+                Some(sender) => {
+                    sender.send_if_modified(|current| {
+                        let modified = current.as_deref() != Some(&*item);
+                        if modified {
+                            *current = Some(item);
+                        }
+                        modified
+                    });
+                }
+                None => inner.spawn_worker(&mut state, key.clone(), Some(item)),
+            }
+            replies.push(inner.statuses.current(&key, &id, &revision, now));
+        }
+        for (key, sender) in &state.workers {
+            if key.namespace != namespace || !seen.contains(&key.release) {
+                sender.send_if_modified(|current| current.take().is_some());
+            }
+        }
+        // Statuses of invalid deployments have no worker to forget them.
+        inner
+            .statuses
+            .retain(|key| state.workers.contains_key(key) || invalid.contains(key));
+        let desired_set = DesiredSet {
+            namespace,
+            releases: seen,
+        };
+        state.desired = Some(desired_set.clone());
+        match &state.scan {
+            Some(scan) => {
+                scan.send_replace(desired_set);
+            }
+            None => {
+                let (sender, mut receiver) = watch::channel(desired_set);
+                // The first value counts as new for the scan.
+                receiver.mark_changed();
+                state.scan = Some(sender);
+                inner.tasks.spawn(inner.clone().scan_loop(receiver));
+            }
+        }
+        replies
+    }
+
+    /// Recovers, before the executor reports ready, every release of the default namespace
+    /// whose last operation was interrupted. Retries while the API is unavailable; a pending
+    /// revision that may still belong to a live `helm` is left to the release's worker.
+    pub async fn recover_on_startup(&self) {
+        let inner = &self.inner;
+        let namespace = inner.default_namespace.clone();
+        let stores = Stores::new(&inner.client, &namespace);
+        loop {
+            match self.recover_namespace(&namespace, &stores).await {
+                Ok(count) => {
+                    tracing::info!(%namespace, recovered = count, "start-up recovery done");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%namespace, %error, "start-up recovery failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(STARTUP_RETRY) => {},
+                        () = inner.shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn recover_namespace(&self, namespace: &str, stores: &Stores) -> Result<usize, ReconcileError> {
+        let inner = &self.inner;
+        let latest = stores.storage.latest_statuses().await?;
+        let mut recovered = 0;
+        for entry in stores.tracking.list().await? {
+            let Listed::Valid(tracked) = entry else { continue };
+            let release = tracked.record.release_name.clone();
+            let interrupted = tracked.record.phase == Phase::Progressing
+                || latest.get(&release).is_some_and(|(_, status)| status.is_pending());
+            if !interrupted || validate::release_name(&release).is_err() {
+                continue;
+            }
+            let key = ReleaseKey::new(namespace, &release);
+            let lock = inner.op_lock(&key);
+            // A worker holding the lock already took the release over (it recovers too).
+            let Ok(_guard) = lock.try_lock() else {
+                continue;
+            };
+            // Read again under the lock: a worker may have recovered it already.
+            let Some(tracked) = stores.tracking.find(&release).await? else {
+                continue;
+            };
+            let latest = stores.storage.latest(&release).await?;
+            let timeout = inner.options_of(&key).timeout;
+            match recovery::recover(
+                &inner.helm,
+                &stores.tracking,
+                &stores.storage,
+                &tracked,
+                latest,
+                timeout,
+            )
+            .await
+            {
+                Ok(Outcome::Settled(_)) => recovered += 1,
+                Ok(Outcome::Waiting(message)) => {
+                    tracing::info!(%release, reason = %message, "leaving recovery to the worker")
+                }
+                Err(error) => {
+                    tracing::warn!(%release, %error, "start-up recovery of a release failed; the worker retries")
+                }
+            }
+        }
+        Ok(recovered)
+    }
+
+    /// Every release the agent tracks in the current namespace.
+    pub async fn list_releases(&self) -> Result<Vec<ReleaseInfo>, ReconcileError> {
+        let namespace = self.inner.current_namespace();
+        let stores = Stores::new(&self.inner.client, &namespace);
+        let latest = stores.storage.latest_of_all().await?;
+        let mut releases = Vec::new();
+        for entry in stores.tracking.list().await? {
+            let info = match entry {
+                Listed::Valid(tracked) => self.release_info(
+                    &namespace,
+                    Some(&tracked.record),
+                    latest.get(&tracked.record.release_name),
+                ),
+                Listed::Broken {
+                    release: Some(release), ..
+                } => {
+                    let mut info = self.release_info(&namespace, None, latest.get(&release));
+                    info.release_name = release;
+                    "invalid".clone_into(&mut info.phase);
+                    info
+                }
+                Listed::Broken { release: None, .. } => continue,
+            };
+            releases.push(info);
+        }
+        releases.sort_by(|a, b| a.release_name.cmp(&b.release_name));
+        Ok(releases)
+    }
+
+    /// One tracked release with its history and resource health; `None` when the agent
+    /// does not track it.
+    pub async fn get_release(&self, release: &str) -> Result<Option<ReleaseDetail>, ReconcileError> {
+        validate::release_name(release)?;
+        let namespace = self.inner.current_namespace();
+        let stores = Stores::new(&self.inner.client, &namespace);
+        let Some(tracked) = stores.tracking.find(release).await? else {
+            return Ok(None);
+        };
+        let history = stores.storage.history(release).await?;
+        let info = self.release_info(&namespace, Some(&tracked.record), history.last());
+        let resources = match history.last().map(|latest| manifest::parse(&latest.manifest)) {
+            Some(Ok(objects)) => self.inner.health.check(&namespace, &objects).await,
+            Some(Err(error)) => {
+                tracing::warn!(release, %error, "cannot parse the release manifest");
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
+        let history = history
+            .iter()
+            .rev()
+            .map(|revision| HelmRevisionInfo {
+                revision: revision.revision,
+                status: revision.status.to_string(),
+                chart: revision.chart(),
+                app_version: revision.app_version.clone(),
+                description: revision.description.clone(),
+                updated: revision.last_deployed,
+            })
+            .collect();
+        Ok(Some(ReleaseDetail {
+            release: info,
+            history,
+            resources,
+        }))
+    }
+
+    /// An operator's rollback of a tracked release to `revision` (`None`: the previous one).
+    /// The new Helm revision is recorded in the tracking Secret, so no revision skew follows.
+    pub async fn rollback(&self, release: &str, revision: Option<u32>) -> Result<u32, ReconcileError> {
+        validate::release_name(release)?;
+        let inner = &self.inner;
+        let namespace = inner.current_namespace();
+        let key = ReleaseKey::new(&namespace, release);
+        let lock = inner.op_lock(&key);
+        let _guard = tokio::time::timeout(LOCK_WAIT, lock.lock())
+            .await
+            .map_err(|_| ReconcileError::Busy(release.to_owned()))?;
+        let stores = Stores::new(&inner.client, &namespace);
+        let tracked = stores
+            .tracking
+            .find(release)
+            .await?
+            .ok_or_else(|| ReconcileError::NotTracked(release.to_owned()))?;
+        if tracked.record.is_adoption_request() {
+            return Err(ReconcileError::NotTracked(release.to_owned()));
+        }
+        let before = stores
+            .storage
+            .latest(release)
+            .await?
+            .ok_or_else(|| ReconcileError::NotInstalled(release.to_owned()))?;
+        let options = inner.options_of(&key);
+        let _permit = inner.helm_slot().await.ok_or(ReconcileError::ShuttingDown)?;
+        let mut record = TrackingRecord {
+            phase: Phase::Progressing,
+            ..tracked.record.clone()
+        };
+        stores.tracking.save(&record).await?;
+        tracing::info!(release, ?revision, "manual rollback");
+        let result = inner.helm.rollback(&namespace, release, revision, &options).await;
+        let after = stores.storage.latest(release).await?;
+        record.helm_revision = after.as_ref().map(|after| after.revision);
+        match result {
+            Ok(()) => {
+                record.phase = Phase::Ready;
+                stores.tracking.save(&record).await?;
+                tracing::info!(release, helm_revision = ?record.helm_revision, "manual rollback done");
+                Ok(record.helm_revision.unwrap_or_default())
+            }
+            Err(source) => {
+                record.phase = if record.helm_revision == Some(before.revision) {
+                    tracked.record.phase
+                } else {
+                    Phase::Failed
+                };
+                stores.tracking.save(&record).await?;
+                Err(ReconcileError::Helm {
+                    operation: "rollback",
+                    release: release.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Stops the workers: no new operation starts; operations in flight get `grace` to
+    /// finish (their intent is already in the tracking Secret, so whatever is cut short is
+    /// recovered on the next start).
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        if tokio::time::timeout(grace, self.inner.tasks.wait()).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                "helm operations still running at shutdown; they are recovered on the next start"
+            );
+        }
+    }
+
+    fn release_info(
+        &self,
+        namespace: &str,
+        record: Option<&TrackingRecord>,
+        latest: Option<&StoredRelease>,
+    ) -> ReleaseInfo {
+        let release_name = record.map(|record| record.release_name.clone()).unwrap_or_default();
+        ReleaseInfo {
+            status: self.inner.statuses.get(&ReleaseKey::new(namespace, &release_name)),
+            deployment_id: record.map(|record| record.id.clone()).unwrap_or_default(),
+            revision_id: record.map(|record| record.revision_id.clone()).unwrap_or_default(),
+            tracked_revision: record.and_then(|record| record.helm_revision),
+            helm_revision: latest.map(|latest| latest.revision),
+            helm_status: latest.map(|latest| latest.status.to_string()).unwrap_or_default(),
+            phase: record
+                .map(|record| record.phase.as_str().to_owned())
+                .unwrap_or_default(),
+            chart: latest.map(StoredRelease::chart).unwrap_or_default(),
+            release_name,
+        }
+    }
+}
+
+/// An `error` status that is not recorded (a deployment that never gets a worker).
+fn error_status(deployment: &Deployment, message: &str, now: DateTime<Utc>) -> DeploymentStatus {
+    DeploymentStatus {
+        deployment_id: deployment.id.clone(),
+        revision_id: deployment.revision_id.clone(),
+        release_name: deployment.release_name.clone(),
+        status: Status {
+            kind: StatusKind::Error,
+            message: message.to_owned(),
+            changed_at: now,
+        },
+    }
+}

@@ -1,0 +1,201 @@
+//! In-memory statuses of the desired deployments, keyed by release. Workers write them,
+//! `Sync` reads them; `changed_at` moves only when something the Hub sees changes.
+
+use std::{collections::HashMap, fmt, sync::Mutex};
+
+use chrono::{DateTime, Utc};
+
+use crate::model::{DeploymentStatus, Status, StatusKind};
+
+/// Message of a deployment no worker has looked at yet.
+pub const PENDING_MESSAGE: &str = "waiting for the executor to reconcile";
+
+/// A release in a namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReleaseKey {
+    pub namespace: String,
+    pub release: String,
+}
+
+impl ReleaseKey {
+    pub fn new(namespace: &str, release: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            release: release.to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for ReleaseKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.release)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    deployment_id: String,
+    revision_id: String,
+    status: Status,
+}
+
+/// Latest status per release.
+#[derive(Default)]
+pub struct StatusBoard {
+    entries: Mutex<HashMap<ReleaseKey, Entry>>,
+}
+
+impl StatusBoard {
+    /// Records an observation for the deployment revision. `changed_at` moves when the kind,
+    /// the message or the deployment revision differ from what was recorded.
+    pub fn set(
+        &self,
+        key: &ReleaseKey,
+        deployment_id: &str,
+        revision_id: &str,
+        kind: StatusKind,
+        message: &str,
+        now: DateTime<Utc>,
+    ) -> Status {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = entries
+            .get(key)
+            .filter(|entry| entry.deployment_id == deployment_id && entry.revision_id == revision_id)
+            .map(|entry| &entry.status);
+        let status = Status::observe(previous, kind, message, now);
+        entries.insert(
+            key.clone(),
+            Entry {
+                deployment_id: deployment_id.to_owned(),
+                revision_id: revision_id.to_owned(),
+                status: status.clone(),
+            },
+        );
+        status
+    }
+
+    /// The status to report for the deployment revision: the recorded one, or (when nothing
+    /// was recorded for this revision yet) a `progressing` placeholder that is recorded so
+    /// its `changed_at` stays put.
+    pub fn current(
+        &self,
+        key: &ReleaseKey,
+        deployment_id: &str,
+        revision_id: &str,
+        now: DateTime<Utc>,
+    ) -> DeploymentStatus {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = entries
+            .entry(key.clone())
+            .and_modify(|entry| {
+                if entry.deployment_id != deployment_id || entry.revision_id != revision_id {
+                    *entry = pending(deployment_id, revision_id, now);
+                }
+            })
+            .or_insert_with(|| pending(deployment_id, revision_id, now));
+        DeploymentStatus {
+            deployment_id: entry.deployment_id.clone(),
+            revision_id: entry.revision_id.clone(),
+            release_name: key.release.clone(),
+            status: entry.status.clone(),
+        }
+    }
+
+    /// The recorded status of a release, whatever revision it is for.
+    pub fn get(&self, key: &ReleaseKey) -> Option<DeploymentStatus> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.get(key).map(|entry| DeploymentStatus {
+            deployment_id: entry.deployment_id.clone(),
+            revision_id: entry.revision_id.clone(),
+            release_name: key.release.clone(),
+            status: entry.status.clone(),
+        })
+    }
+
+    /// Keeps only the releases `keep` says yes to.
+    pub fn retain(&self, mut keep: impl FnMut(&ReleaseKey) -> bool) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|key, _| keep(key));
+    }
+
+    /// Forgets a release (it is no longer desired).
+    pub fn remove(&self, key: &ReleaseKey) {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+}
+
+fn pending(deployment_id: &str, revision_id: &str, now: DateTime<Utc>) -> Entry {
+    Entry {
+        deployment_id: deployment_id.to_owned(),
+        revision_id: revision_id.to_owned(),
+        status: Status {
+            kind: StatusKind::Progressing,
+            message: PENDING_MESSAGE.to_owned(),
+            changed_at: now,
+        },
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(seconds, 0).unwrap()
+    }
+
+    #[test]
+    fn unchanged_observations_keep_changed_at() {
+        let board = StatusBoard::default();
+        let key = ReleaseKey::new("apps", "web");
+        board.set(
+            &key,
+            "d",
+            "r1",
+            StatusKind::Healthy,
+            "status check passed. 2 resources healthy",
+            at(1),
+        );
+        let again = board.set(
+            &key,
+            "d",
+            "r1",
+            StatusKind::Healthy,
+            "status check passed. 2 resources healthy",
+            at(2),
+        );
+        assert_eq!(again.changed_at, at(1));
+        let changed = board.set(&key, "d", "r1", StatusKind::Error, "resource status error: x", at(3));
+        assert_eq!(changed.changed_at, at(3));
+    }
+
+    #[test]
+    fn a_new_revision_is_a_change_even_with_the_same_message() {
+        let board = StatusBoard::default();
+        let key = ReleaseKey::new("apps", "web");
+        board.set(&key, "d", "r1", StatusKind::Running, "helm upgrade succeeded", at(1));
+        let next = board.set(&key, "d", "r2", StatusKind::Running, "helm upgrade succeeded", at(2));
+        assert_eq!(next.changed_at, at(2));
+    }
+
+    #[test]
+    fn unknown_revisions_report_a_stable_placeholder() {
+        let board = StatusBoard::default();
+        let key = ReleaseKey::new("apps", "web");
+        let first = board.current(&key, "d", "r1", at(1));
+        assert_eq!(first.status.kind, StatusKind::Progressing);
+        assert_eq!(first.status.message, PENDING_MESSAGE);
+        assert_eq!(board.current(&key, "d", "r1", at(5)).status.changed_at, at(1));
+        board.set(&key, "d", "r1", StatusKind::Healthy, "ok", at(6));
+        assert_eq!(board.current(&key, "d", "r1", at(7)).status.kind, StatusKind::Healthy);
+        // The Hub moved on to another revision: the old status must not be reported for it.
+        let moved = board.current(&key, "d", "r2", at(8));
+        assert_eq!(
+            (moved.status.kind, moved.revision_id.as_str()),
+            (StatusKind::Progressing, "r2")
+        );
+    }
+}

@@ -1,0 +1,582 @@
+//! The worker of one release: a tokio task that reconciles the release whenever its desired
+//! deployment changes and every [`CHECK_INTERVAL`] otherwise, until the release is no longer
+//! desired and has been uninstalled.
+//!
+//! Each pass reads the tracking Secret and Helm's storage, decides with [`plan::plan`] and
+//! acts. Helm operations take a slot of the global semaphore; status checks need none.
+//! Before each Helm operation the tracking record says `progressing` (with the revision
+//! being deployed), after it `ready` or `failed` with Helm's latest revision.
+//!
+//! Failed operations:
+//! - Helm recorded the attempt (a failed revision, and with `rollbackOnFailure` the rollback
+//!   after it): the record keeps the attempted revision id, phase `failed` and Helm's new
+//!   latest revision. The next passes see neither revision skew nor a revision to deploy;
+//!   they report the failure until the Hub sends another revision.
+//! - Helm left nothing behind (chart not found, registry down, an install rolled back and
+//!   removed): the previous record is restored and the operation is retried with a growing
+//!   delay ([`plan::retry_delay`]), as such failures are often transient.
+
+use std::{
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::Arc,
+    time::Duration,
+};
+
+use chrono::Utc;
+use tokio::{sync::watch, time::Instant};
+
+use crate::{
+    docker_config, health,
+    helm::{ChartRequest, one_line},
+    helm_storage::{ReleaseStatus, StorageError, StoredRelease},
+    manifest,
+    model::{ChartSource, DEFAULT_HELM_TIMEOUT, Deployment, RegistryLogin, StatusKind},
+    plan::{self, Plan},
+    pull_secret::{self, PullSecretError},
+    reconciler::{Inner, Stores},
+    recovery::{self, Outcome},
+    restart,
+    status_board::ReleaseKey,
+    tracking::{self, Phase, Tracked, TrackingRecord},
+    validate,
+};
+
+/// Time between two passes over a release while nothing changes (status checks).
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest failure message taken from Helm's history.
+const MAX_MESSAGE_LEN: usize = 512;
+/// Pause after a recovery before the next pass.
+const AFTER_RECOVERY: Duration = Duration::from_secs(1);
+
+/// The desired deployment of a release and what comes with it from the `sync`.
+#[derive(Debug, PartialEq)]
+pub(crate) struct WorkItem {
+    pub namespace: String,
+    pub deployment: Deployment,
+    pub hub_registry: Option<RegistryLogin>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Operation {
+    Install,
+    Upgrade,
+}
+
+impl Operation {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Install => "install",
+            Self::Upgrade => "upgrade",
+        }
+    }
+}
+
+/// A failed operation that left nothing behind, to retry later.
+struct Retry {
+    /// Revision id the retry is for (`""` for an uninstall).
+    revision_id: String,
+    attempts: u32,
+    not_before: Instant,
+}
+
+/// The message of the last failed operation of a revision.
+struct Failure {
+    revision_id: String,
+    message: String,
+}
+
+pub(crate) struct Worker {
+    inner: Arc<Inner>,
+    key: ReleaseKey,
+    receiver: watch::Receiver<Option<Arc<WorkItem>>>,
+    stores: Stores,
+    retry: Option<Retry>,
+    failure: Option<Failure>,
+    /// Digest of the docker config last written to the pull Secret.
+    pull_secret_digest: Option<u64>,
+}
+
+impl Worker {
+    pub(crate) fn new(inner: Arc<Inner>, key: ReleaseKey, receiver: watch::Receiver<Option<Arc<WorkItem>>>) -> Self {
+        let stores = Stores::new(&inner.client, &key.namespace);
+        Self {
+            inner,
+            key,
+            receiver,
+            stores,
+            retry: None,
+            failure: None,
+            pull_secret_digest: None,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        tracing::debug!("worker started");
+        loop {
+            let item = self.receiver.borrow_and_update().clone();
+            let wait = match item {
+                Some(item) => self.reconcile(&item).await,
+                None => match self.remove().await {
+                    Ok(()) if self.inner.retire(&self.key, &self.receiver) => {
+                        tracing::debug!("worker stopped");
+                        return;
+                    }
+                    Ok(()) => Duration::ZERO,
+                    Err(delay) => delay,
+                },
+            };
+            tokio::select! {
+                changed = self.receiver.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(wait) => {},
+                () = self.inner.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Records a status; true when it differs from the one before.
+    fn report(&self, deployment: &Deployment, kind: StatusKind, message: &str) -> bool {
+        self.inner
+            .report(&self.key, &deployment.id, &deployment.revision_id, kind, message)
+    }
+
+    fn report_error(&self, deployment: &Deployment, message: &str) -> Duration {
+        self.report(deployment, StatusKind::Error, message);
+        CHECK_INTERVAL
+    }
+
+    /// One pass over a desired release; returns the time until the next pass.
+    async fn reconcile(&mut self, item: &WorkItem) -> Duration {
+        let deployment = &item.deployment;
+        if let Some(error) = &deployment.input_error {
+            return self.report_error(deployment, error);
+        }
+        let source = match validate::deployment(deployment, self.inner.helm.allows_http_charts()) {
+            Ok(source) => source,
+            Err(error) => return self.report_error(deployment, &error.to_string()),
+        };
+        let lock = self.inner.op_lock(&self.key);
+        let _guard = lock.lock().await;
+        let mut tracked = match self.stores.tracking.find(&deployment.release_name).await {
+            Ok(tracked) => tracked,
+            Err(error) => return self.report_error(deployment, &error.to_string()),
+        };
+        if let Some(previous) = tracked
+            .clone()
+            .filter(|t| !t.record.is_adoption_request() && !t.record.belongs_to(&deployment.id))
+        {
+            // The Hub replaced the deployment that owned this release name (deleted and
+            // recreated it): remove the old release first, as the earlier agent did.
+            if let Some(wait) = self.retry_pending(&deployment.revision_id) {
+                return wait;
+            }
+            tracing::info!(previous_deployment = %previous.record.id, "release belongs to a replaced deployment; reinstalling");
+            if let Err(message) = self.uninstall(&previous, deployment.helm_options.timeout).await {
+                let message = format!(
+                    "cannot remove the release of replaced deployment {}: {message}",
+                    previous.record.id
+                );
+                self.report(deployment, StatusKind::Error, &message);
+                return self.schedule_retry(&deployment.revision_id);
+            }
+            tracked = None;
+        }
+        let latest = match self.stores.storage.latest(&deployment.release_name).await {
+            Ok(latest) => latest,
+            Err(error) => return self.report_error(deployment, &error.to_string()),
+        };
+        let plan = plan::plan(
+            deployment,
+            tracked.as_ref().map(|tracked| &tracked.record),
+            latest.as_ref(),
+        );
+        tracing::debug!(?plan, "planned");
+        match (plan, tracked, latest) {
+            (Plan::Install, tracked, latest) => self.deploy(item, &source, Operation::Install, tracked, latest).await,
+            (Plan::Upgrade, tracked, latest) => self.deploy(item, &source, Operation::Upgrade, tracked, latest).await,
+            (Plan::CheckHealth, Some(tracked), Some(latest)) => self.check(item, &tracked, &latest).await,
+            (Plan::KeepFailed, _, _) => self.keep_failed(deployment).await,
+            (Plan::Recover, Some(tracked), latest) => self.recover(deployment, &tracked, latest).await,
+            (Plan::Refuse(message), _, _) => {
+                if self.report(deployment, StatusKind::Error, &message) {
+                    tracing::warn!(reason = %message, "refusing to touch the release");
+                }
+                CHECK_INTERVAL
+            }
+            // The plan only checks health or recovers what is tracked (and installed).
+            (plan, _, _) => {
+                tracing::error!(?plan, "inconsistent plan");
+                CHECK_INTERVAL
+            }
+        }
+    }
+
+    /// Install or upgrade the release to the desired revision.
+    async fn deploy(
+        &mut self,
+        item: &WorkItem,
+        source: &ChartSource,
+        operation: Operation,
+        tracked: Option<Tracked>,
+        before: Option<StoredRelease>,
+    ) -> Duration {
+        let deployment = &item.deployment;
+        let op = operation.name();
+        if let Some(wait) = self.retry_pending(&deployment.revision_id) {
+            // The error status of the last attempt stays until the retry.
+            return wait;
+        }
+        self.report(deployment, StatusKind::Progressing, &format!("helm {op} in progress"));
+        let Some(_permit) = self.inner.helm_slot().await else {
+            return Duration::ZERO;
+        };
+        tracing::info!(
+            operation = op,
+            revision = %deployment.revision_id,
+            chart_version = %deployment.chart_version,
+            "helm operation starting"
+        );
+        if let Err(error) = self.refresh_pull_secret(item, true).await {
+            self.report(deployment, StatusKind::Error, &format!("{op} error: {error}"));
+            return self.schedule_retry(&deployment.revision_id);
+        }
+        let before_revision = before.as_ref().map(|before| before.revision);
+        let mut record = TrackingRecord {
+            id: deployment.id.clone(),
+            revision_id: deployment.revision_id.clone(),
+            release_name: deployment.release_name.clone(),
+            helm_revision: before_revision,
+            phase: Phase::Progressing,
+            logs_enabled: deployment.logs_enabled,
+        };
+        if let Err(error) = self.stores.tracking.save(&record).await {
+            self.report(deployment, StatusKind::Error, &format!("{op} error: {error}"));
+            return self.schedule_retry(&deployment.revision_id);
+        }
+        if let Some(adoption) = tracked
+            .as_ref()
+            .filter(|t| t.secret != tracking::secret_name(&deployment.release_name))
+            && let Err(error) = self.stores.tracking.delete(&adoption.secret).await
+        {
+            tracing::warn!(%error, "cannot delete the adoption request");
+        }
+        let mut values = deployment.values.0.clone();
+        pull_secret::inject(&mut values, &pull_secret::secret_name(&deployment.release_name));
+        let request = ChartRequest {
+            release: &deployment.release_name,
+            namespace: &item.namespace,
+            source,
+            version: &deployment.chart_version,
+            options: &deployment.helm_options,
+            values: &values,
+            hub_registry: item.hub_registry.as_ref(),
+            registry_auth: &deployment.registry_auth,
+        };
+        let result = match operation {
+            Operation::Install => self.inner.helm.install(&request).await,
+            Operation::Upgrade => self.inner.helm.upgrade(&request).await,
+        };
+        let after = self.stores.storage.latest(&deployment.release_name).await;
+        match result {
+            Ok(()) => self.succeeded(item, operation, record, after).await,
+            Err(error) => {
+                let message = format!("{op} error: {error}");
+                tracing::warn!(operation = op, error = %message, "helm operation failed");
+                self.report(deployment, StatusKind::Error, &message);
+                let after = match after {
+                    Ok(after) => after,
+                    Err(error) => {
+                        // What Helm left is unknown: the `progressing` record stays, and the
+                        // next pass recovers from it.
+                        tracing::warn!(%error, "cannot read helm's storage after a failed operation");
+                        return self.schedule_retry(&deployment.revision_id);
+                    }
+                };
+                let after_revision = after.as_ref().map(|after| after.revision);
+                if after_revision.is_some() && after_revision != before_revision {
+                    record.phase = Phase::Failed;
+                    record.helm_revision = after_revision;
+                    self.save_quietly(&record).await;
+                    self.failure = Some(Failure {
+                        revision_id: deployment.revision_id.clone(),
+                        message,
+                    });
+                    self.retry = None;
+                    CHECK_INTERVAL
+                } else {
+                    let restored = match (operation, tracked) {
+                        (Operation::Upgrade, Some(tracked)) => tracked.record,
+                        _ => TrackingRecord {
+                            phase: Phase::Failed,
+                            helm_revision: after_revision,
+                            ..record
+                        },
+                    };
+                    self.save_quietly(&restored).await;
+                    self.schedule_retry(&deployment.revision_id)
+                }
+            }
+        }
+    }
+
+    async fn succeeded(
+        &mut self,
+        item: &WorkItem,
+        operation: Operation,
+        mut record: TrackingRecord,
+        after: Result<Option<StoredRelease>, StorageError>,
+    ) -> Duration {
+        let deployment = &item.deployment;
+        self.retry = None;
+        self.failure = None;
+        let mut message = format!("helm {} succeeded", operation.name());
+        tracing::info!(operation = operation.name(), "helm operation succeeded");
+        match &after {
+            Ok(after) => {
+                record.phase = Phase::Ready;
+                record.helm_revision = after.as_ref().map(|after| after.revision).or(record.helm_revision);
+                if let Err(error) = self.stores.tracking.save(&record).await {
+                    // The `progressing` record stays; the next pass settles it.
+                    tracing::warn!(%error, "cannot record the successful operation");
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot read helm's storage; the next pass records the new revision"),
+        }
+        if operation == Operation::Upgrade && deployment.force_restart {
+            let objects = match &after {
+                Ok(Some(after)) => manifest::parse(&after.manifest).map_err(|error| error.to_string()),
+                Ok(None) => Ok(Vec::new()),
+                Err(error) => Err(error.to_string()),
+            };
+            let restarted = match objects {
+                Ok(objects) => restart::restart_workloads(&self.inner.client, &item.namespace, &objects, Utc::now())
+                    .await
+                    .map_err(|error| error.to_string()),
+                Err(error) => Err(error),
+            };
+            match restarted {
+                Ok(count) => {
+                    tracing::info!(workloads = count, "force restart done");
+                    message.push_str("; force restart succeeded");
+                }
+                Err(error) => {
+                    return self.report_error(deployment, &format!("{message}; force restart error: {error}"));
+                }
+            }
+        }
+        self.report(deployment, StatusKind::Running, &message);
+        CHECK_INTERVAL
+    }
+
+    /// Nothing to deploy: keep the record and pull Secret in step and check the resources.
+    async fn check(&mut self, item: &WorkItem, tracked: &Tracked, latest: &StoredRelease) -> Duration {
+        let deployment = &item.deployment;
+        if tracked.record.logs_enabled != deployment.logs_enabled {
+            let record = TrackingRecord {
+                logs_enabled: deployment.logs_enabled,
+                ..tracked.record.clone()
+            };
+            if let Err(error) = self.stores.tracking.save(&record).await {
+                return self.report_error(deployment, &error.to_string());
+            }
+        }
+        // The Hub's JWT in the pull Secret expires: keep the Secret current.
+        if let Err(error) = self.refresh_pull_secret(item, false).await {
+            return self.report_error(deployment, &error.to_string());
+        }
+        let objects = match manifest::parse(&latest.manifest) {
+            Ok(objects) => objects,
+            Err(error) => return self.report_error(deployment, &format!("resource status error: {error}")),
+        };
+        let results = self.inner.health.check(&item.namespace, &objects).await;
+        let (kind, message) = health::summarize(&results);
+        self.report(deployment, kind, &message);
+        CHECK_INTERVAL
+    }
+
+    /// The desired revision failed before: report it, do not retry it.
+    async fn keep_failed(&mut self, deployment: &Deployment) -> Duration {
+        let known = self
+            .failure
+            .as_ref()
+            .filter(|failure| failure.revision_id == deployment.revision_id);
+        let message = match known {
+            Some(failure) => failure.message.clone(),
+            None => {
+                // After a restart: Helm's history still says what failed.
+                let described = match self.stores.storage.history(&deployment.release_name).await {
+                    Ok(history) => history
+                        .iter()
+                        .rev()
+                        .find(|r| r.status == ReleaseStatus::Failed)
+                        .map(|failed| {
+                            let op = if failed.revision == 1 { "install" } else { "upgrade" };
+                            format!("{op} error: {}", one_line(&failed.description, MAX_MESSAGE_LEN))
+                        }),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read the release history");
+                        None
+                    }
+                };
+                let message = described.unwrap_or_else(|| {
+                    format!(
+                        "the last helm operation for revision {} failed; waiting for a new revision",
+                        deployment.revision_id
+                    )
+                });
+                self.failure = Some(Failure {
+                    revision_id: deployment.revision_id.clone(),
+                    message: message.clone(),
+                });
+                message
+            }
+        };
+        self.report_error(deployment, &message)
+    }
+
+    async fn recover(&mut self, deployment: &Deployment, tracked: &Tracked, latest: Option<StoredRelease>) -> Duration {
+        let Some(_permit) = self.inner.helm_slot().await else {
+            return Duration::ZERO;
+        };
+        let timeout = deployment.helm_options.timeout;
+        let stores = &self.stores;
+        match recovery::recover(
+            &self.inner.helm,
+            &stores.tracking,
+            &stores.storage,
+            tracked,
+            latest,
+            timeout,
+        )
+        .await
+        {
+            Ok(Outcome::Settled(_)) => AFTER_RECOVERY,
+            Ok(Outcome::Waiting(message)) => {
+                self.report(deployment, StatusKind::Progressing, &message);
+                CHECK_INTERVAL
+            }
+            Err(error) => {
+                tracing::warn!(%error, "recovery failed");
+                self.report(deployment, StatusKind::Error, &error.to_string());
+                self.schedule_retry(&deployment.revision_id)
+            }
+        }
+    }
+
+    /// The release is no longer desired: uninstall it if the agent tracks it. `Err` holds
+    /// the delay before the next attempt.
+    async fn remove(&mut self) -> Result<(), Duration> {
+        let lock = self.inner.op_lock(&self.key);
+        let _guard = lock.lock().await;
+        let release = self.key.release.clone();
+        let outcome = match self.stores.tracking.find(&release).await {
+            Ok(None) => {
+                if let Err(error) = self.stores.pull_secrets.delete(&release).await {
+                    tracing::debug!(%error, "cannot delete the pull Secret of an untracked release");
+                }
+                Ok(())
+            }
+            // An adoption request waits for the Hub to list the release.
+            Ok(Some(tracked)) if tracked.record.is_adoption_request() => Ok(()),
+            Ok(Some(tracked)) => self.uninstall(&tracked, DEFAULT_HELM_TIMEOUT).await,
+            Err(error) => Err(error.to_string()),
+        };
+        outcome.map_err(|message| {
+            tracing::warn!(error = %message, "cannot uninstall the release; retrying later");
+            self.schedule_retry("");
+            self.retry
+                .as_ref()
+                .map_or(CHECK_INTERVAL, |retry| plan::retry_delay(retry.attempts))
+        })
+    }
+
+    /// `helm uninstall`, then deletes the tracking and pull Secrets.
+    async fn uninstall(&self, tracked: &Tracked, timeout: Duration) -> Result<(), String> {
+        let release = tracked.record.release_name.as_str();
+        let Some(_permit) = self.inner.helm_slot().await else {
+            return Err("the executor is shutting down".to_owned());
+        };
+        let progressing = TrackingRecord {
+            phase: Phase::Progressing,
+            ..tracked.record.clone()
+        };
+        self.stores
+            .tracking
+            .save(&progressing)
+            .await
+            .map_err(|error| error.to_string())?;
+        tracing::info!("helm uninstall starting");
+        if let Err(error) = self.inner.helm.uninstall(&self.key.namespace, release, timeout).await {
+            self.save_quietly(&TrackingRecord {
+                phase: Phase::Failed,
+                ..tracked.record.clone()
+            })
+            .await;
+            return Err(format!("uninstall error: {error}"));
+        }
+        let canonical = tracking::secret_name(release);
+        self.stores
+            .tracking
+            .delete(&canonical)
+            .await
+            .map_err(|error| error.to_string())?;
+        if tracked.secret != canonical {
+            self.stores
+                .tracking
+                .delete(&tracked.secret)
+                .await
+                .map_err(|error| error.to_string())?;
+        }
+        self.stores
+            .pull_secrets
+            .delete(release)
+            .await
+            .map_err(|error| error.to_string())?;
+        tracing::info!("release uninstalled");
+        Ok(())
+    }
+
+    /// Writes the pull Secret when forced or when its content changed since the last write.
+    async fn refresh_pull_secret(&mut self, item: &WorkItem, force: bool) -> Result<(), PullSecretError> {
+        let config = docker_config::build(item.hub_registry.as_ref(), &item.deployment.registry_auth);
+        let mut hasher = DefaultHasher::new();
+        config.hash(&mut hasher);
+        let digest = hasher.finish();
+        if force || self.pull_secret_digest != Some(digest) {
+            self.stores
+                .pull_secrets
+                .apply(&item.deployment.release_name, config)
+                .await?;
+            self.pull_secret_digest = Some(digest);
+        }
+        Ok(())
+    }
+
+    /// Time to wait before the next attempt at `revision_id`, while a retry is pending.
+    fn retry_pending(&self, revision_id: &str) -> Option<Duration> {
+        let retry = self.retry.as_ref().filter(|retry| retry.revision_id == revision_id)?;
+        let now = Instant::now();
+        (now < retry.not_before).then(|| (retry.not_before - now).min(CHECK_INTERVAL))
+    }
+
+    /// Remembers a failed attempt that left nothing behind; returns the time to the next pass.
+    fn schedule_retry(&mut self, revision_id: &str) -> Duration {
+        let attempts = match &self.retry {
+            Some(retry) if retry.revision_id == revision_id => retry.attempts.saturating_add(1),
+            _ => 1,
+        };
+        let delay = plan::retry_delay(attempts);
+        tracing::debug!(attempts, ?delay, "retry scheduled");
+        self.retry = Some(Retry {
+            revision_id: revision_id.to_owned(),
+            attempts,
+            not_before: Instant::now() + delay,
+        });
+        CHECK_INTERVAL
+    }
+
+    async fn save_quietly(&self, record: &TrackingRecord) {
+        if let Err(error) = self.stores.tracking.save(record).await {
+            tracing::warn!(%error, "cannot update the tracking Secret");
+        }
+    }
+}
