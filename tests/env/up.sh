@@ -19,11 +19,12 @@ In another shell:
 
   export PATH="$bin:\$PATH"
   export KUBECONFIG="$DISTR_TESTENV_KUBECONFIG"
+  export SSL_CERT_FILE="$DISTR_TESTENV_CA"   # the registry's certificate comes from this CA
   kubectl get nodes
-  helm registry login $DISTR_TESTENV_REGISTRY --plain-http -u $DISTR_TESTENV_REGISTRY_USER -p $DISTR_TESTENV_REGISTRY_PASSWORD
+  helm registry login $DISTR_TESTENV_REGISTRY -u $DISTR_TESTENV_REGISTRY_USER -p $DISTR_TESTENV_REGISTRY_PASSWORD
   helm ls -A
 
-OCI registry: oci://$DISTR_TESTENV_REGISTRY (plain HTTP, htpasswd). Logs: $state/logs/
+OCI registry: oci://$DISTR_TESTENV_REGISTRY (TLS, htpasswd). Logs: $state/logs/
 Press Ctrl-C to stop everything.
 MSG
 while sleep 3600; do :; done
