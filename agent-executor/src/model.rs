@@ -188,77 +188,13 @@ pub fn parse_helm_timeout(value: &str) -> Result<Duration, ModelError> {
     })
 }
 
-/// Parses a Go duration string (`"5m0s"`, `"90s"`, `"1h2m3.5s"`, `"250ms"`): a sequence of
-/// decimal numbers, each with a unit `ns`, `us`/`µs`, `ms`, `s`, `m` or `h`. A leading `+` is
-/// accepted; negative durations are rejected (a timeout cannot be negative).
+/// Parses a Go duration string (`"5m0s"`, `"90s"`, `"1h2m3.5s"`, `"250ms"`) with the parser
+/// the poller uses for `DISTR_INTERVAL`; negative durations are rejected.
 pub fn parse_go_duration(value: &str) -> Result<Duration, ModelError> {
-    let error = |reason| ModelError::Duration {
-        value: value.to_owned(),
-        reason,
-    };
-    let mut rest = value.strip_prefix('+').unwrap_or(value);
-    if rest.starts_with('-') {
-        return Err(error("negative durations are not allowed"));
-    }
-    if rest == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if rest.is_empty() {
-        return Err(error("empty duration"));
-    }
-    let mut total_nanos: u128 = 0;
-    while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let (number, after) = rest.split_at(number_len);
-        if number.is_empty() || number == "." {
-            return Err(error("expected a number"));
-        }
-        let unit_len = after
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(after.len());
-        let (unit, after) = after.split_at(unit_len);
-        let unit_nanos: u128 = match unit {
-            "ns" => 1,
-            "us" | "µs" | "μs" => 1_000,
-            "ms" => 1_000_000,
-            "s" => 1_000_000_000,
-            "m" => 60 * 1_000_000_000,
-            "h" => 3_600 * 1_000_000_000,
-            "" => return Err(error("missing unit")),
-            _ => return Err(error("unknown unit")),
-        };
-        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
-        if fraction.contains('.') {
-            return Err(error("expected a number"));
-        }
-        let whole: u128 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().map_err(|_| error("number too large"))?
-        };
-        let mut nanos = whole
-            .checked_mul(unit_nanos)
-            .ok_or_else(|| error("duration too large"))?;
-        // Fraction digits beyond nanosecond precision are dropped, as Go does.
-        let mut scale = unit_nanos;
-        for digit in fraction.bytes() {
-            scale /= 10;
-            if scale == 0 {
-                break;
-            }
-            nanos += u128::from(digit - b'0') * scale;
-        }
-        total_nanos = total_nanos
-            .checked_add(nanos)
-            .ok_or_else(|| error("duration too large"))?;
-        rest = after;
-    }
-    let secs = u64::try_from(total_nanos / 1_000_000_000).map_err(|_| error("duration too large"))?;
-    // The remainder is below 10^9 and therefore fits.
-    let sub_nanos = u32::try_from(total_nanos % 1_000_000_000).map_err(|_| error("duration too large"))?;
-    Ok(Duration::new(secs, sub_nanos))
+    agent_runtime::duration::parse_go_duration(value).map_err(|error| ModelError::Duration {
+        value: error.input,
+        reason: error.reason,
+    })
 }
 
 /// Formats a duration the way Helm's `--timeout` flag accepts it, normalised: whole seconds

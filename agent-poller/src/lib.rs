@@ -4,7 +4,7 @@
 
 pub mod config;
 pub mod desired;
-pub mod duration;
+pub use agent_runtime::duration;
 pub mod hub;
 pub mod poll;
 pub mod report;

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod args;
+pub mod duration;
 pub mod grpc;
 pub mod logging;
 pub mod readiness;
