@@ -57,6 +57,26 @@ spec:
 /// `oci://<registry>/charts/<name>` reference, the form the Hub sends as `chartUrl`.
 pub async fn push_chart(chart_dir: &Path) -> anyhow::Result<String> {
     let env = TestEnv::get();
+    let target = PushTarget {
+        host: &env.registry,
+        user: &env.registry_user,
+        password: &env.registry_password,
+        plain_http: false,
+    };
+    push_chart_to(chart_dir, &target).await
+}
+
+/// A registry to push charts to.
+pub struct PushTarget<'a> {
+    /// host:port
+    pub host: &'a str,
+    pub user: &'a str,
+    pub password: &'a str,
+    pub plain_http: bool,
+}
+
+/// Packages `chart_dir` and pushes it to `target` under `charts/`; returns the `oci://` reference.
+pub async fn push_chart_to(chart_dir: &Path, target: &PushTarget<'_>) -> anyhow::Result<String> {
     let work = tempfile::tempdir()?;
     let package = tools::helm(work.path(), &["package", path(chart_dir)?, "-d", path(work.path())?])
         .await?
@@ -67,21 +87,20 @@ pub async fn push_chart(chart_dir: &Path) -> anyhow::Result<String> {
         .next()
         .map(|s| s.trim().to_owned())
         .context("helm package printed no archive path")?;
-    let repo = format!("oci://{}/charts", env.registry);
-    tools::helm(
-        work.path(),
-        &[
-            "push",
-            &archive,
-            &repo,
-            "--username",
-            &env.registry_user,
-            "--password",
-            &env.registry_password,
-        ],
-    )
-    .await?
-    .ok("helm push")?;
+    let repo = format!("oci://{}/charts", target.host);
+    let mut args = vec![
+        "push",
+        &archive,
+        &repo,
+        "--username",
+        target.user,
+        "--password",
+        target.password,
+    ];
+    if target.plain_http {
+        args.push("--plain-http");
+    }
+    tools::helm(work.path(), &args).await?.ok("helm push")?;
     let name = chart_name(chart_dir)?;
     Ok(format!("{repo}/{name}"))
 }

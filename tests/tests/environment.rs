@@ -8,7 +8,6 @@ use distr_agent_e2e::{AgentProcess, TestEnv, TestNamespace, charts, cluster, pro
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{ConfigMap, Pod},
-    rbac::v1::PolicyRule,
 };
 use kube::{
     Api,
@@ -155,7 +154,7 @@ async fn a_namespace_scoped_token_is_forbidden_elsewhere() -> anyhow::Result<()>
 #[tokio::test]
 async fn executor_serves_reflection_and_health_and_stops_on_sigterm() -> anyhow::Result<()> {
     let ns = TestNamespace::create("env-exec").await?;
-    let identity = ns.service_account("executor", namespace_rules_for_executor()).await?;
+    let identity = ns.service_account("executor", cluster::namespace_admin_rules()).await?;
     let grpc_port = free_port()?;
     let mut executor = AgentProcess::start(
         "env-exec",
@@ -195,9 +194,4 @@ async fn executor_serves_reflection_and_health_and_stops_on_sigterm() -> anyhow:
     assert_eq!(code, Some(0), "exit code after SIGTERM; log:\n{}", executor.log_text());
     eprintln!("executor stopped {took:?} after SIGTERM");
     Ok(())
-}
-
-/// What the executor may do: everything in its namespace.
-fn namespace_rules_for_executor() -> Vec<PolicyRule> {
-    cluster::namespace_admin_rules()
 }

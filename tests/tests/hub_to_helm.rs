@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use distr_agent_e2e::{
     TestEnv,
     agent::{Agent, AgentOptions, deployment, registry_auth, revise, revision},
-    charts,
+    charts::{self, PushTarget},
     hubsim::{Failure, HubSimOptions},
     registry::Registry,
 };
@@ -325,43 +325,16 @@ async fn charts_come_through_registry_auth_and_the_hub_registry() -> anyhow::Res
         json!({"registryAuth": registry_auth(Some("not-the-password"))}),
     );
 
-    // Push the same chart to the Hub registry with the JWT.
-    let work = tempfile::tempdir()?;
-    let dir = env.test_dir(test).join("hub-chart");
-    let chart_dir = charts::write_web_chart(&dir, "hub-web", "0.1.0")?;
-    let package = distr_agent_e2e::tools::helm(
-        work.path(),
-        &[
-            "package",
-            chart_dir.to_str().unwrap_or_default(),
-            "-d",
-            work.path().to_str().unwrap_or_default(),
-        ],
-    )
-    .await?
-    .ok("helm package")?;
-    let archive = package.stdout.rsplit(": ").next().unwrap_or_default().trim().to_owned();
-    distr_agent_e2e::tools::helm(
-        work.path(),
-        &[
-            "push",
-            &archive,
-            &format!("oci://{}/charts", hub_registry.host),
-            "--plain-http",
-            "--username",
-            "-",
-            "--password",
-            &token,
-        ],
-    )
-    .await?
-    .ok("helm push to the Hub registry")?;
-    let from_hub = deployment(
-        "from-hub",
-        &format!("oci://{}/charts/hub-web", hub_registry.host),
-        "0.1.0",
-        json!({}),
-    );
+    // Push a chart to the Hub registry with the JWT.
+    let chart_dir = charts::write_web_chart(&env.test_dir(test).join("hub-chart"), "hub-web", "0.1.0")?;
+    let hub_target = PushTarget {
+        host: &hub_registry.host,
+        user: "-",
+        password: &token,
+        plain_http: true,
+    };
+    let hub_chart = charts::push_chart_to(&chart_dir, &hub_target).await?;
+    let from_hub = deployment("from-hub", &hub_chart, "0.1.0", json!({}));
 
     agent.set_deployments(vec![with_auth.clone(), wrong.clone(), from_hub.clone()]);
     agent
