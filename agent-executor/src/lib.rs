@@ -17,6 +17,7 @@ pub mod helm_storage;
 pub mod kube_util;
 pub mod manifest;
 pub mod model;
+pub mod pki;
 pub mod plan;
 pub mod pull_secret;
 pub mod reconciler;
@@ -29,7 +30,11 @@ mod worker;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use agent_runtime::{Runtime, RuntimeArgs, grpc::GrpcServer};
+use agent_runtime::{
+    Runtime, RuntimeArgs,
+    grpc::{GrpcServer, MAX_MESSAGE_BYTES, ServerTls},
+    tls::{Role, server::Policy},
+};
 use distr_agent_proto::v1::executor_server::ExecutorServer;
 
 /// Time Helm operations in flight get to finish once shutdown begins.
@@ -69,16 +74,81 @@ pub struct Args {
     /// Accept chart repositories on plain `http://` URLs.
     #[arg(long, env = "AGENT_ALLOW_HTTP_CHARTS", default_value_t = false)]
     pub allow_http_charts: bool,
+
+    /// Lifetime of the agent's CA, in seconds (renewed at two thirds).
+    #[arg(long, env = "AGENT_TLS_CA_LIFETIME_SECONDS", default_value_t = 365 * 86_400, value_parser = clap::value_parser!(u64).range(3600..))]
+    pub tls_ca_lifetime_seconds: u64,
+
+    /// Lifetime of the components' certificates, in seconds (renewed at two thirds).
+    #[arg(long, env = "AGENT_TLS_LEAF_LIFETIME_SECONDS", default_value_t = 7 * 86_400, value_parser = clap::value_parser!(u64).range(30..))]
+    pub tls_leaf_lifetime_seconds: u64,
+
+    /// How long a new CA is trusted before it signs, in seconds: longer than the kubelet
+    /// takes to update a mounted Secret.
+    #[arg(long, env = "AGENT_TLS_CA_PROPAGATION_SECONDS", default_value_t = 600)]
+    pub tls_ca_propagation_seconds: u64,
+
+    /// How often the certificates are checked, in seconds.
+    #[arg(long, env = "AGENT_TLS_CHECK_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tls_check_seconds: u64,
+
+    /// gRPC connections older than this are closed gracefully, in seconds, so that clients
+    /// reconnect with their current certificates.
+    #[arg(long, env = "AGENT_GRPC_MAX_CONNECTION_AGE_SECONDS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub grpc_max_connection_age_seconds: u64,
+}
+
+impl Args {
+    fn pki_config(&self) -> anyhow::Result<pki::PkiConfig> {
+        anyhow::ensure!(
+            self.tls_leaf_lifetime_seconds < self.tls_ca_lifetime_seconds,
+            "AGENT_TLS_LEAF_LIFETIME_SECONDS must be shorter than AGENT_TLS_CA_LIFETIME_SECONDS"
+        );
+        Ok(pki::PkiConfig {
+            ca_lifetime: Duration::from_secs(self.tls_ca_lifetime_seconds),
+            leaf_lifetime: Duration::from_secs(self.tls_leaf_lifetime_seconds),
+            ca_propagation: Duration::from_secs(self.tls_ca_propagation_seconds),
+            check_interval: Duration::from_secs(self.tls_check_seconds),
+        })
+    }
+}
+
+/// Who may call what on the executor: the poller drives it, an operator may look and roll
+/// back.
+pub fn policy() -> Policy {
+    const SERVICE: &str = "distr.agent.v1.Executor";
+    Policy::new()
+        .allow(SERVICE, "Sync", &[Role::Poller])
+        .allow(SERVICE, "CollectLogs", &[Role::Poller])
+        .allow(SERVICE, "AckLogs", &[Role::Poller])
+        .allow(SERVICE, "ClusterMetrics", &[Role::Poller])
+        .allow(SERVICE, "ListReleases", &[Role::Poller, Role::Operator])
+        .allow(SERVICE, "GetRelease", &[Role::Poller, Role::Operator])
+        .allow(SERVICE, "Rollback", &[Role::Operator])
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let runtime = Runtime::start(&args.runtime, "agent-executor").await?;
     let grpc_ready = runtime.readiness.gate("grpc");
     let recovered = runtime.readiness.gate("recovery");
+    let certified = runtime.readiness.gate("certificates");
     validate::namespace(&args.namespace)?;
+    let pki_config = args.pki_config()?;
     let client = kube::Client::try_default()
         .await
         .map_err(|error| anyhow::anyhow!("cannot configure the Kubernetes client: {error}"))?;
+    let pki = pki::Pki::new(client.clone(), &args.namespace, pki_config);
+    let own_credentials = pki.own_credentials();
+    let pki_task = tokio::spawn(pki.run(runtime.shutdown.clone()));
+    {
+        let mut own = own_credentials.clone();
+        let shutdown = runtime.shutdown.clone();
+        tokio::spawn(async move {
+            if agent_runtime::tls::reload::first(&mut own, &shutdown).await.is_some() {
+                certified.open();
+            }
+        });
+    }
     let scratch_dir = args
         .scratch_dir
         .clone()
@@ -97,7 +167,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut server = GrpcServer::bind(args.grpc_addr, &[distr_agent_proto::FILE_DESCRIPTOR_SET]).await?;
     server
-        .add_service(ExecutorServer::new(grpc::ExecutorService::new(reconciler.clone())))
+        .add_service(
+            ExecutorServer::new(grpc::ExecutorService::new(reconciler.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .await;
     tracing::info!(addr = %server.local_addr()?, namespace = %args.namespace, "gRPC server listening");
     grpc_ready.open();
@@ -112,8 +186,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })
     };
 
-    let served = server.serve(runtime.shutdown.clone()).await;
+    let tls = ServerTls {
+        credentials: own_credentials,
+        namespace: args.namespace.clone(),
+        policy: policy(),
+        max_connection_age: Duration::from_secs(args.grpc_max_connection_age_seconds),
+    };
+    let served = server.serve(tls, runtime.shutdown.clone()).await;
     recovery.abort();
+    pki_task.abort();
     reconciler.shutdown(SHUTDOWN_GRACE).await;
     runtime.finish().await;
     served

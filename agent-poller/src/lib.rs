@@ -11,10 +11,16 @@ pub mod report;
 
 use std::{sync::Arc, time::Duration};
 
-use agent_runtime::{Runtime, RuntimeArgs};
+use agent_runtime::{
+    Runtime, RuntimeArgs, TlsArgs,
+    grpc::MAX_MESSAGE_BYTES,
+    tls::{
+        Role,
+        client::{MtlsChannel, ReloadingChannel},
+    },
+};
 use anyhow::Context as _;
 use distr_agent_proto::v1::executor_client::ExecutorClient;
-use tonic::transport::Endpoint;
 
 use crate::{
     config::ConfigSource,
@@ -30,8 +36,16 @@ pub struct Args {
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 
-    /// URL of the executor's gRPC server.
-    #[arg(long, env = "AGENT_EXECUTOR_URL", default_value = "http://agent-executor:9443")]
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    /// URL of the executor's gRPC server (mutual TLS; the executor must present the executor
+    /// identity of the namespace, whatever address it is reached at).
+    #[arg(
+        long,
+        env = "AGENT_EXECUTOR_URL",
+        default_value = "https://distr-agent-executor:9443"
+    )]
     pub executor_url: String,
 
     /// Deadline of each call to the executor, in seconds (Sync never waits for Helm).
@@ -55,6 +69,12 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let runtime = Runtime::start(&args.runtime, "agent-poller").await?;
     let ready = runtime.readiness.gate("first cycle");
+    let credentials = agent_runtime::tls::reload::watch_dir(
+        args.tls.tls_dir.clone(),
+        args.tls.namespace.clone(),
+        args.tls.reload_interval(),
+        runtime.shutdown.clone(),
+    );
 
     let config = Arc::new(ConfigSource::from_process_env());
     let options = ClientOptions {
@@ -63,16 +83,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let hub =
         HubClient::with_options(config.clone(), &args.agent_version, options).context("creating the Hub client")?;
-    let channel = Endpoint::from_shared(args.executor_url.clone())
-        .with_context(|| format!("invalid executor URL {:?}", args.executor_url))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(args.executor_timeout_seconds))
-        .connect_lazy();
-    let mut poller = Poller::new(
-        hub,
-        ExecutorClient::new(channel),
-        Duration::from_secs(args.status_refresh_seconds),
-    );
+    let channel = MtlsChannel::new(
+        &args.executor_url,
+        Role::Executor.identity(&args.tls.namespace),
+        credentials,
+        Duration::from_secs(5),
+        Duration::from_secs(args.executor_timeout_seconds),
+    )
+    .context("configuring the executor client")?;
+    let executor = ExecutorClient::new(ReloadingChannel::new(channel))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut poller = Poller::new(hub, executor, Duration::from_secs(args.status_refresh_seconds));
 
     loop {
         // A cycle in flight is abandoned on shutdown: nothing it does needs finishing here.

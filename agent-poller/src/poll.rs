@@ -7,8 +7,8 @@
 
 use std::time::{Duration, Instant};
 
+use agent_runtime::tls::client::ReloadingChannel as Channel;
 use distr_agent_proto::v1::{self as pb, executor_client::ExecutorClient};
-use tonic::transport::Channel;
 use uuid::Uuid;
 
 use crate::{

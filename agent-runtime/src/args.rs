@@ -1,6 +1,6 @@
 //! Arguments every binary accepts (flatten [`RuntimeArgs`] into its own).
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -24,4 +24,27 @@ pub struct RuntimeArgs {
     /// Address of the admin HTTP server (`/livez`, `/readyz`, `/metrics`).
     #[arg(long, env = "AGENT_ADMIN_ADDR", default_value = "0.0.0.0:9990")]
     pub admin_addr: SocketAddr,
+}
+
+/// Where a process finds its mounted TLS Secret (`tls.crt`, `tls.key`, `ca.crt`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct TlsArgs {
+    /// Directory of the mounted TLS Secret; re-read when its files change.
+    #[arg(long, env = "AGENT_TLS_DIR", default_value = "/var/run/secrets/distr-agent/tls")]
+    pub tls_dir: PathBuf,
+
+    /// How often the TLS directory is checked for new files, in seconds.
+    #[arg(long, env = "AGENT_TLS_RELOAD_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tls_reload_seconds: u64,
+
+    /// The agent's namespace, which the identities in certificates are named in (the pod's
+    /// own namespace, from the downward API).
+    #[arg(long, env = "AGENT_NAMESPACE")]
+    pub namespace: String,
+}
+
+impl TlsArgs {
+    pub fn reload_interval(&self) -> Duration {
+        Duration::from_secs(self.tls_reload_seconds)
+    }
 }

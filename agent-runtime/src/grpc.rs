@@ -1,8 +1,9 @@
 //! gRPC server set-up shared by the executor and the updater: bind first (so readiness can
 //! follow a bound listener), serve `grpc.health.v1` and server reflection beside the services,
-//! and stop on the shared shutdown token.
+//! only over mutual TLS with a per-method identity check, and stop on the shared shutdown
+//! token.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -12,6 +13,28 @@ use tonic::{
     transport::Server,
 };
 use tonic_health::server::HealthReporter;
+
+use crate::tls::{
+    CredentialsWatch,
+    server::{AuthzLayer, Policy},
+};
+
+/// Largest gRPC message either side accepts: above the poller's bound on the Hub's resources
+/// body (8 MiB), so a large desired state is never refused whole.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// How a server authenticates its clients.
+pub struct ServerTls {
+    /// The server's own credentials, swapped in when they change.
+    pub credentials: CredentialsWatch,
+    /// The agent's namespace, which identities are named in.
+    pub namespace: String,
+    /// Who may call what.
+    pub policy: Policy,
+    /// Connections older than this are closed gracefully, so clients reconnect with their
+    /// current certificates.
+    pub max_connection_age: Duration,
+}
 
 /// A bound gRPC listener with the standard services added.
 pub struct GrpcServer {
@@ -64,11 +87,13 @@ impl GrpcServer {
         self.routes.add_service(service);
     }
 
-    /// Serves until `shutdown`, then drains in-flight calls.
-    pub async fn serve(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    /// Serves over mutual TLS until `shutdown`, then drains in-flight calls.
+    pub async fn serve(self, tls: ServerTls, shutdown: CancellationToken) -> anyhow::Result<()> {
         let routes: Routes = self.routes.routes();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
+        let incoming = crate::tls::server::incoming(self.listener, tls.credentials, tls.namespace, shutdown.clone());
         Server::builder()
+            .max_connection_age(tls.max_connection_age)
+            .layer(AuthzLayer::new(tls.policy))
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await

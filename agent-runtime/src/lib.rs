@@ -10,13 +10,14 @@ pub mod grpc;
 pub mod logging;
 pub mod readiness;
 pub mod shutdown;
+pub mod tls;
 
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-pub use args::{LogFormat, RuntimeArgs};
+pub use args::{LogFormat, RuntimeArgs, TlsArgs};
 pub use readiness::{Readiness, ReadyGate};
 
 /// Installs ring as the process-wide rustls crypto provider. Call once, first thing in `main`.

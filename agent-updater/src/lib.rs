@@ -2,9 +2,13 @@
 
 pub mod grpc;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
-use agent_runtime::{Runtime, RuntimeArgs, grpc::GrpcServer};
+use agent_runtime::{
+    Runtime, RuntimeArgs, TlsArgs,
+    grpc::{GrpcServer, ServerTls},
+    tls::{Role, server::Policy},
+};
 use distr_agent_proto::v1::updater_server::UpdaterServer;
 
 #[derive(Clone, Debug, clap::Parser)]
@@ -17,21 +21,63 @@ pub struct Args {
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
     /// Address of the gRPC server.
     #[arg(long, env = "AGENT_GRPC_ADDR", default_value = "0.0.0.0:9444")]
     pub grpc_addr: SocketAddr,
+
+    /// gRPC connections older than this are closed gracefully, in seconds, so that clients
+    /// reconnect with their current certificates.
+    #[arg(long, env = "AGENT_GRPC_MAX_CONNECTION_AGE_SECONDS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub grpc_max_connection_age_seconds: u64,
+}
+
+/// Who may call what on the updater: only the poller hands over manifests; an operator may
+/// read the update's state.
+pub fn policy() -> Policy {
+    const SERVICE: &str = "distr.agent.v1.Updater";
+    Policy::new()
+        .allow(SERVICE, "ApplyAgentManifest", &[Role::Poller])
+        .allow(SERVICE, "UpdateStatus", &[Role::Poller, Role::Operator])
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let runtime = Runtime::start(&args.runtime, "agent-updater").await?;
     let grpc_ready = runtime.readiness.gate("grpc");
+    let certified = runtime.readiness.gate("certificates");
+    let credentials = agent_runtime::tls::reload::watch_dir(
+        args.tls.tls_dir.clone(),
+        args.tls.namespace.clone(),
+        args.tls.reload_interval(),
+        runtime.shutdown.clone(),
+    );
+    {
+        let mut credentials = credentials.clone();
+        let shutdown = runtime.shutdown.clone();
+        tokio::spawn(async move {
+            if agent_runtime::tls::reload::first(&mut credentials, &shutdown)
+                .await
+                .is_some()
+            {
+                certified.open();
+            }
+        });
+    }
     let mut server = GrpcServer::bind(args.grpc_addr, &[distr_agent_proto::FILE_DESCRIPTOR_SET]).await?;
     server
         .add_service(UpdaterServer::new(grpc::UpdaterService::default()))
         .await;
     tracing::info!(addr = %server.local_addr()?, "gRPC server listening");
     grpc_ready.open();
-    let served = server.serve(runtime.shutdown.clone()).await;
+    let tls = ServerTls {
+        credentials,
+        namespace: args.tls.namespace.clone(),
+        policy: policy(),
+        max_connection_age: Duration::from_secs(args.grpc_max_connection_age_seconds),
+    };
+    let served = server.serve(tls, runtime.shutdown.clone()).await;
     runtime.finish().await;
     served
 }

@@ -115,7 +115,19 @@ install_registry() {
   [ $had = 1 ] || as_root rm -f "$rc"
 }
 
+# The project's own Go helper: renders deploy/manifest.yaml.tmpl with text/template, as the
+# Hub does. Standard library only; rebuilt when its source changes.
+build_render_manifest() {
+  local src="$here/render-manifest" sum
+  sum=$(cat "$src/go.mod" "$src/main.go" | sha256sum | cut -c1-16)
+  built render-manifest "$sum" && [ -x "$bin/render-manifest" ] && return
+  log "building render-manifest"
+  (cd "$src" && go build -trimpath -o "$bin/render-manifest" .)
+  mark render-manifest "$sum"
+}
+
 install_registry
+build_render_manifest
 build_etcd
 go_install helm "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
 go_install grpcurl "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"

@@ -1,5 +1,8 @@
-//! The whole agent under test: the executor (with a namespace-admin ServiceAccount token) and
-//! the poller (with only its Hub configuration), wired to a Hub simulator.
+//! The whole agent under test, installed as a customer installs it: the manifest rendered from
+//! `deploy/` for the Hub simulator and applied, then the three binaries run on the host the way
+//! the manifest's pods would run them: each with a token of its own ServiceAccount (none for the
+//! poller), its environment from the manifest, and its certificate Secret mounted as the
+//! kubelet mounts it.
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
@@ -7,8 +10,9 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::{
-    AgentProcess, TestEnv, TestNamespace, cluster,
+    AgentProcess, TestEnv, TestNamespace,
     hubsim::{HubSim, HubSimOptions, RecordedStatus},
+    install::{self, KubeletVolume, Scope, VolumeSource},
     process::free_port,
     tools, wait_for,
 };
@@ -18,8 +22,12 @@ pub struct AgentOptions {
     /// `DISTR_INTERVAL`.
     pub interval: &'static str,
     pub hub: HubSimOptions,
+    /// `targetScope` of the manifest.
+    pub scope: Scope,
     /// Extra environment of the poller.
     pub poller_env: Vec<(&'static str, String)>,
+    /// Extra environment of the executor.
+    pub executor_env: Vec<(&'static str, String)>,
 }
 
 impl Default for AgentOptions {
@@ -27,7 +35,9 @@ impl Default for AgentOptions {
         Self {
             interval: "1s",
             hub: HubSimOptions::default(),
+            scope: Scope::Namespace,
             poller_env: vec![("AGENT_HUB_TIMEOUT_SECONDS", "3".to_owned())],
+            executor_env: Vec::new(),
         }
     }
 }
@@ -37,10 +47,19 @@ pub struct Agent {
     pub ns: TestNamespace,
     pub hub: HubSim,
     pub target: Uuid,
-    /// A directory listed in the poller's `DISTR_AGENT_CONFIG_DIRS`.
+    /// A directory listed last in the poller's `DISTR_AGENT_CONFIG_DIRS`.
     pub config_dir: PathBuf,
+    /// The manifest as applied.
+    pub manifest: String,
     pub executor: AgentProcess,
+    pub updater: AgentProcess,
     pub poller: AgentProcess,
+    /// `127.0.0.1:<port>` of the executor's and the updater's gRPC servers.
+    pub executor_addr: String,
+    pub updater_addr: String,
+    /// Mounted certificate Secrets: poller, updater, operator.
+    pub tls_dirs: HashMap<&'static str, PathBuf>,
+    volumes: Vec<KubeletVolume>,
     helm_home: tempfile::TempDir,
 }
 
@@ -48,41 +67,98 @@ impl Agent {
     pub async fn start(test: &str, options: AgentOptions) -> anyhow::Result<Self> {
         let env = TestEnv::get();
         let ns = TestNamespace::create(test).await?;
-        let identity = ns
-            .service_account("distr-agent-executor", cluster::namespace_admin_rules())
-            .await?;
-        let grpc_port = free_port()?;
-        let mut executor = AgentProcess::start(
-            test,
-            "agent-executor",
-            &[
-                ("AGENT_GRPC_ADDR", format!("127.0.0.1:{grpc_port}")),
-                ("AGENT_NAMESPACE", ns.name.clone()),
-                ("KUBECONFIG", identity.kubeconfig.display().to_string()),
-                ("AGENT_HELM_BIN", env.bin.join("helm").display().to_string()),
-                (
-                    "AGENT_SCRATCH_DIR",
-                    env.test_dir(test).join("scratch").display().to_string(),
-                ),
-                // Helm trusts the environment's CA, which signed the registry's certificate.
-                ("SSL_CERT_FILE", env.ca_file.display().to_string()),
-            ],
-        )
-        .await?;
-        executor.wait_ready(Duration::from_secs(30)).await?;
-
         let hub = HubSim::start(options.hub).await?;
         let (target, secret) = hub.add_target();
         hub.set_namespace(target, Some(&ns.name));
-        let config_dir = env.test_dir(test).join("config");
+
+        let mut params = install::hub_params(&hub, target, Some(&secret), &ns.name, options.scope);
+        params["agentInterval"] = json!(options.interval);
+        let manifest = install::render(&install::template_path(), &params, &env.test_dir(test)).await?;
+        install::apply(&ns.name, &manifest).await?;
+
+        let dir = env.test_dir(test);
+        let executor_port = free_port()?;
+        let mut executor_env = own_env(&ns, "distr-agent-executor").await?;
+        executor_env.extend([
+            ("AGENT_GRPC_ADDR".into(), format!("127.0.0.1:{executor_port}")),
+            ("AGENT_HELM_BIN".into(), env.bin.join("helm").display().to_string()),
+            ("AGENT_SCRATCH_DIR".into(), dir.join("scratch").display().to_string()),
+            // Helm trusts the environment's CA, which signed the registry's certificate.
+            ("SSL_CERT_FILE".into(), env.ca_file.display().to_string()),
+            ("AGENT_TLS_CHECK_SECONDS".into(), "1".into()),
+        ]);
+        executor_env.extend(options.executor_env.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        executor_env.insert(
+            "KUBECONFIG".into(),
+            ns.token_kubeconfig("distr-agent-executor").await?.display().to_string(),
+        );
+        let mut executor = AgentProcess::start(test, "agent-executor", &pairs(&executor_env)).await?;
+        executor.wait_ready(Duration::from_secs(30)).await?;
+
+        let mut volumes = Vec::new();
+        let mut tls_dirs = HashMap::new();
+        for role in ["poller", "updater", "operator"] {
+            let mount = dir.join("volumes").join(format!("{role}-tls"));
+            let secret = format!("distr-agent-{role}-tls");
+            volumes.push(KubeletVolume::mount(
+                ns.client.clone(),
+                &ns.name,
+                VolumeSource::Secret(secret),
+                mount.clone(),
+            )?);
+            tls_dirs.insert(role, mount);
+        }
+
+        let updater_port = free_port()?;
+        let mut updater_env = own_env(&ns, "distr-agent-updater").await?;
+        updater_env.extend([
+            ("AGENT_GRPC_ADDR".into(), format!("127.0.0.1:{updater_port}")),
+            ("AGENT_TLS_DIR".into(), tls_dirs["updater"].display().to_string()),
+            ("AGENT_TLS_RELOAD_SECONDS".into(), "1".into()),
+            (
+                "KUBECONFIG".into(),
+                ns.token_kubeconfig("distr-agent-updater").await?.display().to_string(),
+            ),
+        ]);
+        let mut updater = AgentProcess::start(test, "agent-updater", &pairs(&updater_env)).await?;
+
+        let env_dir = dir.join("volumes").join("env");
+        let auth_dir = dir.join("volumes").join("auth");
+        volumes.push(KubeletVolume::mount(
+            ns.client.clone(),
+            &ns.name,
+            VolumeSource::ConfigMap("distr-agent-env".into()),
+            env_dir.clone(),
+        )?);
+        volumes.push(KubeletVolume::mount(
+            ns.client.clone(),
+            &ns.name,
+            VolumeSource::Secret("distr-agent-auth".into()),
+            auth_dir.clone(),
+        )?);
+        let config_dir = dir.join("config");
         std::fs::create_dir_all(&config_dir)?;
-        let hub_env = hub.env(target, &secret);
-        let mut poller_env: Vec<(&str, String)> = hub_env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        poller_env.push(("DISTR_INTERVAL", options.interval.to_owned()));
-        poller_env.push(("DISTR_AGENT_CONFIG_DIRS", config_dir.display().to_string()));
-        poller_env.push(("AGENT_EXECUTOR_URL", format!("http://127.0.0.1:{grpc_port}")));
-        poller_env.extend(options.poller_env);
-        let mut poller = AgentProcess::start(test, "agent-poller", &poller_env).await?;
+        let mut poller_env = own_env(&ns, "distr-agent").await?;
+        poller_env.extend([
+            (
+                "DISTR_AGENT_CONFIG_DIRS".into(),
+                format!(
+                    "{}\n{}\n{}",
+                    env_dir.display(),
+                    auth_dir.display(),
+                    config_dir.display()
+                ),
+            ),
+            (
+                "AGENT_EXECUTOR_URL".into(),
+                format!("https://127.0.0.1:{executor_port}"),
+            ),
+            ("AGENT_TLS_DIR".into(), tls_dirs["poller"].display().to_string()),
+            ("AGENT_TLS_RELOAD_SECONDS".into(), "1".into()),
+        ]);
+        poller_env.extend(options.poller_env.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        let mut poller = AgentProcess::start(test, "agent-poller", &pairs(&poller_env)).await?;
+        updater.wait_ready(Duration::from_secs(30)).await?;
         poller.wait_ready(Duration::from_secs(30)).await?;
         Ok(Self {
             test: test.to_owned(),
@@ -90,10 +166,21 @@ impl Agent {
             hub,
             target,
             config_dir,
+            manifest,
             executor,
+            updater,
             poller,
+            executor_addr: format!("127.0.0.1:{executor_port}"),
+            updater_addr: format!("127.0.0.1:{updater_port}"),
+            tls_dirs,
+            volumes,
             helm_home: tempfile::tempdir()?,
         })
+    }
+
+    /// Number of volumes the harness keeps current (for tests of the harness itself).
+    pub fn volume_count(&self) -> usize {
+        self.volumes.len()
     }
 
     /// Replaces the Hub's deployment list.
@@ -152,6 +239,19 @@ impl Agent {
             .await?;
         Ok(secrets.items.into_iter().filter_map(|s| s.metadata.name).collect())
     }
+}
+
+/// The environment the manifest gives a Deployment's container, minus what only makes sense in
+/// a pod (the admin address and log format are the harness's).
+async fn own_env(ns: &TestNamespace, deployment: &str) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut env = install::container_env(&ns.client, &ns.name, deployment).await?;
+    env.remove("AGENT_ADMIN_ADDR");
+    env.remove("AGENT_LOG_FORMAT");
+    Ok(env)
+}
+
+fn pairs(env: &std::collections::BTreeMap<String, String>) -> Vec<(&str, String)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect()
 }
 
 /// A Hub deployment entry with fresh ids, pulling with the shared registry's credentials.

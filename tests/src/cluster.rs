@@ -129,6 +129,12 @@ impl TestNamespace {
         })
     }
 
+    /// A kubeconfig holding a freshly minted token of an existing ServiceAccount.
+    pub async fn token_kubeconfig(&self, service_account: &str) -> anyhow::Result<PathBuf> {
+        let token = self.mint_token(service_account).await?;
+        write_token_kubeconfig(&format!("{}-{service_account}", self.name), &self.name, &token)
+    }
+
     /// Mints a token for a ServiceAccount with the TokenRequest API.
     pub async fn mint_token(&self, service_account: &str) -> anyhow::Result<String> {
         let request = TokenRequest {

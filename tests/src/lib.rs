@@ -11,6 +11,7 @@ pub mod charts;
 pub mod cluster;
 pub mod env;
 pub mod hubsim;
+pub mod install;
 pub mod process;
 pub mod registry;
 pub mod tools;

@@ -1,0 +1,290 @@
+//! The executor's certificate authority: a private CA kept in the Secret `distr-agent-ca` and
+//! a leaf certificate per component, each in a Secret of its own that only that component's
+//! pod mounts (`distr-agent-poller-tls`, `distr-agent-updater-tls`, and
+//! `distr-agent-operator-tls` for people who may read Secrets in the namespace). The
+//! executor's own serving certificate never leaves its memory.
+//!
+//! Every check (each [`PkiConfig::check_interval`]): the CA exists (created create-only, so
+//! two executors cannot mint two), and each leaf is issued by the current CA, carries the
+//! current trust bundle, and is not past two thirds of its lifetime; anything else is
+//! re-issued. A CA past two thirds of its lifetime gets a successor that is published in the
+//! trust bundle first and signs only after [`PkiConfig::ca_propagation`], so every pod trusts
+//! the new CA before it meets a certificate signed by it. Old CAs leave the bundle when they
+//! expire.
+
+pub mod authority;
+mod ca_secret;
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use agent_runtime::tls::{Credentials, Role, TlsFiles};
+use k8s_openapi::{ByteString, api::core::v1::Secret};
+use kube::{
+    Api,
+    api::{ObjectMeta, PostParams},
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use self::{
+    authority::{Authority, CertError, Issued, LeafSpec, Validity},
+    ca_secret::{CA_SECRET, CaPlan, CaSecret, plan_ca},
+};
+use crate::kube_util::{self, ApiError};
+
+/// Lifetimes and timings of the agent's certificates.
+#[derive(Clone, Copy, Debug)]
+pub struct PkiConfig {
+    pub ca_lifetime: Duration,
+    pub leaf_lifetime: Duration,
+    /// How long a new CA sits in the trust bundle before it signs.
+    pub ca_propagation: Duration,
+    pub check_interval: Duration,
+}
+
+/// The components whose leaves are delivered as Secrets.
+pub const SECRET_ROLES: [Role; 3] = [Role::Poller, Role::Updater, Role::Operator];
+
+/// Name of the Secret holding `role`'s leaf.
+pub fn leaf_secret_name(role: Role) -> String {
+    format!("distr-agent-{role}-tls")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    #[error("Secret {name}: {source}")]
+    Api {
+        name: String,
+        #[source]
+        source: ApiError,
+    },
+    #[error("Secret {name} was changed by someone else meanwhile; trying again")]
+    Conflict { name: String },
+}
+
+/// Keeps the CA and the leaves current.
+pub struct Pki {
+    secrets: Api<Secret>,
+    namespace: String,
+    config: PkiConfig,
+    own: watch::Sender<Option<Arc<Credentials>>>,
+}
+
+impl Pki {
+    pub fn new(client: kube::Client, namespace: &str, config: PkiConfig) -> Self {
+        Self {
+            secrets: Api::namespaced(client, namespace),
+            namespace: namespace.to_owned(),
+            config,
+            own: watch::channel(None).0,
+        }
+    }
+
+    /// The executor's own serving credentials, as they are re-issued.
+    pub fn own_credentials(&self) -> agent_runtime::tls::CredentialsWatch {
+        self.own.subscribe()
+    }
+
+    /// Checks until `shutdown`; failures are logged and retried at the next check.
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            if let Err(error) = self.check().await {
+                tracing::error!(%error, "cannot keep the agent's certificates current");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.check_interval) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// One pass: the CA, the executor's own certificate, then each component's Secret.
+    pub async fn check(&self) -> Result<(), PkiError> {
+        let now = SystemTime::now();
+        let (signing, bundle) = self.current_ca(now).await?;
+        self.check_own(&signing, &bundle, now)?;
+        for role in SECRET_ROLES {
+            self.check_leaf(role, &signing, &bundle, now).await?;
+        }
+        Ok(())
+    }
+
+    async fn current_ca(&self, now: SystemTime) -> Result<(Authority, String), PkiError> {
+        let api_error = |source| PkiError::Api {
+            name: CA_SECRET.to_owned(),
+            source,
+        };
+        let stored = kube_util::call_opt(self.secrets.get(CA_SECRET))
+            .await
+            .map_err(api_error)?;
+        let current = stored.as_ref().map(CaSecret::from_secret);
+        let ca = match plan_ca(current.as_ref(), &self.namespace, &self.config, now)? {
+            CaPlan::Keep(ca) => ca,
+            CaPlan::Write { ca, reason } => {
+                let mut secret = ca.to_secret(&self.namespace);
+                let written = match &stored {
+                    // Create-only: when another executor created it first, use theirs.
+                    None => kube_util::call(self.secrets.create(&PostParams::default(), &secret)).await,
+                    Some(stored) => {
+                        secret.metadata.resource_version = stored.metadata.resource_version.clone();
+                        kube_util::call(self.secrets.replace(CA_SECRET, &PostParams::default(), &secret)).await
+                    }
+                };
+                match written {
+                    Ok(_) => tracing::info!(reason, "wrote the agent's CA"),
+                    Err(error) if error.is_conflict() => {
+                        return Err(PkiError::Conflict {
+                            name: CA_SECRET.to_owned(),
+                        });
+                    }
+                    Err(error) => return Err(api_error(error)),
+                }
+                ca
+            }
+        };
+        let (cert, key) = ca
+            .signing
+            .as_ref()
+            .ok_or_else(|| CertError::Parse("no signing CA".into()))?;
+        Ok((Authority::from_pem(cert, key)?, ca.bundle_pem()))
+    }
+
+    fn check_own(&self, signing: &Authority, bundle: &str, now: SystemTime) -> Result<(), PkiError> {
+        let current = self.own.borrow().clone();
+        if let Some(current) = current
+            && leaf_is_current(&current.files, signing, bundle, now)
+        {
+            return Ok(());
+        }
+        let leaf = signing.issue(
+            &LeafSpec::for_role(Role::Executor, &self.namespace),
+            self.config.leaf_lifetime,
+            now,
+        )?;
+        let credentials = Credentials::from_files(files(&leaf, bundle), &self.namespace)
+            .map_err(|e| CertError::Parse(e.to_string()))?;
+        tracing::info!(serial = %credentials.serial, "issued the executor's serving certificate");
+        self.own.send_replace(Some(Arc::new(credentials)));
+        Ok(())
+    }
+
+    async fn check_leaf(&self, role: Role, signing: &Authority, bundle: &str, now: SystemTime) -> Result<(), PkiError> {
+        let name = leaf_secret_name(role);
+        let api_error = |source| PkiError::Api {
+            name: name.clone(),
+            source,
+        };
+        let stored = kube_util::call_opt(self.secrets.get(&name)).await.map_err(api_error)?;
+        if let Some(files) = stored.as_ref().and_then(files_of)
+            && leaf_is_current(&files, signing, bundle, now)
+        {
+            return Ok(());
+        }
+        let leaf = signing.issue(
+            &LeafSpec::for_role(role, &self.namespace),
+            self.config.leaf_lifetime,
+            now,
+        )?;
+        let mut secret = leaf_secret(&name, &self.namespace, &leaf, bundle);
+        let written = match &stored {
+            None => kube_util::call(self.secrets.create(&PostParams::default(), &secret)).await,
+            Some(stored) if stored.type_.as_deref() == secret.type_.as_deref() => {
+                secret.metadata.resource_version = stored.metadata.resource_version.clone();
+                kube_util::call(self.secrets.replace(&name, &PostParams::default(), &secret)).await
+            }
+            // The type of a Secret cannot change: replace the object.
+            Some(_) => {
+                kube_util::call(self.secrets.delete(&name, &Default::default()))
+                    .await
+                    .map_err(api_error)?;
+                kube_util::call(self.secrets.create(&PostParams::default(), &secret)).await
+            }
+        };
+        match written {
+            Ok(_) => {
+                let validity = Validity::of_pem(&leaf.cert_pem)?;
+                let lifetime = validity.not_after.duration_since(now).unwrap_or_default();
+                tracing::info!(secret = %name, %role, lifetime_seconds = lifetime.as_secs(), "issued a certificate");
+                Ok(())
+            }
+            Err(error) if error.is_conflict() => Err(PkiError::Conflict { name }),
+            Err(error) => Err(api_error(error)),
+        }
+    }
+}
+
+fn files(leaf: &Issued, bundle: &str) -> TlsFiles {
+    TlsFiles {
+        cert_chain: leaf.cert_pem.clone().into_bytes(),
+        key: leaf.key_pem.clone().into_bytes(),
+        ca_bundle: bundle.as_bytes().to_vec(),
+    }
+}
+
+/// The leaf in `files` was issued by `signing`, carries `bundle`, and is not due for renewal.
+fn leaf_is_current(files: &TlsFiles, signing: &Authority, bundle: &str, now: SystemTime) -> bool {
+    if files.ca_bundle != bundle.as_bytes() {
+        return false;
+    }
+    let Ok(cert) = std::str::from_utf8(&files.cert_chain) else {
+        return false;
+    };
+    let Ok(validity) = Validity::of_pem(cert) else {
+        return false;
+    };
+    if validity.renewal_due(now) {
+        return false;
+    }
+    let by_signing = TlsFiles {
+        ca_bundle: signing.cert_pem.clone().into_bytes(),
+        ..files.clone()
+    };
+    // Any namespace will do: only the chain and the key are checked here.
+    Credentials::from_files(by_signing, "-").is_ok()
+}
+
+fn files_of(secret: &Secret) -> Option<TlsFiles> {
+    let data = secret.data.as_ref()?;
+    let get = |key: &str| data.get(key).map(|v| v.0.clone());
+    Some(TlsFiles {
+        cert_chain: get("tls.crt")?,
+        key: get("tls.key")?,
+        ca_bundle: get("ca.crt")?,
+    })
+}
+
+/// Labels on every Secret the executor's CA writes.
+pub fn managed_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/part-of".to_owned(), "distr-agent".to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            "distr-agent-executor".to_owned(),
+        ),
+    ])
+}
+
+fn leaf_secret(name: &str, namespace: &str, leaf: &Issued, bundle: &str) -> Secret {
+    let bytes = |s: &str| ByteString(s.as_bytes().to_vec());
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(managed_labels()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".to_owned()),
+        data: Some(BTreeMap::from([
+            ("tls.crt".to_owned(), bytes(&leaf.cert_pem)),
+            ("tls.key".to_owned(), bytes(&leaf.key_pem)),
+            ("ca.crt".to_owned(), bytes(bundle)),
+        ])),
+        ..Default::default()
+    }
+}

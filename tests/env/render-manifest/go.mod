@@ -1,0 +1,3 @@
+module distr.local/testenv/render-manifest
+
+go 1.22

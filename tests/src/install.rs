@@ -1,0 +1,257 @@
+//! The install manifest as a customer gets it: `deploy/manifest.yaml.tmpl` rendered with Go's
+//! `text/template` (the Hub's engine), applied with `kubectl`, and what the kubelet would give
+//! each pod: its ServiceAccount token, its environment, and its mounted ConfigMaps and Secrets
+//! (kept current with the kubelet's atomic `..data` symlink swap).
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{ConfigMap, Secret},
+};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::{TestEnv, hubsim::HubSim, tools};
+
+/// The template, as users get it.
+pub fn template_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/manifest.yaml.tmpl")
+}
+
+/// `targetScope`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Namespace,
+    Cluster,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Namespace => "namespace",
+            Scope::Cluster => "cluster",
+        }
+    }
+}
+
+/// The template parameters a Hub fills for `target` of `hub`.
+pub fn hub_params(hub: &HubSim, target: Uuid, secret: Option<&str>, namespace: &str, scope: Scope) -> Value {
+    use crate::hubsim::Route;
+    json!({
+        "targetId": target.to_string(),
+        "targetSecret": secret,
+        "loginEndpoint": hub.url(Route::Login),
+        "manifestEndpoint": hub.url(Route::Manifest),
+        "resourcesEndpoint": hub.url(Route::Resources),
+        "statusEndpoint": hub.url(Route::Status),
+        "metricsEndpoint": hub.url(Route::Metrics),
+        "logsEndpoint": hub.url(Route::Logs),
+        "agentLogsEndpoint": hub.url(Route::AgentLogs),
+        "agentInterval": "1s",
+        "agentVersion": "0.1.0",
+        "agentVersionId": "",
+        "registryEnabled": false,
+        "registryHost": "",
+        "registryPlainHttp": false,
+        "agentDockerConfig": "",
+        "targetScope": scope.as_str(),
+        "targetNamespace": namespace,
+        "targetResources": null,
+        "metricsEnabled": false,
+        "autohealAll": false,
+        "dockerSocketPath": "",
+    })
+}
+
+/// Renders `template` with `params` through the test environment's `render-manifest` (Go's
+/// `text/template`).
+pub async fn render(template: &Path, params: &Value, work_dir: &Path) -> anyhow::Result<String> {
+    std::fs::create_dir_all(work_dir)?;
+    let file = work_dir.join(format!("params-{}.json", Uuid::new_v4().simple()));
+    std::fs::write(&file, serde_json::to_vec_pretty(params)?)?;
+    let output = tokio::process::Command::new(TestEnv::get().bin.join("render-manifest"))
+        .arg(template)
+        .arg(&file)
+        .output()
+        .await
+        .context("running render-manifest")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "render-manifest failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+/// `kubectl <args>` as the admin, with `stdin` piped in.
+pub async fn kubectl(args: &[&str], stdin: Option<&str>) -> anyhow::Result<tools::Run> {
+    use tokio::io::AsyncWriteExt as _;
+    let env = TestEnv::get();
+    let mut child = tokio::process::Command::new(env.bin.join("kubectl"))
+        .args(args)
+        .env("KUBECONFIG", &env.admin_kubeconfig)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("running kubectl")?;
+    let mut pipe = child.stdin.take().context("kubectl stdin")?;
+    if let Some(text) = stdin {
+        pipe.write_all(text.as_bytes()).await?;
+    }
+    drop(pipe);
+    Ok(child.wait_with_output().await?.into())
+}
+
+/// `kubectl apply -n <namespace> -f -` as the admin.
+pub async fn apply(namespace: &str, manifest: &str) -> anyhow::Result<()> {
+    kubectl(&["apply", "-n", namespace, "-f", "-"], Some(manifest))
+        .await?
+        .ok("kubectl apply")?;
+    Ok(())
+}
+
+/// The environment the kubelet gives a Deployment's container: `envFrom` ConfigMaps and
+/// Secrets, then `env` (literal values, and the pod's namespace from the downward API).
+pub async fn container_env(
+    client: &Client,
+    namespace: &str,
+    deployment: &str,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let deployment: Deployment = Api::namespaced(client.clone(), namespace).get(deployment).await?;
+    let container = deployment
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|s| s.containers.into_iter().next())
+        .context("the Deployment has no container")?;
+    let mut env = BTreeMap::new();
+    for source in container.env_from.unwrap_or_default() {
+        if let Some(cm) = source.config_map_ref {
+            let cm: ConfigMap = Api::namespaced(client.clone(), namespace).get(&cm.name).await?;
+            env.extend(cm.data.unwrap_or_default());
+        }
+        if let Some(secret) = source.secret_ref {
+            let secret: Secret = Api::namespaced(client.clone(), namespace).get(&secret.name).await?;
+            for (key, value) in secret.data.unwrap_or_default() {
+                env.insert(key, String::from_utf8(value.0)?);
+            }
+        }
+    }
+    for var in container.env.unwrap_or_default() {
+        let value = match (var.value, var.value_from) {
+            (Some(value), _) => value,
+            (None, Some(from))
+                if from
+                    .field_ref
+                    .as_ref()
+                    .is_some_and(|f| f.field_path == "metadata.namespace") =>
+            {
+                namespace.to_owned()
+            }
+            _ => anyhow::bail!("the harness cannot provide env {}", var.name),
+        };
+        env.insert(var.name, value);
+    }
+    Ok(env)
+}
+
+/// What a volume mounts.
+#[derive(Clone, Debug)]
+pub enum VolumeSource {
+    Secret(String),
+    ConfigMap(String),
+}
+
+/// A ConfigMap or Secret volume as the kubelet keeps it: the data lives in a timestamped
+/// directory behind the `..data` symlink, each key is a symlink through `..data`, and an update
+/// swaps `..data` atomically. Polled every 200 ms until dropped.
+pub struct KubeletVolume {
+    pub dir: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl KubeletVolume {
+    pub fn mount(client: Client, namespace: &str, source: VolumeSource, dir: PathBuf) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let namespace = namespace.to_owned();
+        let target = dir.clone();
+        let task = tokio::spawn(async move {
+            let mut current: Option<BTreeMap<String, Vec<u8>>> = None;
+            loop {
+                if let Ok(Some(data)) = read_source(&client, &namespace, &source).await
+                    && current.as_ref() != Some(&data)
+                {
+                    match write_atomically(&target, &data) {
+                        Ok(()) => current = Some(data),
+                        Err(error) => tracing::warn!(%error, dir = %target.display(), "kubelet volume update failed"),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Ok(Self { dir, task })
+    }
+}
+
+impl Drop for KubeletVolume {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn read_source(
+    client: &Client,
+    namespace: &str,
+    source: &VolumeSource,
+) -> anyhow::Result<Option<BTreeMap<String, Vec<u8>>>> {
+    Ok(match source {
+        VolumeSource::Secret(name) => Api::<Secret>::namespaced(client.clone(), namespace)
+            .get_opt(name)
+            .await?
+            .map(|s| s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect()),
+        VolumeSource::ConfigMap(name) => Api::<ConfigMap>::namespaced(client.clone(), namespace)
+            .get_opt(name)
+            .await?
+            .map(|c| {
+                c.data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_bytes()))
+                    .collect()
+            }),
+    })
+}
+
+/// The kubelet's atomic writer: new `..<stamp>` directory, `..data_tmp` symlink renamed over
+/// `..data`, key symlinks, then the old directory removed.
+pub fn write_atomically(dir: &Path, data: &BTreeMap<String, Vec<u8>>) -> anyhow::Result<()> {
+    let stamp = format!("..{}", Uuid::new_v4().simple());
+    let payload = dir.join(&stamp);
+    std::fs::create_dir_all(&payload)?;
+    for (key, value) in data {
+        std::fs::write(payload.join(key), value)?;
+    }
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&stamp, &tmp)?;
+    std::fs::rename(&tmp, dir.join("..data"))?;
+    for key in data.keys() {
+        let link = dir.join(key);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(Path::new("..data").join(key), &link)?;
+        }
+    }
+    if let Some(old) = old {
+        let _ = std::fs::remove_dir_all(dir.join(old));
+    }
+    Ok(())
+}
