@@ -64,10 +64,10 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub async fn start(test: &str, options: AgentOptions) -> anyhow::Result<Self> {
+    pub async fn start(test: &str, mut options: AgentOptions) -> anyhow::Result<Self> {
         let env = TestEnv::get();
         let ns = TestNamespace::create(test).await?;
-        let hub = HubSim::start(options.hub).await?;
+        let hub = HubSim::start(std::mem::take(&mut options.hub)).await?;
         let (target, secret) = hub.add_target();
         hub.set_namespace(target, Some(&ns.name));
 
@@ -75,7 +75,19 @@ impl Agent {
         params["agentInterval"] = json!(options.interval);
         let manifest = install::render(&install::template_path(), &params, &env.test_dir(test)).await?;
         install::apply(&ns.name, &manifest).await?;
+        Self::run(test, ns, hub, target, manifest, options).await
+    }
 
+    /// Runs the three processes for an agent whose manifest is applied in `ns` already.
+    pub async fn run(
+        test: &str,
+        ns: TestNamespace,
+        hub: HubSim,
+        target: Uuid,
+        manifest: String,
+        options: AgentOptions,
+    ) -> anyhow::Result<Self> {
+        let env = TestEnv::get();
         let dir = env.test_dir(test);
         let executor_port = free_port()?;
         let mut executor_env = own_env(&ns, "distr-agent-executor").await?;

@@ -255,3 +255,44 @@ pub fn write_atomically(dir: &Path, data: &BTreeMap<String, Vec<u8>>) -> anyhow:
     }
     Ok(())
 }
+
+/// The operator's client certificate, as a person who may read Secrets in the namespace takes
+/// it from `distr-agent-operator-tls` (waiting for the executor to issue it).
+pub struct OperatorCert {
+    pub dir: PathBuf,
+}
+
+impl OperatorCert {
+    pub async fn fetch(ns: &crate::TestNamespace, dir: PathBuf) -> anyhow::Result<Self> {
+        let api: Api<Secret> = ns.api();
+        let secret = crate::wait_for("the operator certificate", Duration::from_secs(30), || async {
+            api.get_opt("distr-agent-operator-tls").await.ok().flatten()
+        })
+        .await?;
+        std::fs::create_dir_all(&dir)?;
+        for (key, value) in secret.data.unwrap_or_default() {
+            std::fs::write(dir.join(&key), value.0)?;
+        }
+        Ok(Self { dir })
+    }
+
+    /// `grpcurl` flags for a server of the agent in `namespace` reached on another address
+    /// (a port-forward): the executor's certificate names its Service.
+    pub fn grpcurl_flags(&self, namespace: &str) -> Vec<String> {
+        self.flags_for("executor", namespace)
+    }
+
+    pub fn flags_for(&self, component: &str, namespace: &str) -> Vec<String> {
+        let file = |name: &str| self.dir.join(name).display().to_string();
+        vec![
+            "-cacert".into(),
+            file("ca.crt"),
+            "-cert".into(),
+            file("tls.crt"),
+            "-key".into(),
+            file("tls.key"),
+            "-servername".into(),
+            format!("distr-agent-{component}.{namespace}.svc"),
+        ]
+    }
+}

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use distr_agent_e2e::{AgentProcess, TestEnv, TestNamespace, charts, cluster, process::free_port, tools, wait_for};
+use distr_agent_e2e::{
+    AgentProcess, TestEnv, TestNamespace, charts, cluster, install, process::free_port, tools, wait_for,
+};
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{ConfigMap, Pod},
@@ -172,20 +174,30 @@ async fn executor_serves_reflection_and_health_and_stops_on_sigterm() -> anyhow:
     let metrics = reqwest::get(executor.admin_url("/metrics")).await?.text().await?;
     assert!(metrics.contains("distr_agent_build_info"), "{metrics}");
 
+    // Every call needs a client certificate of the agent's CA: the operator's, as a person
+    // who may read Secrets in the namespace takes it.
     let addr = format!("127.0.0.1:{grpc_port}");
-    let list = tools::grpcurl(&["-plaintext", &addr, "list"])
+    let operator = install::OperatorCert::fetch(&ns, TestEnv::get().test_dir("env-exec").join("operator")).await?;
+    let tls = operator.grpcurl_flags(&ns.name);
+    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+    let list = tools::grpcurl(&[&tls[..], &[&addr, "list"]].concat())
         .await?
         .ok("grpcurl list")?;
     let services: Vec<&str> = list.stdout.lines().collect();
     assert!(services.contains(&"distr.agent.v1.Executor"), "{services:?}");
     assert!(services.contains(&"grpc.health.v1.Health"), "{services:?}");
-    let health = tools::grpcurl(&[
-        "-plaintext",
-        "-d",
-        r#"{"service":"distr.agent.v1.Executor"}"#,
-        &addr,
-        "grpc.health.v1.Health/Check",
-    ])
+    let health = tools::grpcurl(
+        &[
+            &tls[..],
+            &[
+                "-d",
+                r#"{"service":"distr.agent.v1.Executor"}"#,
+                &addr,
+                "grpc.health.v1.Health/Check",
+            ],
+        ]
+        .concat(),
+    )
     .await?
     .ok("health check")?;
     assert!(health.stdout.contains("SERVING"), "{}", health.stdout);
