@@ -92,11 +92,16 @@ pub async fn render(template: &Path, params: &Value, work_dir: &Path) -> anyhow:
 
 /// `kubectl <args>` as the admin, with `stdin` piped in.
 pub async fn kubectl(args: &[&str], stdin: Option<&str>) -> anyhow::Result<tools::Run> {
+    kubectl_with(&TestEnv::get().admin_kubeconfig, args, stdin).await
+}
+
+/// `kubectl <args>` with `kubeconfig`, with `stdin` piped in.
+pub async fn kubectl_with(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> anyhow::Result<tools::Run> {
     use tokio::io::AsyncWriteExt as _;
     let env = TestEnv::get();
     let mut child = tokio::process::Command::new(env.bin.join("kubectl"))
         .args(args)
-        .env("KUBECONFIG", &env.admin_kubeconfig)
+        .env("KUBECONFIG", kubeconfig)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -6,6 +6,7 @@
 //! client for the harness itself, a fresh namespace, ServiceAccount tokens with exact RBAC,
 //! the registry, helm/kubectl, the agent binaries, and the Hub simulator.
 
+pub mod access;
 pub mod agent;
 pub mod charts;
 pub mod cluster;

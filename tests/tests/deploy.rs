@@ -1,0 +1,380 @@
+//! The install manifest (`deploy/`): rendered by Go's `text/template` as the Hub renders it,
+//! applied to the real API server under the restricted Pod Security Standard, with the least
+//! privilege each ServiceAccount needs proven by the API server's own access reviews, the
+//! admission policy that pins the agent's Deployments, and a take-over from the Go agent.
+
+use std::{path::Path, time::Duration};
+
+use distr_agent_e2e::{
+    TestEnv, TestNamespace,
+    access::{self, Probe},
+    agent::{Agent, AgentOptions},
+    charts,
+    hubsim::{HubSim, HubSimOptions},
+    install::{self, Scope},
+    tools, wait_for,
+};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Event, Namespace, Pod, Secret, ServiceAccount},
+};
+use kube::{
+    Api,
+    api::{ListParams, Patch, PatchParams, PostParams},
+};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const AGENT_DEPLOYMENTS: [&str; 3] = ["distr-agent", "distr-agent-executor", "distr-agent-updater"];
+
+fn example_params(scope: &str) -> anyhow::Result<Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../deploy/examples/{scope}.params.json"));
+    Ok(serde_json::from_slice(&std::fs::read(path)?)?)
+}
+
+#[tokio::test]
+async fn the_examples_are_the_template_as_the_hub_renders_it() -> anyhow::Result<()> {
+    let work = TestEnv::get().test_dir("deploy-examples");
+    for scope in ["namespace", "cluster"] {
+        let rendered = install::render(&install::template_path(), &example_params(scope)?, &work).await?;
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../deploy/examples/{scope}.yaml"));
+        let committed = std::fs::read_to_string(&path)?;
+        assert!(
+            rendered == committed,
+            "deploy/examples/{scope}.yaml is not the template rendered with {scope}.params.json; \
+             regenerate it as deploy/README.md says"
+        );
+    }
+    // At the manifest endpoint the Hub passes no target secret: the Secret is left out, so a
+    // self-update never overwrites what the first install left.
+    let mut params = example_params("namespace")?;
+    params["targetSecret"] = Value::Null;
+    let rendered = install::render(&install::template_path(), &params, &work).await?;
+    assert!(!rendered.contains("distr-agent-auth\n  labels"), "{rendered}");
+    assert!(!rendered.contains("DISTR_TARGET_SECRET"));
+    Ok(())
+}
+
+/// A namespace that enforces the restricted Pod Security Standard.
+async fn restricted_namespace(prefix: &str) -> anyhow::Result<TestNamespace> {
+    let ns = TestNamespace::create(prefix).await?;
+    let labels = json!({"metadata": {"labels": {
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest",
+    }}});
+    Api::<Namespace>::all(ns.client.clone())
+        .patch(&ns.name, &PatchParams::default(), &Patch::Merge(&labels))
+        .await?;
+    Ok(ns)
+}
+
+/// Renders the manifest for `ns` and `scope`, applies it, and waits until each agent
+/// Deployment has its pod Ready (kwok plays the kubelet), with no pod refused on the way.
+async fn install(ns: &TestNamespace, scope: Scope) -> anyhow::Result<String> {
+    let mut params = example_params("namespace")?;
+    params["targetNamespace"] = json!(ns.name);
+    params["targetScope"] = json!(scope.as_str());
+    let manifest = install::render(&install::template_path(), &params, &TestEnv::get().test_dir(&ns.name)).await?;
+    install::apply(&ns.name, &manifest).await?;
+    let deployments: Api<Deployment> = ns.api();
+    for name in AGENT_DEPLOYMENTS {
+        wait_for(&format!("Deployment {name} ready"), MINUTE, || async {
+            let d = deployments.get(name).await.ok()?;
+            (d.status?.ready_replicas? == 1).then_some(())
+        })
+        .await?;
+    }
+    let events: Api<Event> = ns.api();
+    let refused: Vec<String> = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("FailedCreate"))
+        .map(|e| e.message.unwrap_or_default())
+        .collect();
+    assert!(refused.is_empty(), "pods were refused: {refused:#?}");
+    Ok(manifest)
+}
+
+fn probes(ns: &str) -> Vec<Probe> {
+    let here = || Some(ns.to_owned());
+    let elsewhere = || Some("kube-system".to_owned());
+    let p = |verb, group, resource, namespace, name| Probe {
+        verb,
+        group,
+        resource,
+        namespace,
+        name,
+    };
+    vec![
+        p("get", "", "secrets", here(), Some("distr-agent-auth")),
+        p("list", "", "secrets", here(), None),
+        p("create", "", "secrets", here(), None),
+        p("get", "", "configmaps", here(), Some("distr-agent-env")),
+        p("create", "apps", "deployments", here(), None),
+        p("patch", "apps", "deployments", here(), Some("distr-agent-executor")),
+        p("patch", "apps", "deployments", here(), Some("web")),
+        p("delete", "", "pods", here(), None),
+        p("create", "rbac.authorization.k8s.io", "rolebindings", here(), None),
+        p("patch", "rbac.authorization.k8s.io", "rolebindings", here(), Some("distr-agent")),
+        p("patch", "rbac.authorization.k8s.io", "roles", here(), Some("distr-agent-updater")),
+        p("get", "", "secrets", elsewhere(), None),
+        p("create", "apps", "deployments", elsewhere(), None),
+        p("list", "", "nodes", None, None),
+        p("create", "rbac.authorization.k8s.io", "clusterrolebindings", None, None),
+    ]
+}
+
+/// What each ServiceAccount may do, by probe label.
+fn expected(service_account: &str, scope: Scope, probe: &Probe, ns: &str) -> bool {
+    let in_ns = probe.namespace.as_deref() == Some(ns);
+    match service_account {
+        "distr-agent-poller" => false,
+        "distr-agent-updater" => {
+            in_ns
+                && matches!(
+                    (probe.verb, probe.resource, probe.name),
+                    ("patch", "deployments", Some("distr-agent-executor")) | ("get", "configmaps", Some("distr-agent-env"))
+                )
+        }
+        "distr-agent-executor" => scope == Scope::Cluster || in_ns,
+        other => panic!("no expectations for {other}"),
+    }
+}
+
+async fn least_privilege(ns: &TestNamespace, scope: Scope) -> anyhow::Result<()> {
+    let probes = probes(&ns.name);
+    let accounts = ["distr-agent-poller", "distr-agent-updater", "distr-agent-executor"];
+    let mut table = format!("\nSubjectAccessReview matrix, {} scope\n{:<72}", scope.as_str(), "request");
+    for account in accounts {
+        table.push_str(&format!(" {:>9}", account.trim_start_matches("distr-agent-")));
+    }
+    let mut wrong = Vec::new();
+    for probe in &probes {
+        table.push_str(&format!("\n{:<72}", probe.label().replace(&ns.name, "<ns>")));
+        for account in accounts {
+            let allowed = access::allowed(&ns.client, &ns.name, account, probe).await?;
+            table.push_str(&format!(" {:>9}", if allowed { "allowed" } else { "-" }));
+            if allowed != expected(account, scope, probe, &ns.name) {
+                wrong.push(format!("{account}: {} is {}", probe.label(), if allowed { "allowed" } else { "denied" }));
+            }
+        }
+    }
+    eprintln!("{table}\n");
+    assert!(wrong.is_empty(), "{wrong:#?}");
+
+    // The poller holds nothing beyond what every authenticated identity holds: the same rules
+    // as a ServiceAccount nobody bound, and no binding anywhere names it.
+    ns.api::<ServiceAccount>()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "nobody"}}))?,
+        )
+        .await?;
+    let nobody = access::own_rules(ns, "nobody").await?;
+    assert_eq!(access::own_rules(ns, "distr-agent-poller").await?, nobody);
+    assert_eq!(access::bindings_naming(&ns.client, &ns.name, "distr-agent-poller").await?, Vec::<String>::new());
+    // The updater is bound only to its own Role.
+    assert_eq!(
+        access::bindings_naming(&ns.client, &ns.name, "distr-agent-updater").await?,
+        vec![format!("RoleBinding {}/distr-agent-updater", ns.name)]
+    );
+
+    // The poller's pod carries no ServiceAccount token.
+    let pods: Api<Pod> = ns.api();
+    let poller = pods.list(&ListParams::default().labels("app=distr-agent")).await?;
+    let pod = poller.items.first().ok_or_else(|| anyhow::anyhow!("no poller pod"))?;
+    let spec = pod.spec.clone().unwrap_or_default();
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    let projected: Vec<String> = spec
+        .volumes
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|v| v.projected.is_some())
+        .map(|v| v.name)
+        .collect();
+    assert!(projected.is_empty(), "the poller pod has token volumes: {projected:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn namespace_scope_installs_restricted_with_least_privilege() -> anyhow::Result<()> {
+    let ns = restricted_namespace("deploy-ns").await?;
+    install(&ns, Scope::Namespace).await?;
+    least_privilege(&ns, Scope::Namespace).await
+}
+
+#[tokio::test]
+async fn cluster_scope_installs_restricted_and_pins_the_agent_deployments() -> anyhow::Result<()> {
+    let ns = restricted_namespace("deploy-cluster").await?;
+    install(&ns, Scope::Cluster).await?;
+    least_privilege(&ns, Scope::Cluster).await?;
+
+    let deployments: Api<Deployment> = ns.api();
+    let dry_run = PatchParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let other_account = json!({"spec": {"template": {"spec": {"serviceAccountName": "default"}}}});
+    let other_image = json!({"spec": {"template": {"spec": {"containers": [
+        {"name": "executor", "image": "registry.example/tools:latest"}
+    ]}}}});
+    // The policy takes effect once the API server has loaded it.
+    let refusal = wait_for("the admission policy to refuse another ServiceAccount", MINUTE, || async {
+        match deployments
+            .patch("distr-agent-executor", &dry_run, &Patch::Strategic(&other_account))
+            .await
+        {
+            Err(kube::Error::Api(status)) => Some(status.message),
+            _ => None,
+        }
+    })
+    .await?;
+    assert!(refusal.contains("must run under the ServiceAccount distr-agent-executor"), "{refusal}");
+    let error = deployments
+        .patch("distr-agent-executor", &PatchParams::default(), &Patch::Strategic(&other_image))
+        .await
+        .expect_err("another image is refused");
+    assert!(error.to_string().contains("must run images of ghcr.io/distr-sh/distr-agent/executor"), "{error}");
+    let error = deployments
+        .patch("distr-agent", &PatchParams::default(), &Patch::Strategic(&other_account))
+        .await
+        .expect_err("the poller keeps its ServiceAccount");
+    assert!(error.to_string().contains("distr-agent-poller"), "{error}");
+    // A pod of another image under the executor's ServiceAccount, by any other route.
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "borrowed-rights"},
+        "spec": {
+            "serviceAccountName": "distr-agent-executor",
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "shell", "image": "registry.example/tools:latest",
+                "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}]
+        }
+    }))?;
+    let error = ns
+        .api::<Pod>()
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect_err("refused");
+    assert!(error.to_string().contains("run only images of"), "{error}");
+    // A new version of the agent itself passes.
+    let upgrade = json!({"spec": {"template": {"spec": {"containers": [
+        {"name": "executor", "image": "ghcr.io/distr-sh/distr-agent/executor:0.2.0"}
+    ]}}}});
+    deployments
+        .patch("distr-agent-executor", &PatchParams::default(), &Patch::Strategic(&upgrade))
+        .await?;
+    Ok(())
+}
+
+/// Applies `manifest` document by document, in order, the way the Go agent's self-update
+/// does: create what is missing, plainly update what exists, stop at the first error.
+async fn apply_like_the_go_agent(kubeconfig: &Path, namespace: &str, manifest: &str) -> anyhow::Result<usize> {
+    let mut applied = 0;
+    for doc in manifest.split("\n---").map(str::trim).filter(|d| {
+        d.lines()
+            .any(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty() && l.trim() != "---")
+    }) {
+        let object: Value = serde_yaml::from_str(doc)?;
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        let kubectl = |args: Vec<String>| {
+            let mut all = vec!["-n".to_owned(), namespace.into()];
+            all.extend(args);
+            all
+        };
+        let get = kubectl(vec!["get".into(), kind.into(), name.into()]);
+        let get: Vec<&str> = get.iter().map(String::as_str).collect();
+        let exists = install::kubectl_with(kubeconfig, &get, None).await?.success;
+        let verb = if exists { "replace" } else { "create" };
+        let write = kubectl(vec![verb.into(), "-f".into(), "-".into()]);
+        let write: Vec<&str> = write.iter().map(String::as_str).collect();
+        install::kubectl_with(kubeconfig, &write, Some(doc))
+            .await?
+            .ok(&format!("{verb} {kind}/{name} as the Go agent"))?;
+        applied += 1;
+    }
+    Ok(applied)
+}
+
+#[tokio::test]
+async fn the_go_agent_hands_over_to_the_three_pods_by_applying_our_manifest() -> anyhow::Result<()> {
+    let test = "takeover";
+    let env = TestEnv::get();
+    let ns = TestNamespace::create(test).await?;
+    let hub = HubSim::start(HubSimOptions::default()).await?;
+    let (target, secret) = hub.add_target();
+    hub.set_namespace(target, Some(&ns.name));
+    let work = env.test_dir(test);
+
+    // The Go agent as a customer installed it, and a release it installed and tracks.
+    let go_template = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/go-agent-v2.yaml.tmpl");
+    let go_params = install::hub_params(&hub, target, Some(&secret), &ns.name, Scope::Namespace);
+    install::apply(&ns.name, &install::render(&go_template, &go_params, &work).await?).await?;
+    let chart_dir = charts::write_web_chart(&work.join("charts"), "takeover-web", "0.1.0")?;
+    let helm_home = tempfile::tempdir()?;
+    let chart = chart_dir.display().to_string();
+    tools::helm(helm_home.path(), &["install", "web", &chart, "-n", &ns.name, "--wait", "--timeout", "60s"])
+        .await?
+        .ok("helm install")?;
+    let (id, revision) = (Uuid::new_v4(), Uuid::new_v4());
+    let record = json!({"id": id, "revisionId": revision, "releaseName": "web", "helmRevision": 1, "phase": "ready", "logsEnabled": false});
+    let tracking: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "sh.distr.agent.v1.web", "labels": {"agent.distr.sh/deployment": "web"}},
+        "stringData": {"release": record.to_string()},
+    }))?;
+    ns.api::<Secret>().create(&PostParams::default(), &tracking).await?;
+    let chart_url = charts::push_chart(&chart_dir).await?;
+    hub.set_deployments(
+        target,
+        vec![json!({
+            "registryAuth": distr_agent_e2e::agent::registry_auth(None),
+            "id": id, "revisionId": revision, "releaseName": "web",
+            "chartUrl": chart_url, "chartVersion": "0.1.0", "values": {},
+            "logsEnabled": false, "forceRestart": false, "ignoreRevisionSkew": false,
+        })],
+    );
+
+    // Its self-update into our manifest, as served at the manifest endpoint (no Secret), with
+    // the Go agent's own token.
+    let mut params = install::hub_params(&hub, target, None, &ns.name, Scope::Namespace);
+    params["agentVersion"] = json!("0.2.0");
+    let ours = install::render(&install::template_path(), &params, &work).await?;
+    let go_agent = ns.token_kubeconfig("distr-agent").await?;
+    let documents = apply_like_the_go_agent(&go_agent, &ns.name, &ours).await?;
+    eprintln!("the Go agent applied all {documents} documents of our manifest");
+
+    let deployments: Api<Deployment> = ns.api();
+    for name in AGENT_DEPLOYMENTS {
+        let d = deployments.get(name).await?;
+        let pod = d.spec.and_then(|s| s.template.spec).unwrap_or_default();
+        assert!(pod.containers[0].image.as_deref().unwrap_or_default().starts_with("ghcr.io/distr-sh/distr-agent/"));
+    }
+    // Neither the Go agent's ServiceAccount nor the poller's holds anything now.
+    for account in ["distr-agent", "distr-agent-poller"] {
+        assert_eq!(
+            access::bindings_naming(&ns.client, &ns.name, account).await?,
+            Vec::<String>::new(),
+            "{account}"
+        );
+        let probe = Probe {
+            verb: "get",
+            group: "",
+            resource: "secrets",
+            namespace: Some(ns.name.clone()),
+            name: None,
+        };
+        assert!(!access::allowed(&ns.client, &ns.name, account, &probe).await?, "{account}");
+    }
+
+    // Our processes adopt the release as the Go agent left it: healthy, no new revision.
+    let agent = Agent::run(test, ns, hub, target, ours, AgentOptions::default()).await?;
+    agent
+        .wait_status(&revision.to_string(), "healthy", "", MINUTE)
+        .await?;
+    let history = agent.helm_json(&["history", "web"]).await?;
+    assert_eq!(history.as_array().map(Vec::len), Some(1), "{history}");
+    Ok(())
+}
