@@ -89,7 +89,12 @@ pub async fn own_rules(ns: &TestNamespace, service_account: &str) -> anyhow::Res
     let mut rules: Vec<String> = status
         .resource_rules
         .iter()
-        .map(|r| format!("{:?} {:?} {:?} {:?}", r.verbs, r.api_groups, r.resources, r.resource_names))
+        .map(|r| {
+            format!(
+                "{:?} {:?} {:?} {:?}",
+                r.verbs, r.api_groups, r.resources, r.resource_names
+            )
+        })
         .chain(
             status
                 .non_resource_rules
@@ -105,11 +110,16 @@ pub async fn own_rules(ns: &TestNamespace, service_account: &str) -> anyhow::Res
 pub async fn bindings_naming(admin: &Client, namespace: &str, service_account: &str) -> anyhow::Result<Vec<String>> {
     let names = |subjects: Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
         subjects.unwrap_or_default().iter().any(|s| {
-            s.kind == "ServiceAccount" && s.name == service_account && s.namespace.as_deref().unwrap_or(namespace) == namespace
+            s.kind == "ServiceAccount"
+                && s.name == service_account
+                && s.namespace.as_deref().unwrap_or(namespace) == namespace
         })
     };
     let mut found = Vec::new();
-    for binding in Api::<RoleBinding>::all(admin.clone()).list(&ListParams::default()).await? {
+    for binding in Api::<RoleBinding>::all(admin.clone())
+        .list(&ListParams::default())
+        .await?
+    {
         let binding_ns = binding.metadata.namespace.clone().unwrap_or_default();
         // A subject without a namespace means the binding's own.
         let subjects = binding.subjects.map(|subjects| {
@@ -122,7 +132,10 @@ pub async fn bindings_naming(admin: &Client, namespace: &str, service_account: &
                 .collect()
         });
         if names(subjects) {
-            found.push(format!("RoleBinding {binding_ns}/{}", binding.metadata.name.unwrap_or_default()));
+            found.push(format!(
+                "RoleBinding {binding_ns}/{}",
+                binding.metadata.name.unwrap_or_default()
+            ));
         }
     }
     for binding in Api::<ClusterRoleBinding>::all(admin.clone())
@@ -130,7 +143,10 @@ pub async fn bindings_naming(admin: &Client, namespace: &str, service_account: &
         .await?
     {
         if names(binding.subjects) {
-            found.push(format!("ClusterRoleBinding {}", binding.metadata.name.unwrap_or_default()));
+            found.push(format!(
+                "ClusterRoleBinding {}",
+                binding.metadata.name.unwrap_or_default()
+            ));
         }
     }
     Ok(found)

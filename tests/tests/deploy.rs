@@ -118,8 +118,20 @@ fn probes(ns: &str) -> Vec<Probe> {
         p("patch", "apps", "deployments", here(), Some("web")),
         p("delete", "", "pods", here(), None),
         p("create", "rbac.authorization.k8s.io", "rolebindings", here(), None),
-        p("patch", "rbac.authorization.k8s.io", "rolebindings", here(), Some("distr-agent")),
-        p("patch", "rbac.authorization.k8s.io", "roles", here(), Some("distr-agent-updater")),
+        p(
+            "patch",
+            "rbac.authorization.k8s.io",
+            "rolebindings",
+            here(),
+            Some("distr-agent"),
+        ),
+        p(
+            "patch",
+            "rbac.authorization.k8s.io",
+            "roles",
+            here(),
+            Some("distr-agent-updater"),
+        ),
         p("get", "", "secrets", elsewhere(), None),
         p("create", "apps", "deployments", elsewhere(), None),
         p("list", "", "nodes", None, None),
@@ -136,7 +148,8 @@ fn expected(service_account: &str, scope: Scope, probe: &Probe, ns: &str) -> boo
             in_ns
                 && matches!(
                     (probe.verb, probe.resource, probe.name),
-                    ("patch", "deployments", Some("distr-agent-executor")) | ("get", "configmaps", Some("distr-agent-env"))
+                    ("patch", "deployments", Some("distr-agent-executor"))
+                        | ("get", "configmaps", Some("distr-agent-env"))
                 )
         }
         "distr-agent-executor" => scope == Scope::Cluster || in_ns,
@@ -147,7 +160,11 @@ fn expected(service_account: &str, scope: Scope, probe: &Probe, ns: &str) -> boo
 async fn least_privilege(ns: &TestNamespace, scope: Scope) -> anyhow::Result<()> {
     let probes = probes(&ns.name);
     let accounts = ["distr-agent-poller", "distr-agent-updater", "distr-agent-executor"];
-    let mut table = format!("\nSubjectAccessReview matrix, {} scope\n{:<72}", scope.as_str(), "request");
+    let mut table = format!(
+        "\nSubjectAccessReview matrix, {} scope\n{:<72}",
+        scope.as_str(),
+        "request"
+    );
     for account in accounts {
         table.push_str(&format!(" {:>9}", account.trim_start_matches("distr-agent-")));
     }
@@ -158,7 +175,11 @@ async fn least_privilege(ns: &TestNamespace, scope: Scope) -> anyhow::Result<()>
             let allowed = access::allowed(&ns.client, &ns.name, account, probe).await?;
             table.push_str(&format!(" {:>9}", if allowed { "allowed" } else { "-" }));
             if allowed != expected(account, scope, probe, &ns.name) {
-                wrong.push(format!("{account}: {} is {}", probe.label(), if allowed { "allowed" } else { "denied" }));
+                wrong.push(format!(
+                    "{account}: {} is {}",
+                    probe.label(),
+                    if allowed { "allowed" } else { "denied" }
+                ));
             }
         }
     }
@@ -175,7 +196,10 @@ async fn least_privilege(ns: &TestNamespace, scope: Scope) -> anyhow::Result<()>
         .await?;
     let nobody = access::own_rules(ns, "nobody").await?;
     assert_eq!(access::own_rules(ns, "distr-agent-poller").await?, nobody);
-    assert_eq!(access::bindings_naming(&ns.client, &ns.name, "distr-agent-poller").await?, Vec::<String>::new());
+    assert_eq!(
+        access::bindings_naming(&ns.client, &ns.name, "distr-agent-poller").await?,
+        Vec::<String>::new()
+    );
     // The updater is bound only to its own Role.
     assert_eq!(
         access::bindings_naming(&ns.client, &ns.name, "distr-agent-updater").await?,
@@ -222,24 +246,44 @@ async fn cluster_scope_installs_restricted_and_pins_the_agent_deployments() -> a
         {"name": "executor", "image": "registry.example/tools:latest"}
     ]}}}});
     // The policy takes effect once the API server has loaded it.
-    let refusal = wait_for("the admission policy to refuse another ServiceAccount", MINUTE, || async {
-        match deployments
-            .patch("distr-agent-executor", &dry_run, &Patch::Strategic(&other_account))
-            .await
-        {
-            Err(kube::Error::Api(status)) => Some(status.message),
-            _ => None,
-        }
-    })
+    let refusal = wait_for(
+        "the admission policy to refuse another ServiceAccount",
+        MINUTE,
+        || async {
+            match deployments
+                .patch("distr-agent-executor", &dry_run, &Patch::Strategic(&other_account))
+                .await
+            {
+                Err(kube::Error::Api(status)) => Some(status.message),
+                _ => None,
+            }
+        },
+    )
     .await?;
-    assert!(refusal.contains("must run under the ServiceAccount distr-agent-executor"), "{refusal}");
+    assert!(
+        refusal.contains("must run under the ServiceAccount distr-agent-executor"),
+        "{refusal}"
+    );
     let error = deployments
-        .patch("distr-agent-executor", &PatchParams::default(), &Patch::Strategic(&other_image))
+        .patch(
+            "distr-agent-executor",
+            &PatchParams::default(),
+            &Patch::Strategic(&other_image),
+        )
         .await
         .expect_err("another image is refused");
-    assert!(error.to_string().contains("must run images of ghcr.io/distr-sh/distr-agent/executor"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("must run images of ghcr.io/distr-sh/distr-agent/executor"),
+        "{error}"
+    );
     let error = deployments
-        .patch("distr-agent", &PatchParams::default(), &Patch::Strategic(&other_account))
+        .patch(
+            "distr-agent",
+            &PatchParams::default(),
+            &Patch::Strategic(&other_account),
+        )
         .await
         .expect_err("the poller keeps its ServiceAccount");
     assert!(error.to_string().contains("distr-agent-poller"), "{error}");
@@ -264,7 +308,11 @@ async fn cluster_scope_installs_restricted_and_pins_the_agent_deployments() -> a
         {"name": "executor", "image": "ghcr.io/distr-sh/distr-agent/executor:0.2.0"}
     ]}}}});
     deployments
-        .patch("distr-agent-executor", &PatchParams::default(), &Patch::Strategic(&upgrade))
+        .patch(
+            "distr-agent-executor",
+            &PatchParams::default(),
+            &Patch::Strategic(&upgrade),
+        )
         .await?;
     Ok(())
 }
@@ -316,9 +364,12 @@ async fn the_go_agent_hands_over_to_the_three_pods_by_applying_our_manifest() ->
     let chart_dir = charts::write_web_chart(&work.join("charts"), "takeover-web", "0.1.0")?;
     let helm_home = tempfile::tempdir()?;
     let chart = chart_dir.display().to_string();
-    tools::helm(helm_home.path(), &["install", "web", &chart, "-n", &ns.name, "--wait", "--timeout", "60s"])
-        .await?
-        .ok("helm install")?;
+    tools::helm(
+        helm_home.path(),
+        &["install", "web", &chart, "-n", &ns.name, "--wait", "--timeout", "60s"],
+    )
+    .await?
+    .ok("helm install")?;
     let (id, revision) = (Uuid::new_v4(), Uuid::new_v4());
     let record = json!({"id": id, "revisionId": revision, "releaseName": "web", "helmRevision": 1, "phase": "ready", "logsEnabled": false});
     let tracking: Secret = serde_json::from_value(json!({
@@ -350,7 +401,13 @@ async fn the_go_agent_hands_over_to_the_three_pods_by_applying_our_manifest() ->
     for name in AGENT_DEPLOYMENTS {
         let d = deployments.get(name).await?;
         let pod = d.spec.and_then(|s| s.template.spec).unwrap_or_default();
-        assert!(pod.containers[0].image.as_deref().unwrap_or_default().starts_with("ghcr.io/distr-sh/distr-agent/"));
+        assert!(
+            pod.containers[0]
+                .image
+                .as_deref()
+                .unwrap_or_default()
+                .starts_with("ghcr.io/distr-sh/distr-agent/")
+        );
     }
     // Neither the Go agent's ServiceAccount nor the poller's holds anything now.
     for account in ["distr-agent", "distr-agent-poller"] {
@@ -366,14 +423,15 @@ async fn the_go_agent_hands_over_to_the_three_pods_by_applying_our_manifest() ->
             namespace: Some(ns.name.clone()),
             name: None,
         };
-        assert!(!access::allowed(&ns.client, &ns.name, account, &probe).await?, "{account}");
+        assert!(
+            !access::allowed(&ns.client, &ns.name, account, &probe).await?,
+            "{account}"
+        );
     }
 
     // Our processes adopt the release as the Go agent left it: healthy, no new revision.
     let agent = Agent::run(test, ns, hub, target, ours, AgentOptions::default()).await?;
-    agent
-        .wait_status(&revision.to_string(), "healthy", "", MINUTE)
-        .await?;
+    agent.wait_status(&revision.to_string(), "healthy", "", MINUTE).await?;
     let history = agent.helm_json(&["history", "web"]).await?;
     assert_eq!(history.as_array().map(Vec::len), Some(1), "{history}");
     Ok(())

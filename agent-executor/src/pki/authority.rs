@@ -8,8 +8,13 @@ use rcgen::{
 };
 use x509_parser::prelude::FromDer as _;
 
-/// Leaves are valid from a little before they are issued, for clocks that lag behind.
+/// Certificates are valid from a little before they are issued, for clocks that lag behind:
+/// a minute, or a tenth of very short lifetimes (so the renewal point stays after issuance).
 const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+fn skew(lifetime: Duration) -> Duration {
+    CLOCK_SKEW.min(lifetime / 10)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
@@ -136,7 +141,7 @@ impl Authority {
         params
             .distinguished_name
             .push(DnType::CommonName, format!("distr-agent CA ({namespace})"));
-        params.not_before = (now - CLOCK_SKEW).into();
+        params.not_before = (now - skew(lifetime)).into();
         params.not_after = (now + lifetime).into();
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
@@ -174,7 +179,7 @@ impl Authority {
             vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
         };
         params.use_authority_key_identifier_extension = true;
-        params.not_before = (now - CLOCK_SKEW).into();
+        params.not_before = (now - skew(lifetime)).into();
         params.not_after = (now + lifetime).min(self.validity.not_after).into();
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
@@ -280,6 +285,19 @@ mod tests {
         assert!(!v.renewal_due(now + DAY));
         assert!(v.renewal_due(now + 2 * DAY));
         assert!(v.expired(now + 3 * DAY));
+    }
+
+    #[test]
+    fn a_short_lived_leaf_is_not_due_for_renewal_when_issued() {
+        let now = SystemTime::now();
+        let ca = Authority::generate("ns1", DAY, now).expect("ca");
+        let spec = LeafSpec::for_role(Role::Poller, "ns1");
+        for lifetime in [Duration::from_secs(30), DAY] {
+            let leaf = ca.issue(&spec, lifetime, now).expect("leaf");
+            let validity = Validity::of_pem(&leaf.cert_pem).expect("validity");
+            assert!(!validity.renewal_due(now + Duration::from_secs(1)), "{lifetime:?}");
+            assert!(validity.renewal_due(now + lifetime), "{lifetime:?}");
+        }
     }
 
     #[test]

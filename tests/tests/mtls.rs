@@ -1,0 +1,313 @@
+//! Mutual TLS on every gRPC call: refusals of callers without the right certificate, each shown
+//! with `grpcurl` and with a Rust client, and certificate rotation under load without a failed
+//! call or a restart.
+
+use std::{
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use agent_executor::pki::{Authority, LeafSpec};
+use agent_runtime::tls::{Credentials, Role, TlsFiles};
+use distr_agent_e2e::{
+    AgentProcess,
+    agent::{Agent, AgentOptions, deployment, revision},
+    charts,
+    install::OperatorCert,
+    tools, wait_for,
+};
+use distr_agent_proto::v1::{self as pb, executor_client::ExecutorClient};
+use k8s_openapi::api::core::v1::Secret;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
+use serde_json::json;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// What a client presents: PEM certificate and key, or nothing.
+struct ClientCert {
+    cert: String,
+    key: String,
+}
+
+/// Files for grpcurl.
+fn write_cert(dir: &Path, name: &str, cert: &ClientCert) -> anyhow::Result<(String, String)> {
+    std::fs::create_dir_all(dir)?;
+    let cert_file = dir.join(format!("{name}.crt"));
+    let key_file = dir.join(format!("{name}.key"));
+    std::fs::write(&cert_file, &cert.cert)?;
+    std::fs::write(&key_file, &cert.key)?;
+    Ok((cert_file.display().to_string(), key_file.display().to_string()))
+}
+
+/// A Rust client that trusts `ca_pem`, presents `client` (unchecked, so a bad certificate
+/// reaches the server), and expects the executor's identity of `namespace`.
+fn raw_client(
+    addr: &str,
+    ca_pem: &str,
+    client: Option<&ClientCert>,
+    namespace: &str,
+) -> anyhow::Result<ExecutorClient<Channel>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(ca?)?;
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let mut config = match client {
+        Some(client) => builder.with_client_auth_cert(
+            CertificateDer::pem_slice_iter(client.cert.as_bytes()).collect::<Result<_, _>>()?,
+            PrivateKeyDer::from_pem_slice(client.key.as_bytes())?,
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = ServerName::try_from(Role::Executor.identity(namespace))?.to_owned();
+    let addr = addr.to_owned();
+    let connect = tower::service_fn(move |_: Uri| {
+        let (connector, name, addr) = (connector.clone(), name.clone(), addr.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    let channel = Endpoint::from_static("http://executor")
+        .timeout(Duration::from_secs(5))
+        .connect_with_connector_lazy(connect);
+    Ok(ExecutorClient::new(channel))
+}
+
+fn count(process: &AgentProcess, needle: &str) -> usize {
+    process.log_text().lines().filter(|l| l.contains(needle)).count()
+}
+
+/// Waits until the process has logged `needle` more than `before` times.
+async fn logged_again(process: &AgentProcess, needle: &str, before: usize) -> anyhow::Result<String> {
+    wait_for(
+        &format!("{} to log {needle:?}", process.name),
+        Duration::from_secs(10),
+        || async {
+            let text = process.log_text();
+            let lines: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
+            (lines.len() > before).then(|| lines[lines.len() - 1].to_owned())
+        },
+    )
+    .await
+}
+
+fn files_of(secret: &Secret) -> TlsFiles {
+    let data = secret.data.clone().unwrap_or_default();
+    let get = |k: &str| data.get(k).map(|v| v.0.clone()).unwrap_or_default();
+    TlsFiles {
+        cert_chain: get("tls.crt"),
+        key: get("tls.key"),
+        ca_bundle: get("ca.crt"),
+    }
+}
+
+#[tokio::test]
+async fn callers_without_the_right_certificate_are_refused() -> anyhow::Result<()> {
+    let test = "mtls-refusals";
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let ns = agent.ns.name.clone();
+    let dir = distr_agent_e2e::TestEnv::get().test_dir(test).join("certs");
+    let addr = agent.executor_addr.clone();
+
+    // The operator: reflection lists the services, read-only calls answer.
+    let operator = OperatorCert::fetch(&agent.ns, dir.join("operator")).await?;
+    let flags = operator.grpcurl_flags(&ns);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let list = tools::grpcurl(&[&flags[..], &[&addr, "list"]].concat())
+        .await?
+        .ok("grpcurl list")?;
+    assert!(list.stdout.contains("distr.agent.v1.Executor"), "{}", list.stdout);
+    let releases = tools::grpcurl(&[&flags[..], &[&addr, "distr.agent.v1.Executor/ListReleases"]].concat())
+        .await?
+        .ok("ListReleases as the operator")?;
+    eprintln!("ListReleases as the operator: {}", releases.stdout.trim());
+    // ... but the operator may not drive the executor.
+    let sync = tools::grpcurl(&[&flags[..], &["-d", "{}", &addr, "distr.agent.v1.Executor/Sync"]].concat()).await?;
+    assert!(!sync.success && sync.stderr.contains("PermissionDenied"), "{sync:?}");
+
+    let ca_pem = std::fs::read_to_string(operator.dir.join("ca.crt"))?;
+    let operator_cert = ClientCert {
+        cert: std::fs::read_to_string(operator.dir.join("tls.crt"))?,
+        key: std::fs::read_to_string(operator.dir.join("tls.key"))?,
+    };
+    let mut ok = raw_client(&addr, &ca_pem, Some(&operator_cert), &ns)?;
+    ok.list_releases(pb::ListReleasesRequest {}).await?;
+
+    // The callers to refuse: no certificate, another CA's, the updater's for Sync, an expired one.
+    let stranger_ca = Authority::generate(&ns, Duration::from_secs(86_400), SystemTime::now())?;
+    let spec = LeafSpec::for_role(Role::Poller, &ns);
+    let stranger = stranger_ca.issue(&spec, Duration::from_secs(3600), SystemTime::now())?;
+    let stranger = ClientCert {
+        cert: stranger.cert_pem,
+        key: stranger.key_pem,
+    };
+    let ca_secret: Secret = agent.ns.api().get("distr-agent-ca").await?;
+    let ca_data = ca_secret.data.unwrap_or_default();
+    let text = |k: &str| String::from_utf8(ca_data.get(k).map(|v| v.0.clone()).unwrap_or_default());
+    let our_ca = Authority::from_pem(&text("tls.crt")?, &text("tls.key")?)?;
+    let two_days_ago = SystemTime::now() - Duration::from_secs(2 * 86_400);
+    let expired = our_ca.issue(&spec, Duration::from_secs(3600), two_days_ago)?;
+    let expired = ClientCert {
+        cert: expired.cert_pem,
+        key: expired.key_pem,
+    };
+    let updater_dir = &agent.tls_dirs["updater"];
+    let updater = ClientCert {
+        cert: std::fs::read_to_string(updater_dir.join("tls.crt"))?,
+        key: std::fs::read_to_string(updater_dir.join("tls.key"))?,
+    };
+
+    let sync_args = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            // A refused handshake is retried by grpcurl until this runs out.
+            "-connect-timeout".into(),
+            "2".into(),
+            "-cacert".into(),
+            operator.dir.join("ca.crt").display().to_string(),
+            "-servername".into(),
+            format!("distr-agent-executor.{ns}.svc"),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend([
+            "-d".into(),
+            "{}".into(),
+            addr.clone(),
+            "distr.agent.v1.Executor/Sync".into(),
+        ]);
+        args
+    };
+    let cases: [(&str, Option<&ClientCert>, &str); 4] = [
+        ("no client certificate", None, "TLS handshake refused"),
+        ("another CA", Some(&stranger), "refused a client certificate"),
+        ("expired", Some(&expired), "refused a client certificate"),
+        ("the updater calling Sync", Some(&updater), "refused a gRPC call"),
+    ];
+    for (case, cert, logged) in cases {
+        let extra: Vec<String> = match cert {
+            Some(cert) => {
+                let (c, k) = write_cert(&dir, &case.replace(' ', "-"), cert)?;
+                vec!["-cert".into(), c, "-key".into(), k]
+            }
+            None => Vec::new(),
+        };
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let before = count(&agent.executor, logged);
+        let args = sync_args(&extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let run = tools::grpcurl(&args).await?;
+        assert!(!run.success, "grpcurl with {case} was not refused: {run:?}");
+        let line = logged_again(&agent.executor, logged, before).await?;
+        eprintln!("grpcurl, {case}: {}\n  executor: {line}", run.stderr.trim());
+
+        let before = count(&agent.executor, logged);
+        let mut client = raw_client(&addr, &ca_pem, cert, &ns)?;
+        let refused = client
+            .sync(pb::SyncRequest::default())
+            .await
+            .expect_err("a refused caller");
+        if case == "the updater calling Sync" {
+            assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+            assert!(
+                line.contains(&Role::Updater.identity(&ns)),
+                "the log names the presented identity: {line}"
+            );
+        }
+        logged_again(&agent.executor, logged, before).await?;
+        eprintln!("rust client, {case}: {:?} {}", refused.code(), refused.message());
+    }
+    // The presented identity is named for certificates that are refused too, never the
+    // certificate itself.
+    let log = agent.executor.log_text();
+    assert!(
+        log.contains(&format!("presented={}", Role::Poller.identity(&ns))) || log.contains(&Role::Poller.identity(&ns))
+    );
+    assert!(!log.contains("BEGIN CERTIFICATE") && !log.contains("PRIVATE KEY"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn certificates_rotate_under_load_without_a_failed_call() -> anyhow::Result<()> {
+    let test = "mtls-rotation";
+    let lifetime = 30;
+    let mut agent = Agent::start(
+        test,
+        AgentOptions {
+            executor_env: vec![("AGENT_TLS_LEAF_LIFETIME_SECONDS", lifetime.to_string())],
+            ..Default::default()
+        },
+    )
+    .await?;
+    let dir = distr_agent_e2e::TestEnv::get().test_dir(test).join("charts");
+    let chart = charts::push_chart(&charts::write_web_chart(&dir, "rotation-web", "0.1.0")?).await?;
+    let web = deployment("web", &chart, "0.1.0", json!({}));
+    agent.set_deployments(vec![web.clone()]);
+    agent.wait_status(&revision(&web), "healthy", "", MINUTE).await?;
+
+    // Watch the poller's Secret rotate, and time until the executor sees the new certificate.
+    let secrets = agent.ns.api::<Secret>();
+    let serial = |secret: &Secret| Credentials::from_files(files_of(secret), &agent.ns.name).map(|c| c.serial);
+    let mut current = serial(&secrets.get("distr-agent-poller-tls").await?)?;
+    let rotations = 3;
+    let mut figures = Vec::new();
+    for _ in 0..rotations {
+        let started = Instant::now();
+        let next = wait_for(
+            "the poller certificate to rotate",
+            Duration::from_secs(2 * lifetime),
+            || async {
+                let secret = secrets.get("distr-agent-poller-tls").await.ok()?;
+                serial(&secret).ok().filter(|s| *s != current)
+            },
+        )
+        .await?;
+        let rotated = Instant::now();
+        let needle = format!("serial {next}");
+        wait_for(
+            "the executor to see the new poller certificate",
+            Duration::from_secs(30),
+            || async { agent.executor.log_text().contains(&needle).then_some(()) },
+        )
+        .await?;
+        figures.push((rotated - started, rotated.elapsed()));
+        current = next;
+    }
+    for (i, (wait, in_use)) in figures.iter().enumerate() {
+        eprintln!(
+            "rotation {}: issued after {wait:?}; the poller's new certificate in use {in_use:?} later",
+            i + 1
+        );
+    }
+
+    // No call failed, and nothing restarted: the poller never reported the executor
+    // unreachable, and the Hub saw no error.
+    let failures: Vec<String> = agent
+        .poller
+        .log_text()
+        .lines()
+        .filter(|l| (l.contains("WARN") || l.contains("ERROR")) && l.contains("executor"))
+        .map(str::to_owned)
+        .collect();
+    assert!(failures.is_empty(), "failed calls during rotation: {failures:#?}");
+    let errors: Vec<_> = agent
+        .statuses(&revision(&web))
+        .into_iter()
+        .filter(|s| s.status_type == "error")
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    assert!(
+        count(&agent.poller, "loaded TLS credentials") > rotations,
+        "the poller reloaded"
+    );
+    assert!(
+        count(&agent.updater, "loaded TLS credentials") > rotations,
+        "the updater reloaded"
+    );
+    assert!(agent.poller.is_running() && agent.executor.is_running() && agent.updater.is_running());
+    Ok(())
+}
