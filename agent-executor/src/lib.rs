@@ -76,7 +76,7 @@ pub struct Args {
     pub allow_http_charts: bool,
 
     /// Lifetime of the agent's CA, in seconds (renewed at two thirds).
-    #[arg(long, env = "AGENT_TLS_CA_LIFETIME_SECONDS", default_value_t = 365 * 86_400, value_parser = clap::value_parser!(u64).range(3600..))]
+    #[arg(long, env = "AGENT_TLS_CA_LIFETIME_SECONDS", default_value_t = 365 * 86_400, value_parser = clap::value_parser!(u64).range(60..))]
     pub tls_ca_lifetime_seconds: u64,
 
     /// Lifetime of the components' certificates, in seconds (renewed at two thirds).

@@ -269,14 +269,32 @@ pub struct OperatorCert {
 
 impl OperatorCert {
     pub async fn fetch(ns: &crate::TestNamespace, dir: PathBuf) -> anyhow::Result<Self> {
+        use base64::Engine as _;
         let api: Api<Secret> = ns.api();
-        let secret = crate::wait_for("the operator certificate", Duration::from_secs(30), || async {
+        crate::wait_for("the operator certificate", Duration::from_secs(30), || async {
             api.get_opt("distr-agent-operator-tls").await.ok().flatten()
         })
         .await?;
         std::fs::create_dir_all(&dir)?;
-        for (key, value) in secret.data.unwrap_or_default() {
-            std::fs::write(dir.join(&key), value.0)?;
+        // As the README has an operator do it: kubectl get secret ... -o jsonpath | base64 -d.
+        for key in ["ca.crt", "tls.crt", "tls.key"] {
+            let path = format!("{{.data.{}}}", key.replace('.', "\\."));
+            let run = kubectl(
+                &[
+                    "-n",
+                    &ns.name,
+                    "get",
+                    "secret",
+                    "distr-agent-operator-tls",
+                    "-o",
+                    &format!("jsonpath={path}"),
+                ],
+                None,
+            )
+            .await?
+            .ok("kubectl get secret")?;
+            let bytes = base64::engine::general_purpose::STANDARD.decode(run.stdout.trim())?;
+            std::fs::write(dir.join(key), bytes)?;
         }
         Ok(Self { dir })
     }

@@ -436,3 +436,26 @@ async fn the_go_agent_hands_over_to_the_three_pods_by_applying_our_manifest() ->
     assert_eq!(history.as_array().map(Vec::len), Some(1), "{history}");
     Ok(())
 }
+
+#[test]
+fn the_executor_image_ships_the_helm_of_the_test_environment() -> anyhow::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let versions = std::fs::read_to_string(root.join("tests/env/versions.env"))?;
+    let tested = versions
+        .lines()
+        .find_map(|l| l.strip_prefix("HELM_VERSION="))
+        .ok_or_else(|| anyhow::anyhow!("no HELM_VERSION in versions.env"))?;
+    let dockerfile = std::fs::read_to_string(root.join("deploy/executor.Dockerfile"))?;
+    assert!(
+        dockerfile.contains(&format!("ARG HELM_VERSION={tested}\n")),
+        "deploy/executor.Dockerfile must build helm {tested}, the version the tests run"
+    );
+    for component in ["poller", "executor", "updater"] {
+        let text = std::fs::read_to_string(root.join(format!("deploy/{component}.Dockerfile")))?;
+        assert!(
+            text.contains("USER 65532:65532"),
+            "{component} runs as the manifest's numeric user"
+        );
+    }
+    Ok(())
+}

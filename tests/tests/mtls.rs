@@ -238,7 +238,13 @@ async fn certificates_rotate_under_load_without_a_failed_call() -> anyhow::Resul
     let mut agent = Agent::start(
         test,
         AgentOptions {
-            executor_env: vec![("AGENT_TLS_LEAF_LIFETIME_SECONDS", lifetime.to_string())],
+            executor_env: vec![
+                ("AGENT_TLS_LEAF_LIFETIME_SECONDS", lifetime.to_string()),
+                // The CA rotates too: its successor is trusted 5 s before it signs, and the
+                // old CA leaves the bundle when it expires.
+                ("AGENT_TLS_CA_LIFETIME_SECONDS", "75".into()),
+                ("AGENT_TLS_CA_PROPAGATION_SECONDS", "5".into()),
+            ],
             ..Default::default()
         },
     )
@@ -276,6 +282,19 @@ async fn certificates_rotate_under_load_without_a_failed_call() -> anyhow::Resul
         .await?;
         figures.push((rotated - started, rotated.elapsed()));
         current = next;
+    }
+    // The CA handed over to its successor, and the expired one left the trust bundle.
+    for (what, needle) in [
+        ("the successor CA to sign", "signs from now on"),
+        (
+            "the expired CA to leave the bundle",
+            "brought the trust bundle up to date",
+        ),
+    ] {
+        wait_for(what, Duration::from_secs(90), || async {
+            agent.executor.log_text().contains(needle).then_some(())
+        })
+        .await?;
     }
     for (i, (wait, in_use)) in figures.iter().enumerate() {
         eprintln!(
