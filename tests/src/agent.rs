@@ -87,91 +87,17 @@ impl Agent {
         manifest: String,
         options: AgentOptions,
     ) -> anyhow::Result<Self> {
-        let env = TestEnv::get();
-        let dir = env.test_dir(test);
-        let executor_port = free_port()?;
-        let mut executor_env = own_env(&ns, "distr-agent-executor").await?;
-        executor_env.extend([
-            ("AGENT_GRPC_ADDR".into(), format!("127.0.0.1:{executor_port}")),
-            ("AGENT_HELM_BIN".into(), env.bin.join("helm").display().to_string()),
-            ("AGENT_SCRATCH_DIR".into(), dir.join("scratch").display().to_string()),
-            // Helm trusts the environment's CA, which signed the registry's certificate.
-            ("SSL_CERT_FILE".into(), env.ca_file.display().to_string()),
-            ("AGENT_TLS_CHECK_SECONDS".into(), "1".into()),
-        ]);
-        executor_env.extend(options.executor_env.into_iter().map(|(k, v)| (k.to_owned(), v)));
-        executor_env.insert(
-            "KUBECONFIG".into(),
-            ns.token_kubeconfig("distr-agent-executor").await?.display().to_string(),
-        );
-        let mut executor = AgentProcess::start(test, "agent-executor", &pairs(&executor_env)).await?;
-        executor.wait_ready(Duration::from_secs(30)).await?;
-
-        let mut volumes = Vec::new();
-        let mut tls_dirs = HashMap::new();
-        for role in ["poller", "updater", "operator"] {
-            let mount = dir.join("volumes").join(format!("{role}-tls"));
-            let secret = format!("distr-agent-{role}-tls");
-            volumes.push(KubeletVolume::mount(
-                ns.client.clone(),
-                &ns.name,
-                VolumeSource::Secret(secret),
-                mount.clone(),
-            )?);
-            tls_dirs.insert(role, mount);
-        }
-
-        let updater_port = free_port()?;
-        let mut updater_env = own_env(&ns, "distr-agent-updater").await?;
-        updater_env.extend([
-            ("AGENT_GRPC_ADDR".into(), format!("127.0.0.1:{updater_port}")),
-            ("AGENT_TLS_DIR".into(), tls_dirs["updater"].display().to_string()),
-            ("AGENT_TLS_RELOAD_SECONDS".into(), "1".into()),
-            (
-                "KUBECONFIG".into(),
-                ns.token_kubeconfig("distr-agent-updater").await?.display().to_string(),
-            ),
-        ]);
-        let mut updater = AgentProcess::start(test, "agent-updater", &pairs(&updater_env)).await?;
-
-        let env_dir = dir.join("volumes").join("env");
-        let auth_dir = dir.join("volumes").join("auth");
-        volumes.push(KubeletVolume::mount(
-            ns.client.clone(),
-            &ns.name,
-            VolumeSource::ConfigMap("distr-agent-env".into()),
-            env_dir.clone(),
-        )?);
-        volumes.push(KubeletVolume::mount(
-            ns.client.clone(),
-            &ns.name,
-            VolumeSource::Secret("distr-agent-auth".into()),
-            auth_dir.clone(),
-        )?);
-        let config_dir = dir.join("config");
-        std::fs::create_dir_all(&config_dir)?;
-        let mut poller_env = own_env(&ns, "distr-agent").await?;
-        poller_env.extend([
-            (
-                "DISTR_AGENT_CONFIG_DIRS".into(),
-                format!(
-                    "{}\n{}\n{}",
-                    env_dir.display(),
-                    auth_dir.display(),
-                    config_dir.display()
-                ),
-            ),
-            (
-                "AGENT_EXECUTOR_URL".into(),
-                format!("https://127.0.0.1:{executor_port}"),
-            ),
-            ("AGENT_TLS_DIR".into(), tls_dirs["poller"].display().to_string()),
-            ("AGENT_TLS_RELOAD_SECONDS".into(), "1".into()),
-        ]);
-        poller_env.extend(options.poller_env.into_iter().map(|(k, v)| (k.to_owned(), v)));
-        let mut poller = AgentProcess::start(test, "agent-poller", &pairs(&poller_env)).await?;
-        updater.wait_ready(Duration::from_secs(30)).await?;
-        poller.wait_ready(Duration::from_secs(30)).await?;
+        let processes = Processes::start(test, &ns, options.executor_env, options.poller_env).await?;
+        let Processes {
+            executor,
+            updater,
+            poller,
+            executor_addr,
+            updater_addr,
+            tls_dirs,
+            config_dir,
+            volumes,
+        } = processes;
         Ok(Self {
             test: test.to_owned(),
             ns,
@@ -182,8 +108,8 @@ impl Agent {
             executor,
             updater,
             poller,
-            executor_addr: format!("127.0.0.1:{executor_port}"),
-            updater_addr: format!("127.0.0.1:{updater_port}"),
+            executor_addr,
+            updater_addr,
             tls_dirs,
             volumes,
             helm_home: tempfile::tempdir()?,
@@ -250,6 +176,130 @@ impl Agent {
             .list(&Default::default())
             .await?;
         Ok(secrets.items.into_iter().filter_map(|s| s.metadata.name).collect())
+    }
+}
+
+/// The three processes of an installed agent, run on the host as the manifest's pods would
+/// run them: each with a token of its own ServiceAccount (none for the poller), its
+/// environment from the manifest (ConfigMap and Secret included), and its certificate Secret,
+/// ConfigMap and Secret volumes kept current as the kubelet keeps them.
+pub struct Processes {
+    pub executor: AgentProcess,
+    pub updater: AgentProcess,
+    pub poller: AgentProcess,
+    pub executor_addr: String,
+    pub updater_addr: String,
+    /// Mounted certificate Secrets: poller, updater, operator.
+    pub tls_dirs: HashMap<&'static str, PathBuf>,
+    /// A directory listed last in the poller's `DISTR_AGENT_CONFIG_DIRS`.
+    pub config_dir: PathBuf,
+    pub volumes: Vec<KubeletVolume>,
+}
+
+impl Processes {
+    /// Starts them for the manifest applied in `ns`; logs go to the test directory of `test`.
+    pub async fn start(
+        test: &str,
+        ns: &TestNamespace,
+        extra_executor_env: Vec<(&'static str, String)>,
+        extra_poller_env: Vec<(&'static str, String)>,
+    ) -> anyhow::Result<Self> {
+        let env = TestEnv::get();
+        let dir = env.test_dir(test);
+        let executor_port = free_port()?;
+
+        let mut executor_env = own_env(ns, "distr-agent-executor").await?;
+        executor_env.extend([
+            ("AGENT_GRPC_ADDR".into(), format!("127.0.0.1:{executor_port}")),
+            ("AGENT_HELM_BIN".into(), env.bin.join("helm").display().to_string()),
+            ("AGENT_SCRATCH_DIR".into(), dir.join("scratch").display().to_string()),
+            // Helm trusts the environment's CA, which signed the registry's certificate.
+            ("SSL_CERT_FILE".into(), env.ca_file.display().to_string()),
+            ("AGENT_TLS_CHECK_SECONDS".into(), "1".into()),
+        ]);
+        executor_env.extend(extra_executor_env.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        executor_env.insert(
+            "KUBECONFIG".into(),
+            ns.token_kubeconfig("distr-agent-executor").await?.display().to_string(),
+        );
+        let mut executor = AgentProcess::start(test, "agent-executor", &pairs(&executor_env)).await?;
+        executor.wait_ready(Duration::from_secs(30)).await?;
+
+        let mut volumes = Vec::new();
+        let mut tls_dirs = HashMap::new();
+        for role in ["poller", "updater", "operator"] {
+            let mount = dir.join("volumes").join(format!("{role}-tls"));
+            let secret = format!("distr-agent-{role}-tls");
+            volumes.push(KubeletVolume::mount(
+                ns.client.clone(),
+                &ns.name,
+                VolumeSource::Secret(secret),
+                mount.clone(),
+            )?);
+            tls_dirs.insert(role, mount);
+        }
+
+        let updater_port = free_port()?;
+        let mut updater_env = own_env(ns, "distr-agent-updater").await?;
+        updater_env.extend([
+            ("AGENT_GRPC_ADDR".into(), format!("127.0.0.1:{updater_port}")),
+            ("AGENT_TLS_DIR".into(), tls_dirs["updater"].display().to_string()),
+            ("AGENT_TLS_RELOAD_SECONDS".into(), "1".into()),
+            (
+                "KUBECONFIG".into(),
+                ns.token_kubeconfig("distr-agent-updater").await?.display().to_string(),
+            ),
+        ]);
+        let mut updater = AgentProcess::start(test, "agent-updater", &pairs(&updater_env)).await?;
+
+        let env_dir = dir.join("volumes").join("env");
+        let auth_dir = dir.join("volumes").join("auth");
+        volumes.push(KubeletVolume::mount(
+            ns.client.clone(),
+            &ns.name,
+            VolumeSource::ConfigMap("distr-agent-env".into()),
+            env_dir.clone(),
+        )?);
+        volumes.push(KubeletVolume::mount(
+            ns.client.clone(),
+            &ns.name,
+            VolumeSource::Secret("distr-agent-auth".into()),
+            auth_dir.clone(),
+        )?);
+        let config_dir = dir.join("config");
+        std::fs::create_dir_all(&config_dir)?;
+        let mut poller_env = own_env(ns, "distr-agent").await?;
+        poller_env.extend([
+            (
+                "DISTR_AGENT_CONFIG_DIRS".into(),
+                format!(
+                    "{}\n{}\n{}",
+                    env_dir.display(),
+                    auth_dir.display(),
+                    config_dir.display()
+                ),
+            ),
+            (
+                "AGENT_EXECUTOR_URL".into(),
+                format!("https://127.0.0.1:{executor_port}"),
+            ),
+            ("AGENT_TLS_DIR".into(), tls_dirs["poller"].display().to_string()),
+            ("AGENT_TLS_RELOAD_SECONDS".into(), "1".into()),
+        ]);
+        poller_env.extend(extra_poller_env.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        let mut poller = AgentProcess::start(test, "agent-poller", &pairs(&poller_env)).await?;
+        updater.wait_ready(Duration::from_secs(30)).await?;
+        poller.wait_ready(Duration::from_secs(30)).await?;
+        Ok(Self {
+            executor,
+            updater,
+            poller,
+            executor_addr: format!("127.0.0.1:{executor_port}"),
+            updater_addr: format!("127.0.0.1:{updater_port}"),
+            tls_dirs,
+            config_dir,
+            volumes,
+        })
     }
 }
 

@@ -10,6 +10,7 @@ pub mod access;
 pub mod agent;
 pub mod charts;
 pub mod cluster;
+pub mod demo;
 pub mod env;
 pub mod hubsim;
 pub mod install;

@@ -24,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admin;
 mod jwt;
 mod routes;
 mod state;

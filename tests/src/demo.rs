@@ -1,0 +1,396 @@
+//! The README's first command (`demo/run.sh`), once the control plane runs: a Hub simulator of
+//! its own with two sample deployments, the agent installed from `deploy/` and its three
+//! processes run as the manifest's pods would run them, and a live view of what happens.
+
+// The demo's output is for a person: its view goes to stdout by design.
+#![allow(clippy::print_stdout)]
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    io::{IsTerminal as _, Write as _},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+
+use crate::{
+    TestEnv, TestNamespace,
+    agent::{Processes, registry_auth},
+    charts,
+    install::{self, Scope},
+    tools,
+};
+
+/// How the demo runs.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "demo", about = "Runs the Distr agent against a local Hub simulator")]
+pub struct DemoArgs {
+    /// Run a scripted check instead of the live view: wait until both deployments are healthy
+    /// on the Hub, change one through the simulator, wait for that, then stop everything.
+    #[arg(long)]
+    pub check: bool,
+    /// Give up the check after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout_seconds: u64,
+}
+
+const NAME: &str = "demo";
+const RELEASES: [(&str, &str); 2] = [("web", "hello from web"), ("api", "hello from api")];
+
+/// The running demo: the simulator process, the namespace, the agent's processes.
+struct Demo {
+    ns: TestNamespace,
+    admin_url: String,
+    processes: Processes,
+    _hubsim: tokio::process::Child,
+    http: reqwest::Client,
+    helm_home: tempfile::TempDir,
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let demo = start().await?;
+    let result = if args.check {
+        check(&demo, started, Duration::from_secs(args.timeout_seconds)).await
+    } else {
+        live(&demo).await
+    };
+    say("stopping the agent and the Hub simulator");
+    drop(demo);
+    result
+}
+
+fn say(what: &str) {
+    eprintln!("==> {what}");
+}
+
+async fn start() -> anyhow::Result<Demo> {
+    let env = TestEnv::get();
+    let dir = env.test_dir(NAME);
+    say("creating a namespace for the agent");
+    let ns = TestNamespace::create(NAME).await?;
+
+    say("starting the Hub simulator");
+    let info_file = dir.join("hubsim.json");
+    let _ = std::fs::remove_file(&info_file);
+    let log = std::fs::File::create(dir.join("hubsim.log"))?;
+    let hubsim = tokio::process::Command::new(env.agent_bin.join("hubsim"))
+        .arg("--info-file")
+        .arg(&info_file)
+        .arg("--namespace")
+        .arg(&ns.name)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting hubsim")?;
+    if let Some(pid) = hubsim.id() {
+        env.record_pid(pid, "hubsim");
+    }
+    let info: Value = crate::wait_for("the Hub simulator", Duration::from_secs(30), || async {
+        serde_json::from_slice(&std::fs::read(&info_file).ok()?).ok()
+    })
+    .await?;
+    let admin_url = info["adminUrl"].as_str().context("adminUrl")?.to_owned();
+
+    say("pushing the sample chart demo-web (0.1.0, 0.2.0) to the local OCI registry");
+    let mut chart_url = String::new();
+    for version in ["0.1.0", "0.2.0"] {
+        chart_url = charts::push_chart(&charts::write_web_chart(&dir.join("charts"), "demo-web", version)?).await?;
+    }
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    for (release, message) in RELEASES {
+        let deployment = json!({
+            "releaseName": release,
+            "chartUrl": chart_url,
+            "chartVersion": "0.1.0",
+            "values": {"message": message},
+            "registryAuth": registry_auth(None),
+        });
+        let answer = http
+            .post(format!("{admin_url}/deployments"))
+            .json(&deployment)
+            .send()
+            .await?;
+        anyhow::ensure!(answer.status().is_success(), "adding {release}: {}", answer.status());
+    }
+
+    say("rendering deploy/manifest.yaml.tmpl for this Hub and applying it");
+    let endpoint = |key: &str| info["endpoints"][key].clone();
+    let params = json!({
+        "targetId": info["targetId"],
+        "targetSecret": info["targetSecret"],
+        "loginEndpoint": endpoint("DISTR_LOGIN_ENDPOINT"),
+        "manifestEndpoint": endpoint("DISTR_MANIFEST_ENDPOINT"),
+        "resourcesEndpoint": endpoint("DISTR_RESOURCE_ENDPOINT"),
+        "statusEndpoint": endpoint("DISTR_STATUS_ENDPOINT"),
+        "metricsEndpoint": endpoint("DISTR_METRICS_ENDPOINT"),
+        "logsEndpoint": endpoint("DISTR_LOGS_ENDPOINT"),
+        "agentLogsEndpoint": endpoint("DISTR_AGENT_LOGS_ENDPOINT"),
+        "agentInterval": "2s",
+        "agentVersion": env!("CARGO_PKG_VERSION"),
+        "agentVersionId": "",
+        "registryEnabled": false, "registryHost": "", "registryPlainHttp": false,
+        "agentDockerConfig": "",
+        "targetScope": Scope::Namespace.as_str(),
+        "targetNamespace": ns.name,
+        "targetResources": null,
+        "metricsEnabled": false, "autohealAll": false, "dockerSocketPath": "",
+    });
+    let manifest = install::render(&install::template_path(), &params, &dir).await?;
+    std::fs::write(dir.join("manifest.yaml"), &manifest)?;
+    install::apply(&ns.name, &manifest).await?;
+
+    say("starting agent-executor, agent-updater and agent-poller as the manifest's pods would run");
+    let processes = Processes::start(NAME, &ns, Vec::new(), Vec::new()).await?;
+    Ok(Demo {
+        ns,
+        admin_url,
+        processes,
+        _hubsim: hubsim,
+        http,
+        helm_home: tempfile::tempdir()?,
+    })
+}
+
+/// Each deployment's release, chart version and latest status on the Hub.
+async fn hub_view(demo: &Demo) -> anyhow::Result<Vec<(String, String, String, String)>> {
+    let all: Vec<Value> = demo
+        .http
+        .get(format!("{}/deployments", demo.admin_url))
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(all
+        .iter()
+        .map(|d| {
+            let text = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+            (
+                text(&d["releaseName"]),
+                text(&d["chartVersion"]),
+                text(&d["status"]["type"]),
+                text(&d["status"]["message"]),
+            )
+        })
+        .collect())
+}
+
+fn all_healthy(view: &[(String, String, String, String)]) -> bool {
+    view.len() == RELEASES.len() && view.iter().all(|(_, _, status, _)| status == "healthy")
+}
+
+async fn helm_ls(demo: &Demo) -> String {
+    match tools::helm(demo.helm_home.path(), &["ls", "-n", &demo.ns.name]).await {
+        Ok(run) => run.stdout,
+        Err(error) => format!("helm ls failed: {error}\n"),
+    }
+}
+
+/// The operator's grpcurl command for this demo.
+fn grpcurl_args(demo: &Demo, method: &str) -> Vec<String> {
+    let dir = &demo.processes.tls_dirs["operator"];
+    let file = |name: &str| dir.join(name).display().to_string();
+    vec![
+        "-cacert".into(),
+        file("ca.crt"),
+        "-cert".into(),
+        file("tls.crt"),
+        "-key".into(),
+        file("tls.key"),
+        "-servername".into(),
+        format!("distr-agent-executor.{}.svc", demo.ns.name),
+        demo.processes.executor_addr.clone(),
+        method.into(),
+    ]
+}
+
+fn next_steps(demo: &Demo) -> String {
+    let env = TestEnv::get();
+    let admin = &demo.admin_url;
+    let ns = &demo.ns.name;
+    let grpcurl = grpcurl_args(demo, "distr.agent.v1.Executor/ListReleases").join(" ");
+    format!(
+        "Try next, in another terminal:\n\
+         \x20 curl -s {admin}/deployments                      # what the Hub holds, with the statuses it received\n\
+         \x20 curl -s -X PATCH {admin}/deployments/web -H 'content-type: application/json' -d '{{\"values\":{{\"message\":\"changed\"}}}}'\n\
+         \x20 curl -s -X PATCH {admin}/deployments/api -H 'content-type: application/json' -d '{{\"chartVersion\":\"0.2.0\"}}'   # upgrade\n\
+         \x20 curl -s -X PATCH {admin}/deployments/api -H 'content-type: application/json' -d '{{\"chartVersion\":\"9.9.9\"}}'   # break it\n\
+         \x20 curl -s -X DELETE {admin}/deployments/web         # uninstall\n\
+         \x20 {bin}/kubectl --kubeconfig {kubeconfig} -n {ns} get deployments,pods,secrets\n\
+         \x20 {bin}/grpcurl {grpcurl}\n\
+         Logs: {logs}\n",
+        bin = env.bin.display(),
+        kubeconfig = env.admin_kubeconfig.display(),
+        logs = env.test_dir(NAME).display(),
+    )
+}
+
+/// The notable lines of the agent's logs: everything at INFO and above, newest last.
+fn notable_lines(demo: &Demo, keep: usize) -> Vec<String> {
+    let mut lines = VecDeque::new();
+    for process in [
+        &demo.processes.executor,
+        &demo.processes.updater,
+        &demo.processes.poller,
+    ] {
+        for line in process.log_text().lines() {
+            let plain = strip_ansi(line);
+            if plain.contains(" DEBUG ") || plain.contains(" TRACE ") {
+                continue;
+            }
+            let short = process.name.trim_start_matches("agent-");
+            lines.push_back(format!("{short:<8} {}", plain.get(11..).unwrap_or(&plain)));
+        }
+    }
+    let mut sorted: Vec<String> = lines.into_iter().collect();
+    // Sort by the timestamp that follows the process name.
+    sorted.sort_by(|a, b| a.get(9..).cmp(&b.get(9..)));
+    let skip = sorted.len().saturating_sub(keep);
+    sorted.into_iter().skip(skip).collect()
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The live view, until Ctrl-C.
+async fn live(demo: &Demo) -> anyhow::Result<()> {
+    let terminal = std::io::stdout().is_terminal();
+    let steps = next_steps(demo);
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
+    loop {
+        let view = hub_view(demo).await.unwrap_or_default();
+        if terminal {
+            let mut screen = format!(
+                "\x1b[2J\x1b[Hdistr-agent demo: namespace {}   (Ctrl-C stops everything)\n\n\
+                 DEPLOYMENTS, as the Hub received their status\n",
+                demo.ns.name
+            );
+            for (release, version, status, message) in &view {
+                screen.push_str(&format!(
+                    "  {release:<6} {version:<7} {status:<12} {}\n",
+                    truncate(message, 90)
+                ));
+            }
+            screen.push_str("\nHELM RELEASES (helm ls)\n");
+            for line in helm_ls(demo).await.lines() {
+                screen.push_str(&format!("  {}\n", truncate(line, 150)));
+            }
+            screen.push_str("\nAGENT LOG, notable lines\n");
+            for line in notable_lines(demo, 12) {
+                screen.push_str(&format!("  {}\n", truncate(&line, 150)));
+            }
+            screen.push('\n');
+            screen.push_str(&steps);
+            let mut out = std::io::stdout().lock();
+            out.write_all(screen.as_bytes())?;
+            out.flush()?;
+        } else {
+            for (release, version, status, message) in &view {
+                let line = format!("{release} {version} {status}: {message}");
+                if last.get(release) != Some(&line) {
+                    println!("{line}");
+                    last.insert(release.clone(), line);
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = &mut ctrl_c => return Ok(()),
+        }
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
+/// The scripted check the test command runs.
+async fn check(demo: &Demo, started: Instant, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = started + timeout;
+    let wait_healthy = |what: &'static str| async move {
+        loop {
+            let view = hub_view(demo).await?;
+            if all_healthy(&view) {
+                return Ok::<_, anyhow::Error>(view);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{what}: not healthy in time: {view:?}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    let view = wait_healthy("both deployments").await?;
+    println!(
+        "both deployments healthy on the Hub {:.1?} after the start",
+        started.elapsed()
+    );
+    for (release, version, status, message) in &view {
+        println!("  {release} {version} {status}: {message}");
+    }
+    print!("{}", helm_ls(demo).await);
+
+    // Change one through the simulator, as the README suggests.
+    let changed = Instant::now();
+    let answer = demo
+        .http
+        .patch(format!("{}/deployments/web", demo.admin_url))
+        .json(&json!({"values": {"message": "changed"}}))
+        .send()
+        .await?;
+    anyhow::ensure!(answer.status().is_success(), "changing web: {}", answer.status());
+    let revision = answer.json::<Value>().await?["revisionId"].clone();
+    loop {
+        let all: Vec<Value> = demo
+            .http
+            .get(format!("{}/deployments", demo.admin_url))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let web = all
+            .iter()
+            .find(|d| d["releaseName"] == "web")
+            .cloned()
+            .unwrap_or_default();
+        if web["revisionId"] == revision && web["status"]["type"] == "healthy" {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the changed web deployment is not healthy: {web}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!(
+        "the changed deployment healthy {:.1?} after the change",
+        changed.elapsed()
+    );
+
+    // The operator's view, with the command the demo prints.
+    let args = grpcurl_args(demo, "distr.agent.v1.Executor/ListReleases");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let releases = tools::grpcurl(&args).await?.ok("grpcurl ListReleases")?;
+    anyhow::ensure!(releases.stdout.contains("\"web\""), "{}", releases.stdout);
+    println!("grpcurl ListReleases with the operator certificate answered");
+    println!("{}", next_steps(demo));
+    Ok(())
+}
