@@ -20,6 +20,19 @@ as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
 }
 
+# progress <what>: reads `go build -v` output (one package per line) and reports how far the
+# build is every 250 packages; anything else (compiler errors) passes through.
+progress() {
+  local what=$1 n=0 line
+  while IFS= read -r line; do
+    case $line in
+      *' '* | '#'*) printf '%s\n' "$line" >&2 ;;
+      *) n=$((n + 1)); [ $((n % 250)) = 0 ] && log "$what: $n packages compiled" ;;
+    esac
+  done
+  log "$what: $n packages compiled"
+}
+
 # stamp <name> <version>: true when <name> was already built at <version>.
 built() { [ -f "$cache/stamps/$1" ] && [ "$(cat "$cache/stamps/$1")" = "$2" ]; }
 mark() { mkdir -p "$cache/stamps"; printf '%s' "$2" >"$cache/stamps/$1"; }
@@ -52,9 +65,10 @@ build_kubernetes() {
       ld+=" -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
       ld+=" -X $p.buildDate=2026-01-01T00:00:00Z"
     done
-    go build -trimpath -tags selinux,notest -ldflags "$ld" -o "$bin/" \
+    log "compiling Kubernetes (about 2,000 packages; a few minutes on 2 cores)"
+    go build -v -trimpath -tags selinux,notest -ldflags "$ld" -o "$bin/" \
       k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl 2>&1 | progress kubernetes
   )
   mark kubernetes "$v"
 }
