@@ -47,20 +47,25 @@ pub struct Agent {
     pub ns: TestNamespace,
     pub hub: HubSim,
     pub target: Uuid,
-    /// A directory listed last in the poller's `DISTR_AGENT_CONFIG_DIRS`.
-    pub config_dir: PathBuf,
     /// The manifest as applied.
     pub manifest: String,
-    pub executor: AgentProcess,
-    pub updater: AgentProcess,
-    pub poller: AgentProcess,
-    /// `127.0.0.1:<port>` of the executor's and the updater's gRPC servers.
-    pub executor_addr: String,
-    pub updater_addr: String,
-    /// Mounted certificate Secrets: poller, updater, operator.
-    pub tls_dirs: HashMap<&'static str, PathBuf>,
-    volumes: Vec<KubeletVolume>,
+    /// The three processes (`agent.executor`, `agent.poller`, ... through `Deref`).
+    pub processes: Processes,
     helm_home: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Agent {
+    type Target = Processes;
+
+    fn deref(&self) -> &Processes {
+        &self.processes
+    }
+}
+
+impl std::ops::DerefMut for Agent {
+    fn deref_mut(&mut self) -> &mut Processes {
+        &mut self.processes
+    }
 }
 
 impl Agent {
@@ -88,37 +93,15 @@ impl Agent {
         options: AgentOptions,
     ) -> anyhow::Result<Self> {
         let processes = Processes::start(test, &ns, options.executor_env, options.poller_env).await?;
-        let Processes {
-            executor,
-            updater,
-            poller,
-            executor_addr,
-            updater_addr,
-            tls_dirs,
-            config_dir,
-            volumes,
-        } = processes;
         Ok(Self {
             test: test.to_owned(),
             ns,
             hub,
             target,
-            config_dir,
             manifest,
-            executor,
-            updater,
-            poller,
-            executor_addr,
-            updater_addr,
-            tls_dirs,
-            volumes,
+            processes,
             helm_home: tempfile::tempdir()?,
         })
-    }
-
-    /// Number of volumes the harness keeps current (for tests of the harness itself).
-    pub fn volume_count(&self) -> usize {
-        self.volumes.len()
     }
 
     /// Replaces the Hub's deployment list.

@@ -155,16 +155,16 @@ async fn start() -> anyhow::Result<Demo> {
     })
 }
 
+/// The simulator's deployments, each with the latest status the Hub received.
+async fn deployments(demo: &Demo) -> anyhow::Result<Vec<Value>> {
+    let answer = demo.http.get(format!("{}/deployments", demo.admin_url)).send().await?;
+    Ok(answer.json().await?)
+}
+
 /// Each deployment's release, chart version and latest status on the Hub.
 async fn hub_view(demo: &Demo) -> anyhow::Result<Vec<(String, String, String, String)>> {
-    let all: Vec<Value> = demo
-        .http
-        .get(format!("{}/deployments", demo.admin_url))
-        .send()
+    Ok(deployments(demo)
         .await?
-        .json()
-        .await?;
-    Ok(all
         .iter()
         .map(|d| {
             let text = |v: &Value| v.as_str().unwrap_or("-").to_owned();
@@ -191,20 +191,12 @@ async fn helm_ls(demo: &Demo) -> String {
 
 /// The operator's grpcurl command for this demo.
 fn grpcurl_args(demo: &Demo, method: &str) -> Vec<String> {
-    let dir = &demo.processes.tls_dirs["operator"];
-    let file = |name: &str| dir.join(name).display().to_string();
-    vec![
-        "-cacert".into(),
-        file("ca.crt"),
-        "-cert".into(),
-        file("tls.crt"),
-        "-key".into(),
-        file("tls.key"),
-        "-servername".into(),
-        format!("distr-agent-executor.{}.svc", demo.ns.name),
-        demo.processes.executor_addr.clone(),
-        method.into(),
-    ]
+    let operator = install::OperatorCert {
+        dir: demo.processes.tls_dirs["operator"].clone(),
+    };
+    let mut args = operator.grpcurl_flags(&demo.ns.name);
+    args.extend([demo.processes.executor_addr.clone(), method.into()]);
+    args
 }
 
 fn next_steps(demo: &Demo) -> String {
@@ -359,14 +351,8 @@ async fn check(demo: &Demo, started: Instant, timeout: Duration) -> anyhow::Resu
     anyhow::ensure!(answer.status().is_success(), "changing web: {}", answer.status());
     let revision = answer.json::<Value>().await?["revisionId"].clone();
     loop {
-        let all: Vec<Value> = demo
-            .http
-            .get(format!("{}/deployments", demo.admin_url))
-            .send()
+        let web = deployments(demo)
             .await?
-            .json()
-            .await?;
-        let web = all
             .iter()
             .find(|d| d["releaseName"] == "web")
             .cloned()

@@ -1,0 +1,8 @@
+//! The end-to-end suite, as one test binary so that `--test-threads` runs every test in
+//! parallel against the one control plane `tests/run.sh` starts.
+
+mod demo;
+mod deploy;
+mod environment;
+mod hub_to_helm;
+mod mtls;
