@@ -177,6 +177,10 @@ pub struct Processes {
     /// A directory listed last in the poller's `DISTR_AGENT_CONFIG_DIRS`.
     pub config_dir: PathBuf,
     pub volumes: Vec<KubeletVolume>,
+    test: String,
+    namespace: String,
+    /// How the executor was started, to start it again.
+    executor_env: std::collections::BTreeMap<String, String>,
 }
 
 impl Processes {
@@ -274,6 +278,9 @@ impl Processes {
         updater.wait_ready(Duration::from_secs(30)).await?;
         poller.wait_ready(Duration::from_secs(30)).await?;
         Ok(Self {
+            test: test.to_owned(),
+            namespace: ns.name.clone(),
+            executor_env,
             executor,
             updater,
             poller,
@@ -283,6 +290,37 @@ impl Processes {
             config_dir,
             volumes,
         })
+    }
+}
+
+impl Processes {
+    /// Kills the executor (SIGKILL) and starts it again as before.
+    pub async fn restart_executor(&mut self) -> anyhow::Result<()> {
+        self.executor.kill().await?;
+        self.executor = AgentProcess::start(&self.test, "agent-executor", &pairs(&self.executor_env)).await?;
+        self.executor.wait_ready(Duration::from_secs(30)).await
+    }
+
+    /// A gRPC client of the executor with the operator's certificate (the operator API).
+    pub async fn executor_client(
+        &self,
+    ) -> anyhow::Result<
+        distr_agent_proto::v1::executor_client::ExecutorClient<agent_runtime::tls::client::ReloadingChannel>,
+    > {
+        use agent_runtime::tls::{Credentials, Role, TlsFiles, client};
+        let files = TlsFiles::read_dir(&self.tls_dirs["operator"])?;
+        let credentials = Credentials::from_files(files, &self.namespace)?;
+        let (_keep, watch) = tokio::sync::watch::channel(Some(std::sync::Arc::new(credentials)));
+        let channel = client::MtlsChannel::new(
+            &format!("https://{}", self.executor_addr),
+            Role::Executor.identity(&self.namespace),
+            watch,
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+        )?;
+        Ok(distr_agent_proto::v1::executor_client::ExecutorClient::new(
+            client::ReloadingChannel::new(channel),
+        ))
     }
 }
 

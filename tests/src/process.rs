@@ -117,6 +117,14 @@ impl AgentProcess {
         Ok((status.code(), started.elapsed()))
     }
 
+    /// Sends SIGKILL and waits for the exit.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child
+            .kill()
+            .await
+            .with_context(|| format!("killing {}", self.name))
+    }
+
     /// True while the process has not exited.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
