@@ -115,7 +115,9 @@ fn to_status(error: ReconcileError) -> Status {
         ReconcileError::Invalid(_) => Status::invalid_argument(message),
         ReconcileError::NotTracked(_) | ReconcileError::NotInstalled(_) => Status::not_found(message),
         ReconcileError::Busy(_) => Status::aborted(message),
-        ReconcileError::ShuttingDown | ReconcileError::Storage(_) => Status::unavailable(message),
+        ReconcileError::ShuttingDown | ReconcileError::Storage(_) | ReconcileError::Recovery(_) => {
+            Status::unavailable(message)
+        }
         ReconcileError::Tracking(TrackingError::Api { .. }) => Status::unavailable(message),
         ReconcileError::Tracking(TrackingError::Invalid { .. }) | ReconcileError::Helm { .. } => {
             Status::failed_precondition(message)

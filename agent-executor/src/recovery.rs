@@ -97,7 +97,8 @@ pub async fn recover(
         undone = true;
         latest = storage.latest(release).await?;
     }
-    let settled = plan::settle(record, latest.as_ref(), undone);
+    let history = storage.revision_statuses(release).await?;
+    let settled = plan::settle(record, latest.as_ref(), undone, &history);
     tracking.save(&settled).await?;
     if tracked.secret != crate::tracking::secret_name(release) {
         tracking.delete(&tracked.secret).await?;

@@ -54,6 +54,8 @@ pub(crate) struct WorkItem {
     pub namespace: String,
     pub deployment: Deployment,
     pub hub_registry: Option<RegistryLogin>,
+    /// Ids of the other Hub deployments that claim the same release name.
+    pub rivals: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,6 +162,19 @@ impl Worker {
             Ok(tracked) => tracked,
             Err(error) => return self.report_error(deployment, &error.to_string()),
         };
+        let owner = tracked
+            .as_ref()
+            .filter(|t| !t.record.is_adoption_request())
+            .map(|t| t.record.id.as_str());
+        self.inner.set_owner(&self.key, owner);
+        if let Some(owner) = owner
+            && item.rivals.iter().any(|rival| rival.eq_ignore_ascii_case(owner))
+        {
+            // Another deployment of the same list owns the release: it is not replaced, and
+            // the next sync hands the release to its owner.
+            let message = format!("release name {} is used by another deployment", deployment.release_name);
+            return self.report_error(deployment, &message);
+        }
         if let Some(previous) = tracked
             .clone()
             .filter(|t| !t.record.is_adoption_request() && !t.record.belongs_to(&deployment.id))
@@ -489,9 +504,16 @@ impl Worker {
         })
     }
 
-    /// `helm uninstall`, then deletes the tracking and pull Secrets.
+    /// `helm uninstall` of this worker's release, then deletes its tracking and pull Secrets.
+    /// The release name is the worker's own, never the one a record claims.
     async fn uninstall(&self, tracked: &Tracked, timeout: Duration) -> Result<(), String> {
-        let release = tracked.record.release_name.as_str();
+        let release = self.key.release.as_str();
+        if tracked.record.release_name != release {
+            return Err(format!(
+                "tracking Secret {} is for release {}, not {release}; not uninstalling",
+                tracked.secret, tracked.record.release_name
+            ));
+        }
         let Some(_permit) = self.inner.helm_slot().await else {
             return Err("the executor is shutting down".to_owned());
         };
