@@ -355,7 +355,9 @@ impl Reconciler {
     }
 
     /// Takes the desired state and returns at once with the current status of every
-    /// deployment in it; the work happens in the background. Deployments with bad input get
+    /// deployment in it that has one (a deployment whose worker has not observed it yet, as
+    /// after a restart, is left out: there is nothing new to report); the work happens in
+    /// the background. Deployments with bad input get
     /// an `error` status and leave every other release alone.
     pub async fn sync(&self, desired: DesiredState) -> Vec<DeploymentStatus> {
         let inner = &self.inner;
@@ -392,11 +394,7 @@ impl Reconciler {
                     &message,
                     now,
                 );
-                replies.push(
-                    inner
-                        .statuses
-                        .current(&key, &deployment.id, &deployment.revision_id, now),
-                );
+                replies.extend(inner.statuses.current(&key, &deployment.id, &deployment.revision_id));
                 continue;
             }
             let claimants = claims.get(&deployment.release_name).map_or(&[][..], Vec::as_slice);
@@ -445,7 +443,8 @@ impl Reconciler {
                 }
                 None => inner.spawn_worker(&mut state, key.clone(), Some(item)),
             }
-            replies.push(inner.statuses.current(&key, &id, &revision, now));
+            // Nothing yet when the worker has not looked at the release since it started.
+            replies.extend(inner.statuses.current(&key, &id, &revision));
         }
         for (key, sender) in &state.workers {
             if key.namespace != namespace || !seen.contains(&key.release) {
@@ -815,10 +814,11 @@ mod tests {
         }
     }
 
-    fn owners_of(statuses: &[DeploymentStatus]) -> Vec<&str> {
+    /// The deployments refused because another one owns their release name.
+    fn refused(statuses: &[DeploymentStatus]) -> Vec<&str> {
         statuses
             .iter()
-            .filter(|status| status.status.message != "release name web is used by another deployment")
+            .filter(|status| status.status.message == "release name web is used by another deployment")
             .map(|status| status.deployment_id.as_str())
             .collect()
     }
@@ -835,15 +835,30 @@ mod tests {
         let first = reconciler.sync(desired(vec![a.clone(), b.clone()])).await;
         let second = reconciler.sync(desired(vec![b.clone(), a.clone()])).await;
         let third = reconciler.sync(desired(vec![a.clone(), b.clone()])).await;
-        assert_eq!(owners_of(&first), vec!["aaaa"], "{first:#?}");
-        assert_eq!(owners_of(&second), vec!["aaaa"], "{second:#?}");
-        assert_eq!(owners_of(&third), vec!["aaaa"], "{third:#?}");
+        assert_eq!(refused(&first), vec!["bbbb"], "{first:#?}");
+        assert_eq!(refused(&second), vec!["bbbb"], "{second:#?}");
+        assert_eq!(refused(&third), vec!["bbbb"], "{third:#?}");
         // The deployment the tracking Secret names wins, once a worker has read it.
         reconciler
             .inner
             .set_owner(&ReleaseKey::new("apps", "web"), Some("BBBB"));
         let owned = reconciler.sync(desired(vec![b, a])).await;
-        assert_eq!(owners_of(&owned), vec!["bbbb"], "{owned:#?}");
+        assert_eq!(refused(&owned), vec!["aaaa"], "{owned:#?}");
+        reconciler.shutdown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn unobserved_deployments_report_nothing_rather_than_progressing() {
+        let scratch = tempfile::tempdir().unwrap();
+        let reconciler = offline_reconciler(scratch.path());
+        // As after a restart: the worker has not looked at the release yet.
+        let statuses = reconciler
+            .sync(DesiredState {
+                deployments: vec![deployment("dep", "web")],
+                ..DesiredState::default()
+            })
+            .await;
+        assert_eq!(statuses, Vec::new());
         reconciler.shutdown(Duration::from_secs(5)).await;
     }
 
