@@ -264,10 +264,13 @@ pub enum ChartSource {
     },
     /// A classic chart repository (`--repo <url> <chart>`).
     Repository {
+        /// The URL without any `user:password@` (those are in `url_credentials`).
         url: String,
         /// `host[:port]` of the repository.
         host: String,
         chart: String,
+        /// Credentials written into the URL (`https://user:password@host/...`).
+        url_credentials: Option<RegistryCredentials>,
     },
 }
 
