@@ -353,6 +353,13 @@ impl HelmDriver {
             .iter()
             .filter_map(|name| Some((name.to_string(), PathBuf::from(std::env::var_os(name)?))))
             .collect();
+        // Helm runs in the scratch directory: a relative KUBECONFIG would point elsewhere (and
+        // Helm would fall back to localhost:8080).
+        if let Some((_, kubeconfig)) = env.iter_mut().find(|(name, _)| name == "KUBECONFIG")
+            && let Ok(cwd) = std::env::current_dir()
+        {
+            *kubeconfig = absolute_path_list(kubeconfig.as_os_str(), &cwd);
+        }
         env.extend([
             ("HELM_CONFIG_HOME".to_owned(), scratch.join("config")),
             ("HELM_CACHE_HOME".to_owned(), scratch.join("cache")),
@@ -416,6 +423,21 @@ impl HelmDriver {
             Err(HelmError::Failed { operation, message })
         }
     }
+}
+
+/// A path list (`KUBECONFIG`: paths separated by `:`) with every relative entry made
+/// absolute against `cwd`.
+fn absolute_path_list(list: &std::ffi::OsStr, cwd: &Path) -> PathBuf {
+    let paths: Vec<PathBuf> = std::env::split_paths(list)
+        .map(|path| {
+            if path.as_os_str().is_empty() || path.is_absolute() {
+                path
+            } else {
+                cwd.join(path)
+            }
+        })
+        .collect();
+    std::env::join_paths(paths).map_or_else(|_| PathBuf::from(list), PathBuf::from)
 }
 
 /// A private directory for one operation, removed on drop.
@@ -939,6 +961,23 @@ mod tests {
         let none = BTreeMap::new();
         let request_from_url = super::tests::request(&from_url, &options, None, &none);
         assert_eq!(request_from_url.repository_credentials().unwrap().username, "vendor");
+    }
+
+    #[test]
+    fn a_relative_kubeconfig_is_made_absolute_for_helm() {
+        let cwd = Path::new("/work/agent");
+        assert_eq!(
+            absolute_path_list("kube/config".as_ref(), cwd),
+            PathBuf::from("/work/agent/kube/config")
+        );
+        assert_eq!(
+            absolute_path_list("/etc/kube:rel/two".as_ref(), cwd),
+            PathBuf::from("/etc/kube:/work/agent/rel/two")
+        );
+        assert_eq!(
+            absolute_path_list("/etc/kube".as_ref(), cwd),
+            PathBuf::from("/etc/kube")
+        );
     }
 
     #[test]
