@@ -42,6 +42,10 @@ pub struct Agent {
     pub executor: AgentProcess,
     pub poller: AgentProcess,
     helm_home: tempfile::TempDir,
+    /// How the executor was started, to start it again ([`Agent::restart_executor`]).
+    executor_env: Vec<(&'static str, String)>,
+    /// The executor's gRPC port.
+    grpc_port: u16,
 }
 
 impl Agent {
@@ -52,23 +56,19 @@ impl Agent {
             .service_account("distr-agent-executor", cluster::namespace_admin_rules())
             .await?;
         let grpc_port = free_port()?;
-        let mut executor = AgentProcess::start(
-            test,
-            "agent-executor",
-            &[
-                ("AGENT_GRPC_ADDR", format!("127.0.0.1:{grpc_port}")),
-                ("AGENT_NAMESPACE", ns.name.clone()),
-                ("KUBECONFIG", identity.kubeconfig.display().to_string()),
-                ("AGENT_HELM_BIN", env.bin.join("helm").display().to_string()),
-                (
-                    "AGENT_SCRATCH_DIR",
-                    env.test_dir(test).join("scratch").display().to_string(),
-                ),
-                // Helm trusts the environment's CA, which signed the registry's certificate.
-                ("SSL_CERT_FILE", env.ca_file.display().to_string()),
-            ],
-        )
-        .await?;
+        let executor_env = vec![
+            ("AGENT_GRPC_ADDR", format!("127.0.0.1:{grpc_port}")),
+            ("AGENT_NAMESPACE", ns.name.clone()),
+            ("KUBECONFIG", identity.kubeconfig.display().to_string()),
+            ("AGENT_HELM_BIN", env.bin.join("helm").display().to_string()),
+            (
+                "AGENT_SCRATCH_DIR",
+                env.test_dir(test).join("scratch").display().to_string(),
+            ),
+            // Helm trusts the environment's CA, which signed the registry's certificate.
+            ("SSL_CERT_FILE", env.ca_file.display().to_string()),
+        ];
+        let mut executor = AgentProcess::start(test, "agent-executor", &executor_env).await?;
         executor.wait_ready(Duration::from_secs(30)).await?;
 
         let hub = HubSim::start(options.hub).await?;
@@ -93,7 +93,25 @@ impl Agent {
             executor,
             poller,
             helm_home: tempfile::tempdir()?,
+            executor_env,
+            grpc_port,
         })
+    }
+
+    /// Kills the executor (SIGKILL) and starts it again with the same configuration; waits
+    /// until it is ready (its start-up recovery done).
+    pub async fn restart_executor(&mut self) -> anyhow::Result<()> {
+        self.executor.kill().await?;
+        self.executor = AgentProcess::start(&self.test, "agent-executor", &self.executor_env).await?;
+        self.executor.wait_ready(Duration::from_secs(30)).await
+    }
+
+    /// A gRPC client of the executor (the operator API).
+    pub async fn executor_client(
+        &self,
+    ) -> anyhow::Result<distr_agent_proto::v1::executor_client::ExecutorClient<tonic::transport::Channel>> {
+        let url = format!("http://127.0.0.1:{}", self.grpc_port);
+        Ok(distr_agent_proto::v1::executor_client::ExecutorClient::connect(url).await?)
     }
 
     /// Replaces the Hub's deployment list.

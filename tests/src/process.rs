@@ -117,6 +117,14 @@ impl AgentProcess {
         Ok((status.code(), started.elapsed()))
     }
 
+    /// Sends SIGKILL and waits for the exit.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child
+            .kill()
+            .await
+            .with_context(|| format!("killing {}", self.name))
+    }
+
     /// Everything the process logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -1,0 +1,221 @@
+//! The paths that hurt users when something goes wrong (issue 7): bad cluster state, crashes
+//! and restarts of the executor. Each test runs the real binaries against the Hub simulator,
+//! the real control plane, helm v4 and the registry.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use base64::Engine as _;
+use distr_agent_e2e::{
+    TestEnv,
+    agent::{Agent, AgentOptions, deployment, revision},
+    charts, wait_for,
+};
+use distr_agent_proto::v1 as pb;
+use k8s_openapi::{ByteString, api::core::v1::Secret};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Pushes the sample web chart as `<name>` at each version and returns its `oci://` URL.
+async fn push_web_chart(test: &str, name: &str, versions: &[&str]) -> anyhow::Result<String> {
+    let dir = TestEnv::get().test_dir(test).join("charts");
+    let mut url = String::new();
+    for version in versions {
+        url = charts::push_chart(&charts::write_web_chart(&dir, name, version)?).await?;
+    }
+    Ok(url)
+}
+
+fn tracking_secret(release: &str) -> String {
+    format!("sh.distr.agent.v1.{release}")
+}
+
+/// The JSON record of a release's tracking Secret.
+async fn tracking_record(agent: &Agent, release: &str) -> anyhow::Result<Value> {
+    let secret = agent.ns.api::<Secret>().get(&tracking_secret(release)).await?;
+    let data = secret.data.unwrap_or_default();
+    let record = data
+        .get("release")
+        .ok_or_else(|| anyhow::anyhow!("no release key in the tracking Secret of {release}"))?;
+    Ok(serde_json::from_slice(&record.0)?)
+}
+
+/// Replaces the JSON record of a release's tracking Secret.
+async fn write_tracking_record(agent: &Agent, release: &str, record: &Value) -> anyhow::Result<()> {
+    let patch = json!({"data": {"release": ByteString(serde_json::to_vec(record)?)}});
+    agent
+        .ns
+        .api::<Secret>()
+        .patch(
+            &tracking_secret(release),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Names of the releases `helm ls` shows.
+async fn helm_releases(agent: &Agent) -> anyhow::Result<Vec<String>> {
+    let list = agent.helm_json(&["ls"]).await?;
+    Ok(list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|release| release["name"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// Overwrites a Helm release Secret's payload with something that does not decode.
+async fn corrupt_helm_secret(agent: &Agent, name: &str) -> anyhow::Result<()> {
+    let garbage = base64::engine::general_purpose::STANDARD.encode(b"this is not a helm release");
+    let patch = json!({"data": {"release": ByteString(garbage.into_bytes())}});
+    agent
+        .ns
+        .api::<Secret>()
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+/// The name of the latest Helm release Secret of `release`.
+async fn latest_helm_secret(agent: &Agent, release: &str) -> anyhow::Result<String> {
+    let history = agent.helm_json(&["history", release]).await?;
+    let latest = history
+        .as_array()
+        .and_then(|history| history.iter().filter_map(|entry| entry["revision"].as_u64()).max())
+        .ok_or_else(|| anyhow::anyhow!("no history for {release}: {history}"))?;
+    Ok(format!("sh.helm.release.v1.{release}.v{latest}"))
+}
+
+async fn list_releases(agent: &Agent) -> anyhow::Result<BTreeMap<String, pb::Release>> {
+    let mut client = agent.executor_client().await?;
+    let releases = client
+        .list_releases(pb::ListReleasesRequest {})
+        .await
+        .map_err(|status| anyhow::anyhow!("ListReleases failed: {status}"))?
+        .into_inner()
+        .releases;
+    Ok(releases
+        .into_iter()
+        .map(|release| (release.release_name.clone(), release))
+        .collect())
+}
+
+/// Bad cluster state is an error of the release it concerns, never of another release nor of
+/// the executor (issue 7: 1a, 1f, 1k, 2i).
+#[tokio::test]
+async fn bad_cluster_state_is_an_error_for_that_release_only() -> anyhow::Result<()> {
+    let test = "bad-state";
+    let mut agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "bad-state-web", &["0.1.0"]).await?;
+    let web = deployment("web", &chart, "0.1.0", json!({}));
+    let db = deployment("db", &chart, "0.1.0", json!({}));
+    let other = deployment("other", &chart, "0.1.0", json!({}));
+    agent.set_deployments(vec![web.clone(), db.clone(), other.clone()]);
+    for d in [&web, &db, &other] {
+        agent
+            .wait_status(&revision(d), "healthy", "status check passed", 2 * MINUTE)
+            .await?;
+    }
+    let db_history = agent.helm_json(&["history", "db"]).await?;
+
+    // A corrupt Helm Secret of a release the agent does not manage.
+    let foreign = Secret {
+        metadata: ObjectMeta {
+            name: Some("sh.helm.release.v1.foreign.v1".into()),
+            labels: Some(
+                [
+                    ("owner", "helm"),
+                    ("name", "foreign"),
+                    ("status", "deployed"),
+                    ("version", "1"),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            ),
+            ..ObjectMeta::default()
+        },
+        type_: Some("helm.sh/release.v1".into()),
+        data: Some(BTreeMap::from([(
+            "release".to_owned(),
+            ByteString(b"bm90IGEgcmVsZWFzZQ==".to_vec()),
+        )])),
+        ..Secret::default()
+    };
+    agent
+        .ns
+        .api::<Secret>()
+        .create(&PostParams::default(), &foreign)
+        .await?;
+
+    // 1a: the tracking Secret of web holds a record naming db.
+    let mut record = tracking_record(&agent, "web").await?;
+    record["releaseName"] = json!("db");
+    write_tracking_record(&agent, "web", &record).await?;
+    let error = agent
+        .wait_status(&revision(&web), "error", "does not match", MINUTE)
+        .await?;
+    assert!(error.message.contains("sh.distr.agent.v1.web"), "{}", error.message);
+
+    // 1k: ListReleases answers despite the corrupt Secrets and shows the broken record.
+    let releases = list_releases(&agent).await?;
+    assert_eq!(releases["web"].phase, "invalid", "{releases:#?}");
+    assert_eq!(releases["db"].phase, "ready", "{releases:#?}");
+    assert_eq!(releases["db"].helm_status, "deployed", "{releases:#?}");
+    assert!(!releases.contains_key("foreign"), "{releases:#?}");
+
+    // 1a: web removed from the Hub. Its worker must not uninstall db, the release its record
+    // names: it refuses and retries later.
+    agent.set_deployments(vec![db.clone(), other.clone()]);
+    wait_for("the uninstall of web refused, or db touched", MINUTE, || async {
+        let refused = agent
+            .executor
+            .log_text()
+            .contains("cannot uninstall the release; retrying later");
+        let db_gone = !agent.secret_names().await.ok()?.contains(&tracking_secret("db"));
+        (refused || db_gone).then_some(())
+    })
+    .await?;
+    assert!(
+        agent.secret_names().await?.contains(&tracking_secret("db")),
+        "the tracking Secret of db is still there"
+    );
+    assert!(
+        helm_releases(&agent).await?.contains(&"db".to_owned()),
+        "db still installed"
+    );
+    assert_eq!(agent.helm_json(&["history", "db"]).await?, db_history, "db untouched");
+
+    // 1k: the latest Helm Secret of a tracked release does not decode: ListReleases still
+    // answers, and only that release reports an error.
+    corrupt_helm_secret(&agent, &latest_helm_secret(&agent, "other").await?).await?;
+    agent
+        .wait_status(&revision(&other), "error", "cannot decode helm release Secret", MINUTE)
+        .await?;
+    let releases = list_releases(&agent).await?;
+    assert_eq!(releases["other"].helm_status, "unreadable", "{releases:#?}");
+    assert_eq!(releases["db"].helm_status, "deployed", "{releases:#?}");
+
+    // 1f: the same release interrupted (phase progressing) when the executor restarts: the
+    // start-up recovery fails for it alone, and the executor becomes ready.
+    let mut record = tracking_record(&agent, "other").await?;
+    record["phase"] = json!("progressing");
+    write_tracking_record(&agent, "other", &record).await?;
+    agent.restart_executor().await?;
+    let restarted = chrono::Utc::now();
+    agent
+        .wait_status(&revision(&other), "error", "cannot decode helm release Secret", MINUTE)
+        .await?;
+    // db is still served after the restart: checked again and healthy.
+    wait_for("a fresh healthy status of db after the restart", MINUTE, || async {
+        agent
+            .statuses(&revision(&db))
+            .into_iter()
+            .find(|s| s.received_at > restarted && s.status_type == "healthy")
+    })
+    .await?;
+    Ok(())
+}
