@@ -44,6 +44,12 @@ impl Executor for ExecutorService {
         }))
     }
 
+    async fn statuses(&self, _: Request<pb::StatusesRequest>) -> Result<Response<pb::StatusesResponse>, Status> {
+        Ok(Response::new(pb::StatusesResponse {
+            statuses: self.reconciler.statuses().into_iter().map(deployment_status).collect(),
+        }))
+    }
+
     async fn list_releases(
         &self,
         _: Request<pb::ListReleasesRequest>,

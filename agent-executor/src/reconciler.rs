@@ -475,6 +475,12 @@ impl Reconciler {
         replies
     }
 
+    /// The current status of every deployment of the last `sync` that has one, with no new
+    /// desired state (what the poller reports while the Hub cannot be read).
+    pub fn statuses(&self) -> Vec<DeploymentStatus> {
+        self.inner.statuses.all()
+    }
+
     /// Recovers, before the executor reports ready, every release of the default namespace
     /// whose last operation was interrupted. Retries while the API is unavailable; a pending
     /// revision that may still belong to a live `helm` is left to the release's worker.
@@ -859,6 +865,24 @@ mod tests {
             })
             .await;
         assert_eq!(statuses, Vec::new());
+        reconciler.shutdown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn statuses_are_read_without_a_new_desired_state() {
+        let scratch = tempfile::tempdir().unwrap();
+        let reconciler = offline_reconciler(scratch.path());
+        assert_eq!(reconciler.statuses(), Vec::new());
+        reconciler
+            .sync(DesiredState {
+                deployments: vec![deployment("bad", "Not A Name"), deployment("dep", "web")],
+                ..DesiredState::default()
+            })
+            .await;
+        let statuses = reconciler.statuses();
+        assert_eq!(statuses.len(), 1, "{statuses:#?}");
+        assert_eq!(statuses[0].deployment_id, "bad");
+        assert_eq!(statuses[0].status.kind, StatusKind::Error);
         reconciler.shutdown(Duration::from_secs(5)).await;
     }
 

@@ -99,6 +99,22 @@ impl StatusBoard {
         })
     }
 
+    /// Every recorded status.
+    pub fn all(&self) -> Vec<DeploymentStatus> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<DeploymentStatus> = entries
+            .iter()
+            .map(|(key, entry)| DeploymentStatus {
+                deployment_id: entry.deployment_id.clone(),
+                revision_id: entry.revision_id.clone(),
+                release_name: key.release.clone(),
+                status: entry.status.clone(),
+            })
+            .collect();
+        all.sort_by(|a, b| a.release_name.cmp(&b.release_name));
+        all
+    }
+
     /// Keeps only the releases `keep` says yes to.
     pub fn retain(&self, mut keep: impl FnMut(&ReleaseKey) -> bool) {
         self.entries
