@@ -138,6 +138,8 @@ pub(crate) struct Inner {
     pub(crate) shutdown: CancellationToken,
     default_namespace: String,
     helm_slots: Arc<Semaphore>,
+    helm_processes: Arc<Semaphore>,
+    active_phase: Duration,
     state: Mutex<State>,
     op_locks: Mutex<HashMap<ReleaseKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Deployment id named by each release's tracking Secret (see [`Inner::owner_of`]).
@@ -154,6 +156,38 @@ struct State {
     /// Feeds the orphan scan; created on the first `sync`.
     scan: Option<watch::Sender<DesiredSet>>,
 }
+
+/// The right to run one Helm operation. Two bounds apply: Helm processes alive at once
+/// ([`HELM_PROCESSES_PER_SLOT`] per active slot: their memory), and operations in their busy
+/// start (chart download, rendering, applying: CPU, memory, API load). After
+/// [`ACTIVE_PHASE`] an operation is almost always waiting for resources (`--wait`), and its
+/// active slot passes on: four releases in a long wait no longer hold back every install,
+/// upgrade and uninstall of the others.
+pub(crate) struct HelmSlot {
+    _process: OwnedSemaphorePermit,
+    active: Option<OwnedSemaphorePermit>,
+    active_phase: Duration,
+}
+
+impl HelmSlot {
+    /// Runs a Helm operation within this slot.
+    pub(crate) async fn run<F: std::future::Future>(&mut self, operation: F) -> F::Output {
+        tokio::pin!(operation);
+        tokio::select! {
+            output = &mut operation => return output,
+            () = tokio::time::sleep(self.active_phase) => {}
+        }
+        if self.active.take().is_some() {
+            tracing::debug!("helm operation still running; its active slot passes on");
+        }
+        operation.await
+    }
+}
+
+/// How long a Helm operation holds an active slot at most (see [`HelmSlot`]).
+pub const ACTIVE_PHASE: Duration = Duration::from_secs(45);
+/// Helm processes allowed at once per active slot (see [`HelmSlot`]).
+pub const HELM_PROCESSES_PER_SLOT: usize = 4;
 
 /// The releases a `sync` wants, by name, in its namespace.
 #[derive(Clone, Debug, Default)]
@@ -180,10 +214,19 @@ impl Stores {
 }
 
 impl Inner {
-    /// A permit for one Helm operation, or `None` once shutdown began.
-    pub(crate) async fn helm_slot(&self) -> Option<OwnedSemaphorePermit> {
+    /// A slot for one Helm operation, or `None` once shutdown began.
+    pub(crate) async fn helm_slot(&self) -> Option<HelmSlot> {
+        let acquire = async {
+            let process = self.helm_processes.clone().acquire_owned().await.ok()?;
+            let active = self.helm_slots.clone().acquire_owned().await.ok()?;
+            Some(HelmSlot {
+                _process: process,
+                active: Some(active),
+                active_phase: self.active_phase,
+            })
+        };
         tokio::select! {
-            permit = self.helm_slots.clone().acquire_owned() => permit.ok(),
+            slot = acquire => slot,
             () = self.shutdown.cancelled() => None,
         }
     }
@@ -327,7 +370,7 @@ impl Inner {
                 sender
                     .borrow()
                     .as_ref()
-                    .map(|item| item.deployment.helm_options.clone())
+                    .map(|item| item.deployment.helm_options.capped().0)
             })
             .unwrap_or_default()
     }
@@ -346,6 +389,10 @@ impl Reconciler {
                 shutdown: CancellationToken::new(),
                 default_namespace: namespace,
                 helm_slots: Arc::new(Semaphore::new(max_concurrent_helm.max(1))),
+                helm_processes: Arc::new(Semaphore::new(
+                    max_concurrent_helm.max(1).saturating_mul(HELM_PROCESSES_PER_SLOT),
+                )),
+                active_phase: ACTIVE_PHASE,
                 state: Mutex::new(State::default()),
                 op_locks: Mutex::new(HashMap::new()),
                 owners: Mutex::new(HashMap::new()),
@@ -672,14 +719,16 @@ impl Reconciler {
             .await?
             .ok_or_else(|| ReconcileError::NotInstalled(release.to_owned()))?;
         let options = inner.options_of(&key);
-        let _permit = inner.helm_slot().await.ok_or(ReconcileError::ShuttingDown)?;
+        let mut slot = inner.helm_slot().await.ok_or(ReconcileError::ShuttingDown)?;
         let mut record = TrackingRecord {
             phase: Phase::Progressing,
             ..tracked.record.clone()
         };
         stores.tracking.save(&record).await?;
         tracing::info!(release, ?revision, "manual rollback");
-        let result = inner.helm.rollback(&namespace, release, revision, &options).await;
+        let result = slot
+            .run(inner.helm.rollback(&namespace, release, revision, &options))
+            .await;
         let after = stores.storage.latest(release).await?;
         record.helm_revision = after.as_ref().map(|after| after.revision);
         match result {
@@ -883,6 +932,48 @@ mod tests {
         assert_eq!(statuses.len(), 1, "{statuses:#?}");
         assert_eq!(statuses[0].deployment_id, "bad");
         assert_eq!(statuses[0].status.kind, StatusKind::Error);
+        reconciler.shutdown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn a_release_waiting_in_helm_does_not_hold_back_the_others() {
+        let scratch = tempfile::tempdir().unwrap();
+        let mut reconciler = offline_reconciler(scratch.path());
+        Arc::get_mut(&mut reconciler.inner).unwrap().active_phase = Duration::from_millis(200);
+        let inner = reconciler.inner.clone();
+        // One slot, taken by an operation in a one-hour wait.
+        let mut slow = inner.helm_slot().await.unwrap();
+        let waiting = tokio::spawn(async move { slow.run(tokio::time::sleep(Duration::from_secs(3600))).await });
+        // Another release's operation gets a slot once the first is past its start.
+        let started = std::time::Instant::now();
+        let mut next = tokio::time::timeout(Duration::from_secs(10), reconciler.inner.helm_slot())
+            .await
+            .expect("a slot within seconds, not after the other's wait")
+            .unwrap();
+        next.run(async {}).await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(next);
+        // The number of Helm processes stays bounded: 4 per slot, the waiting one included.
+        let mut held = Vec::new();
+        for _ in 0..HELM_PROCESSES_PER_SLOT - 1 {
+            let mut slot = tokio::time::timeout(Duration::from_secs(10), reconciler.inner.helm_slot())
+                .await
+                .expect("a slot")
+                .unwrap();
+            slot.active = None;
+            held.push(slot);
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), reconciler.inner.helm_slot())
+                .await
+                .is_err(),
+            "no fifth helm process"
+        );
+        waiting.abort();
         reconciler.shutdown(Duration::from_secs(5)).await;
     }
 

@@ -240,10 +240,18 @@ impl Worker {
             // The error status of the last attempt stays until the retry.
             return wait;
         }
-        self.report(deployment, StatusKind::Progressing, &format!("helm {op} in progress"));
-        let Some(_permit) = self.inner.helm_slot().await else {
+        let (options, capped) = deployment.helm_options.capped();
+        let progress = match &capped {
+            Some(note) => format!("helm {op} in progress ({note})"),
+            None => format!("helm {op} in progress"),
+        };
+        self.report(deployment, StatusKind::Progressing, &progress);
+        let Some(mut slot) = self.inner.helm_slot().await else {
             return Duration::ZERO;
         };
+        if let Some(note) = &capped {
+            tracing::warn!(%note, "the Hub's helm timeout is too long");
+        }
         tracing::info!(
             operation = op,
             revision = %deployment.revision_id,
@@ -281,15 +289,16 @@ impl Worker {
             namespace: &item.namespace,
             source,
             version: &deployment.chart_version,
-            options: &deployment.helm_options,
+            options: &options,
             values: &values,
             hub_registry: item.hub_registry.as_ref(),
             registry_auth: &deployment.registry_auth,
         };
         let result = match operation {
-            Operation::Install => self.inner.helm.install(&request).await,
-            Operation::Upgrade => self.inner.helm.upgrade(&request).await,
+            Operation::Install => slot.run(self.inner.helm.install(&request)).await,
+            Operation::Upgrade => slot.run(self.inner.helm.upgrade(&request)).await,
         };
+        drop(slot);
         let after = self.stores.storage.latest(&deployment.release_name).await;
         match result {
             Ok(()) => self.succeeded(item, operation, record, after).await,
@@ -449,20 +458,21 @@ impl Worker {
     }
 
     async fn recover(&mut self, deployment: &Deployment, tracked: &Tracked, latest: Option<StoredRelease>) -> Duration {
-        let Some(_permit) = self.inner.helm_slot().await else {
+        let Some(mut slot) = self.inner.helm_slot().await else {
             return Duration::ZERO;
         };
-        let timeout = deployment.helm_options.timeout;
+        let timeout = deployment.helm_options.capped().0.timeout;
         let stores = &self.stores;
-        match recovery::recover(
-            &self.inner.helm,
-            &stores.tracking,
-            &stores.storage,
-            tracked,
-            latest,
-            timeout,
-        )
-        .await
+        match slot
+            .run(recovery::recover(
+                &self.inner.helm,
+                &stores.tracking,
+                &stores.storage,
+                tracked,
+                latest,
+                timeout,
+            ))
+            .await
         {
             Ok(Outcome::Settled(_)) => AFTER_RECOVERY,
             Ok(Outcome::Waiting(message)) => {
@@ -514,7 +524,7 @@ impl Worker {
                 tracked.secret, tracked.record.release_name
             ));
         }
-        let Some(_permit) = self.inner.helm_slot().await else {
+        let Some(mut slot) = self.inner.helm_slot().await else {
             return Err("the executor is shutting down".to_owned());
         };
         let progressing = TrackingRecord {
@@ -527,7 +537,11 @@ impl Worker {
             .await
             .map_err(|error| error.to_string())?;
         tracing::info!("helm uninstall starting");
-        if let Err(error) = self.inner.helm.uninstall(&self.key.namespace, release, timeout).await {
+        let uninstalled = slot
+            .run(self.inner.helm.uninstall(&self.key.namespace, release, timeout))
+            .await;
+        drop(slot);
+        if let Err(error) = uninstalled {
             self.save_quietly(&TrackingRecord {
                 phase: Phase::Failed,
                 ..tracked.record.clone()
