@@ -38,7 +38,10 @@ pub fn plan(desired: &Deployment, tracked: Option<&TrackingRecord>, latest: Opti
             "helm release {release} already exists but was not created by the agent"
         )),
         (Some(record), _) if record.phase == Phase::Progressing => Plan::Recover,
-        (Some(_), Some(latest)) if latest.status.is_pending() => Plan::Recover,
+        // The agent records `progressing` before it starts Helm: a pending revision without
+        // that is someone else's operation (an operator's long `helm upgrade`), never taken
+        // over (rolled back) under them.
+        (Some(_), Some(latest)) if latest.status.is_pending() => Plan::Refuse(foreign_pending(release, latest)),
         // Tracked but gone from Helm: a failed install that Helm rolled back, or an
         // uninstall behind the agent's back. Either way the Hub wants it deployed.
         (Some(_), None) => Plan::Install,
@@ -61,6 +64,14 @@ pub fn plan(desired: &Deployment, tracked: Option<&TrackingRecord>, latest: Opti
             }
         }
     }
+}
+
+/// Why the agent leaves a pending revision it did not start alone.
+pub fn foreign_pending(release: &str, latest: &StoredRelease) -> String {
+    format!(
+        "helm release {release} revision {} is {}, started outside the agent; the agent does not touch the release until that operation ends",
+        latest.revision, latest.status
+    )
 }
 
 /// The tracking record after recovering an interrupted operation, given Helm's latest
@@ -256,15 +267,34 @@ mod tests {
             ),
             Plan::Recover
         );
-        let ready = record("r1", Some(3), Phase::Ready);
         assert_eq!(
             plan(
                 &desired("r2"),
-                Some(&ready),
+                Some(&progressing),
                 Some(&helm(4, ReleaseStatus::PendingUpgrade))
             ),
             Plan::Recover
         );
+    }
+
+    #[test]
+    fn pending_revisions_the_agent_did_not_start_are_left_alone() {
+        // An operator's `helm upgrade` under way: the record says the agent's last operation
+        // finished, so revision 4 is not the agent's to roll back.
+        let ready = record("r1", Some(3), Phase::Ready);
+        for desired_revision in ["r1", "r2"] {
+            assert_eq!(
+                plan(
+                    &desired(desired_revision),
+                    Some(&ready),
+                    Some(&helm(4, ReleaseStatus::PendingUpgrade))
+                ),
+                Plan::Refuse(
+                    "helm release web revision 4 is pending-upgrade, started outside the agent; the agent does not touch the release until that operation ends"
+                        .into()
+                )
+            );
+        }
     }
 
     #[test]

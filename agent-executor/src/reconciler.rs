@@ -558,8 +558,14 @@ impl Reconciler {
         for entry in stores.tracking.list().await? {
             let Listed::Valid(tracked) = entry else { continue };
             let release = tracked.record.release_name.clone();
-            let interrupted = tracked.record.phase == Phase::Progressing
-                || latest.get(&release).is_some_and(|(_, status)| status.is_pending());
+            // Only what the agent started: a pending revision without a `progressing` record
+            // is someone else's operation (see `plan::plan`).
+            let interrupted = tracked.record.phase == Phase::Progressing;
+            if let Some((revision, status)) = latest.get(&release).filter(|(_, status)| status.is_pending())
+                && !interrupted
+            {
+                tracing::warn!(%release, revision, %status, "a pending helm operation the agent did not start; leaving it alone");
+            }
             if !interrupted || validate::release_name(&release).is_err() {
                 continue;
             }

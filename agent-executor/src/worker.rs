@@ -315,6 +315,12 @@ impl Worker {
                         return self.schedule_retry(&deployment.revision_id);
                     }
                 };
+                if let Some(pending) = after.as_ref().filter(|after| after.status.is_pending()) {
+                    // Helm was stopped mid-operation (its time limit): the `progressing`
+                    // record stays, so that the recovery takes this pending revision over.
+                    tracing::warn!(revision = pending.revision, status = %pending.status, "helm left a pending revision");
+                    return CHECK_INTERVAL;
+                }
                 let after_revision = after.as_ref().map(|after| after.revision);
                 if after_revision.is_some() && after_revision != before_revision {
                     record.phase = Phase::Failed;
