@@ -211,6 +211,26 @@ struct DriverInner {
     scratch: PathBuf,
     operations: PathBuf,
     allow_http_charts: bool,
+    /// Process ids of the `helm` processes running now.
+    running: std::sync::Mutex<std::collections::HashSet<u32>>,
+}
+
+/// Removes a process from [`DriverInner::running`] when its run ends (or is dropped).
+struct Running<'a> {
+    inner: &'a DriverInner,
+    pid: Option<u32>,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid {
+            self.inner
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&pid);
+        }
+    }
 }
 
 impl HelmDriver {
@@ -234,8 +254,35 @@ impl HelmDriver {
                 scratch,
                 operations,
                 allow_http_charts: config.allow_http_charts,
+                running: std::sync::Mutex::default(),
             }),
         })
+    }
+
+    /// Asks every running `helm` to stop (SIGTERM), as at shutdown. Helm 4 then cancels the
+    /// operation and records it: the revision becomes `failed` ("context canceled"), and with
+    /// `--rollback-on-failure` it rolls back; nothing is left `pending-*`, so the next executor
+    /// need not wait out a live `helm`. Returns how many were asked.
+    pub fn terminate_all(&self) -> usize {
+        let pids: Vec<u32> = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        let mut asked = 0;
+        for pid in pids {
+            let Some(process) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+                continue;
+            };
+            match rustix::process::kill_process(process, rustix::process::Signal::TERM) {
+                Ok(()) => asked += 1,
+                Err(error) => tracing::debug!(pid, %error, "cannot signal helm"),
+            }
+        }
+        asked
     }
 
     /// Whether `http://` chart repositories are accepted.
@@ -395,6 +442,16 @@ impl HelmDriver {
                 bin: self.inner.bin.clone(),
                 source,
             })?;
+        let _running = Running {
+            inner: &self.inner,
+            pid: child.id().inspect(|pid| {
+                self.inner
+                    .running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(*pid);
+            }),
+        };
         // On timeout the future, and with it the child, is dropped: kill_on_drop stops it.
         let output = match tokio::time::timeout(limit, child.wait_with_output()).await {
             Ok(Ok(output)) => output,
@@ -566,11 +623,14 @@ fn repository_update_args(files: &RepositoryFiles) -> Vec<String> {
     ]
 }
 
+/// `helm uninstall` that waits until the release's objects are gone (as the Go agent did), so
+/// a reinstall under the same name does not run into terminating objects.
 fn uninstall_args(namespace: &str, release: &str, timeout: Duration) -> Vec<String> {
     vec![
         "uninstall".to_owned(),
         format!("--namespace={namespace}"),
         format!("--timeout={}", format_helm_duration(timeout)),
+        "--wait=watcher".to_owned(),
         "--ignore-not-found".to_owned(),
         "--".to_owned(),
         release.to_owned(),
@@ -1018,6 +1078,7 @@ mod tests {
                 "uninstall",
                 "--namespace=apps",
                 "--timeout=300s",
+                "--wait=watcher",
                 "--ignore-not-found",
                 "--",
                 "web"

@@ -760,12 +760,18 @@ impl Reconciler {
         }
     }
 
-    /// Stops the workers: no new operation starts; operations in flight get `grace` to
-    /// finish (their intent is already in the tracking Secret, so whatever is cut short is
-    /// recovered on the next start).
+    /// Stops the workers: no new operation starts; Helm operations in flight are asked to
+    /// stop (SIGTERM) and get `grace` to record that and exit. Their intent is already in the
+    /// tracking Secret, so whatever is still cut short is recovered on the next start.
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.shutdown.cancel();
         self.inner.tasks.close();
+        // Helm stops gracefully on SIGTERM and records what it did (see
+        // `HelmDriver::terminate_all`); the workers then record the operation as cut short.
+        let stopping = self.inner.helm.terminate_all();
+        if stopping > 0 {
+            tracing::info!(helm_processes = stopping, "asked the running helm operations to stop");
+        }
         if tokio::time::timeout(grace, self.inner.tasks.wait()).await.is_err() {
             tracing::warn!(
                 ?grace,

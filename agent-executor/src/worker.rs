@@ -322,6 +322,24 @@ impl Worker {
                     return CHECK_INTERVAL;
                 }
                 let after_revision = after.as_ref().map(|after| after.revision);
+                if self.inner.shutdown.is_cancelled() && after_revision.is_some() {
+                    // Cut short on purpose (the executor is stopping, Helm was asked to stop and
+                    // recorded it): not a failure of this revision. The revision id is
+                    // forgotten, so the next executor deploys it again at once, without the
+                    // revision-skew error and without waiting for a pending revision.
+                    tracing::info!(
+                        operation = op,
+                        "helm operation stopped by the shutdown; it is redone on the next start"
+                    );
+                    let interrupted = TrackingRecord {
+                        revision_id: crate::model::NIL_UUID.to_owned(),
+                        helm_revision: after_revision,
+                        phase: Phase::Ready,
+                        ..record
+                    };
+                    self.save_quietly(&interrupted).await;
+                    return Duration::ZERO;
+                }
                 if after_revision.is_some() && after_revision != before_revision {
                     record.phase = Phase::Failed;
                     record.helm_revision = after_revision;

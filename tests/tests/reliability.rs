@@ -219,3 +219,113 @@ async fn bad_cluster_state_is_an_error_for_that_release_only() -> anyhow::Result
     .await?;
     Ok(())
 }
+
+/// Helm revisions of `release`: (revision, status, description).
+async fn history(agent: &Agent, release: &str) -> anyhow::Result<Vec<(u64, String, String)>> {
+    let history = agent.helm_json(&["history", release]).await?;
+    Ok(history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|entry| {
+            (
+                entry["revision"].as_u64().unwrap_or_default(),
+                entry["status"].as_str().unwrap_or_default().to_owned(),
+                entry["description"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect())
+}
+
+/// A SIGTERM during an upgrade stops Helm gracefully: Helm records the cut-short revision
+/// (failed, rolled back), nothing is left `pending-*`, and the next executor redoes the
+/// upgrade at once instead of waiting out a pending revision (issue 7: 1h).
+#[tokio::test]
+async fn a_shutdown_during_an_upgrade_stops_helm_gracefully_and_the_next_executor_redoes_it() -> anyhow::Result<()> {
+    let test = "graceful-stop";
+    let mut agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "graceful-web", &["0.1.0", "0.2.0"]).await?;
+    let v1 = deployment("web", &chart, "0.1.0", json!({}));
+    agent.set_deployments(vec![v1.clone()]);
+    agent
+        .wait_status(&revision(&v1), "running", "helm install succeeded", MINUTE)
+        .await?;
+    // An upgrade that waits (its pods never become ready) for up to a minute.
+    let v2 = distr_agent_e2e::agent::revise(
+        &v1,
+        json!({
+            "chartVersion": "0.2.0",
+            "values": {"neverReady": true},
+            "helmOptions": {"timeout": "60s", "rollbackOnFailure": true, "waitStrategy": "watcher",
+                            "cleanupOnFailure": true, "forceConflicts": false}
+        }),
+    );
+    agent.set_deployments(vec![v2.clone()]);
+    wait_for("helm's pending upgrade", MINUTE, || async {
+        history(&agent, "web")
+            .await
+            .ok()?
+            .into_iter()
+            .find(|(_, status, _)| status == "pending-upgrade")
+    })
+    .await?;
+
+    let (code, took) = agent.executor.terminate(MINUTE).await?;
+    eprintln!("executor stopped {took:?} after SIGTERM during an upgrade");
+    assert_eq!(code, Some(0), "{}", agent.executor.log_text());
+    let after_stop = history(&agent, "web").await?;
+    assert!(
+        after_stop.iter().all(|(_, status, _)| !status.starts_with("pending")),
+        "nothing left pending: {after_stop:#?}"
+    );
+    assert!(
+        after_stop
+            .iter()
+            .any(|(_, status, description)| status == "failed" && description.contains("context canceled")),
+        "helm recorded the cancelled upgrade: {after_stop:#?}"
+    );
+    let record = tracking_record(&agent, "web").await?;
+    assert_eq!(record["phase"], "ready", "{record}");
+    assert_eq!(record["revisionId"], "00000000-0000-0000-0000-000000000000", "{record}");
+    assert_eq!(
+        record["helmRevision"].as_u64(),
+        after_stop.iter().map(|(revision, _, _)| *revision).max(),
+        "{record}"
+    );
+
+    // The next executor redoes the upgrade at once (no wait for a pending revision).
+    let restarted = std::time::Instant::now();
+    agent.restart_executor().await?;
+    wait_for("the upgrade redone", MINUTE, || async {
+        let now = history(&agent, "web").await.ok()?;
+        (now.len() > after_stop.len()).then_some(())
+    })
+    .await?;
+    eprintln!("upgrade redone {:?} after the restart", restarted.elapsed());
+    assert!(
+        restarted.elapsed() < Duration::from_secs(45),
+        "{:?}",
+        restarted.elapsed()
+    );
+    // It ends as this revision should: it fails (pods never ready) and is reported once.
+    let error = agent
+        .wait_status(&revision(&v2), "error", "upgrade error", 2 * MINUTE)
+        .await?;
+    eprintln!(
+        "interrupted upgrade converged {:?} after the restart",
+        restarted.elapsed()
+    );
+    assert!(
+        !error.message.contains("different from latest deployed"),
+        "{}",
+        error.message
+    );
+    let statuses = agent.statuses(&revision(&v2));
+    assert!(
+        statuses
+            .iter()
+            .all(|s| !s.message.contains("is different from latest deployed by agent")),
+        "{statuses:#?}"
+    );
+    Ok(())
+}
