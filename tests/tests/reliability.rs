@@ -329,3 +329,99 @@ async fn a_shutdown_during_an_upgrade_stops_helm_gracefully_and_the_next_executo
     );
     Ok(())
 }
+
+/// Bad input from the Hub is an error of that deployment alone: every other release installs
+/// and stays healthy, untouched (issue 7: 2h; duplicate release names in a changing order, 1l).
+#[tokio::test]
+async fn bad_input_from_the_hub_fails_only_that_deployment() -> anyhow::Result<()> {
+    let test = "bad-input";
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "bad-input-web", &["0.1.0"]).await?;
+    let good = deployment("good", &chart, "0.1.0", json!({}));
+    let bad_name = deployment("Bad_Name", &chart, "0.1.0", json!({}));
+    let not_an_object = deployment("not-an-object", &chart, "0.1.0", json!([1, 2, 3]));
+    let bad_timeout = distr_agent_e2e::agent::revise(
+        &deployment("bad-timeout", &chart, "0.1.0", json!({})),
+        json!({"helmOptions": {"timeout": "forever", "waitStrategy": "watcher", "rollbackOnFailure": true,
+                               "cleanupOnFailure": true, "forceConflicts": false}}),
+    );
+    let file_url = deployment("file-url", "file:///etc/passwd", "0.1.0", json!({}));
+    let script_url = deployment("script-url", "javascript:alert(1)", "0.1.0", json!({}));
+    // Several MiB of values (a big embedded file, say).
+    let big = deployment("big", &chart, "0.1.0", json!({"blob": "x".repeat(3 << 20)}));
+    let dup_a = deployment("dup", &chart, "0.1.0", json!({"message": "a"}));
+    let dup_b = deployment("dup", &chart, "0.1.0", json!({"message": "b"}));
+    let all = vec![
+        good.clone(),
+        bad_name.clone(),
+        not_an_object.clone(),
+        bad_timeout.clone(),
+        file_url.clone(),
+        script_url.clone(),
+        big.clone(),
+        dup_a.clone(),
+        dup_b.clone(),
+    ];
+    agent.set_deployments(all.clone());
+    agent
+        .wait_status(&revision(&good), "healthy", "status check passed", 2 * MINUTE)
+        .await?;
+    agent
+        .wait_status(&revision(&big), "healthy", "status check passed", 2 * MINUTE)
+        .await?;
+    for (d, expected) in [
+        (&bad_name, "invalid release name"),
+        (&not_an_object, "values"),
+        (&bad_timeout, "forever"),
+        (&file_url, "must start with oci:// or https://"),
+        (&script_url, "must start with oci:// or https://"),
+    ] {
+        agent.wait_status(&revision(d), "error", expected, MINUTE).await?;
+    }
+
+    // The duplicate release name: one deployment owns it, whatever the order of the list.
+    let mut flipped = all.clone();
+    let (a, b) = (flipped.len() - 2, flipped.len() - 1);
+    flipped.swap(a, b);
+    for round in 0..6 {
+        agent.set_deployments(if round % 2 == 0 { flipped.clone() } else { all.clone() });
+        // Two poll cycles (1 s each) per order.
+        let seen = agent.hub.requests_on(distr_agent_e2e::hubsim::Route::Resources).len();
+        wait_for("two more cycles", MINUTE, || async {
+            (agent.hub.requests_on(distr_agent_e2e::hubsim::Route::Resources).len() >= seen + 2).then_some(())
+        })
+        .await?;
+    }
+    let dup_history = history(&agent, "dup").await?;
+    assert_eq!(dup_history.len(), 1, "installed once, never replaced: {dup_history:#?}");
+    let owner = tracking_record(&agent, "dup").await?["id"].clone();
+    let (winner, loser) = if owner == dup_a["id"] {
+        (&dup_a, &dup_b)
+    } else {
+        (&dup_b, &dup_a)
+    };
+    assert_eq!(owner, winner["id"]);
+    agent
+        .wait_status(
+            &revision(loser),
+            "error",
+            "release name dup is used by another deployment",
+            MINUTE,
+        )
+        .await?;
+    let winner_statuses = agent.statuses(&revision(winner));
+    assert!(
+        winner_statuses.iter().all(|s| s.status_type != "error"),
+        "{winner_statuses:#?}"
+    );
+
+    // Every good release untouched: one Helm revision each, and still healthy.
+    for release in ["good", "big"] {
+        assert_eq!(history(&agent, release).await?.len(), 1, "{release}");
+    }
+    let releases = helm_releases(&agent).await?;
+    let mut sorted = releases.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec!["big", "dup", "good"], "{releases:?}");
+    Ok(())
+}
