@@ -44,6 +44,12 @@ impl Executor for ExecutorService {
         }))
     }
 
+    async fn statuses(&self, _: Request<pb::StatusesRequest>) -> Result<Response<pb::StatusesResponse>, Status> {
+        Ok(Response::new(pb::StatusesResponse {
+            statuses: self.reconciler.statuses().into_iter().map(deployment_status).collect(),
+        }))
+    }
+
     async fn list_releases(
         &self,
         _: Request<pb::ListReleasesRequest>,
@@ -115,7 +121,9 @@ fn to_status(error: ReconcileError) -> Status {
         ReconcileError::Invalid(_) => Status::invalid_argument(message),
         ReconcileError::NotTracked(_) | ReconcileError::NotInstalled(_) => Status::not_found(message),
         ReconcileError::Busy(_) => Status::aborted(message),
-        ReconcileError::ShuttingDown | ReconcileError::Storage(_) => Status::unavailable(message),
+        ReconcileError::ShuttingDown | ReconcileError::Storage(_) | ReconcileError::Recovery(_) => {
+            Status::unavailable(message)
+        }
         ReconcileError::Tracking(TrackingError::Api { .. }) => Status::unavailable(message),
         ReconcileError::Tracking(TrackingError::Invalid { .. }) | ReconcileError::Helm { .. } => {
             Status::failed_precondition(message)
@@ -129,21 +137,23 @@ fn desired_state(request: pb::SyncRequest) -> Result<DesiredState, Status> {
         validate::namespace(&request.namespace).map_err(|error| Status::invalid_argument(error.to_string()))?;
     }
     let hub_registry = match request.hub_registry {
-        Some(login) if !login.host.is_empty() => {
-            if login
-                .host
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control() || c == '/')
-            {
-                return Err(Status::invalid_argument("hub_registry.host must be host[:port]"));
-            }
-            Some(RegistryLogin {
-                host: login.host,
-                username: login.username,
-                password: SecretString::new(login.password),
-                plain_http: login.plain_http,
-            })
+        Some(login)
+            if !login.host.is_empty()
+                && login
+                    .host
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == '/') =>
+        {
+            // Only the charts of that registry can fail for it; every other release goes on.
+            tracing::warn!("hub_registry.host is not host[:port]; charts from the Hub registry get no login");
+            None
         }
+        Some(login) if !login.host.is_empty() => Some(RegistryLogin {
+            host: login.host,
+            username: login.username,
+            password: SecretString::new(login.password),
+            plain_http: login.plain_http,
+        }),
         _ => None,
     };
     Ok(DesiredState {
@@ -386,17 +396,6 @@ mod tests {
             desired_state(bad_namespace).unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
-        let bad_host = pb::SyncRequest {
-            hub_registry: Some(pb::RegistryLogin {
-                host: "a b".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        assert_eq!(
-            desired_state(bad_host).unwrap_err().code(),
-            tonic::Code::InvalidArgument
-        );
         let no_host = pb::SyncRequest {
             hub_registry: Some(pb::RegistryLogin {
                 host: String::new(),
@@ -405,6 +404,30 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(desired_state(no_host).unwrap().hub_registry, None);
+    }
+
+    #[test]
+    fn a_bad_hub_registry_host_fails_only_that_registry() {
+        // With a scheme, the whole Sync used to be refused and nothing reconciled.
+        for host in ["https://registry.example.com", "a b"] {
+            let request = pb::SyncRequest {
+                hub_registry: Some(pb::RegistryLogin {
+                    host: host.into(),
+                    username: "-".into(),
+                    password: "jwt".into(),
+                    plain_http: false,
+                }),
+                deployments: vec![pb::Deployment {
+                    id: "d".into(),
+                    release_name: "web".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            let desired = desired_state(request).unwrap();
+            assert_eq!(desired.hub_registry, None, "{host}");
+            assert_eq!(desired.deployments.len(), 1);
+        }
     }
 
     #[test]

@@ -30,6 +30,7 @@ use crate::{
     docker_config,
     helm_storage::{self, StoredRelease},
     model::{ChartSource, HelmOptions, RegistryCredentials, RegistryLogin, WaitStrategy, format_helm_duration},
+    validate::redact_url_credentials,
 };
 
 /// Extra time a whole Helm operation gets beyond Helm's own `--timeout` (chart download,
@@ -100,8 +101,8 @@ pub struct HelmConfig {
     pub allow_http_charts: bool,
 }
 
-/// One chart install or upgrade.
-#[derive(Clone, Copy, Debug)]
+/// One chart install or upgrade. `Debug` leaves out the values and credentials.
+#[derive(Clone, Copy)]
 pub struct ChartRequest<'a> {
     pub release: &'a str,
     pub namespace: &'a str,
@@ -114,6 +115,21 @@ pub struct ChartRequest<'a> {
     pub registry_auth: &'a BTreeMap<String, RegistryCredentials>,
 }
 
+impl std::fmt::Debug for ChartRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChartRequest")
+            .field("release", &self.release)
+            .field("namespace", &self.namespace)
+            .field("source", &self.source)
+            .field("version", &self.version)
+            .field("options", &self.options)
+            .field("values", &"<redacted>")
+            .field("hub_registry", &self.hub_registry.map(|hub| &hub.host))
+            .field("registry_auth", &self.registry_auth.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
 impl ChartRequest<'_> {
     /// `--plain-http` applies when the chart is an OCI chart on the Hub's plain-HTTP registry.
     fn plain_http(&self) -> bool {
@@ -121,10 +137,13 @@ impl ChartRequest<'_> {
             if self.hub_registry.is_some_and(|hub| hub.plain_http && hub.host == *host))
     }
 
-    /// Credentials for a classic repository, when `registryAuth` has its host.
+    /// Credentials for a classic repository: `registryAuth` for its host, else those the URL
+    /// carried.
     fn repository_credentials(&self) -> Option<&RegistryCredentials> {
         match self.source {
-            ChartSource::Repository { host, .. } => self.registry_auth.get(host),
+            ChartSource::Repository {
+                host, url_credentials, ..
+            } => self.registry_auth.get(host).or(url_credentials.as_ref()),
             ChartSource::Oci { .. } => None,
         }
     }
@@ -151,7 +170,19 @@ pub struct HistoryEntry {
 struct OperationFiles {
     values: String,
     registry_config: String,
+    /// For a classic repository with credentials: the private repository config holding
+    /// them and its index cache (Helm's `--password` would show on the command line).
+    repository: Option<RepositoryFiles>,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RepositoryFiles {
+    config: String,
+    cache: String,
+}
+
+/// Name of the repository in an operation's private repository config.
+const REPOSITORY_NAME: &str = "distr-chart-repository";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ChartOperation {
@@ -180,6 +211,26 @@ struct DriverInner {
     scratch: PathBuf,
     operations: PathBuf,
     allow_http_charts: bool,
+    /// Process ids of the `helm` processes running now.
+    running: std::sync::Mutex<std::collections::HashSet<u32>>,
+}
+
+/// Removes a process from [`DriverInner::running`] when its run ends (or is dropped).
+struct Running<'a> {
+    inner: &'a DriverInner,
+    pid: Option<u32>,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid {
+            self.inner
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&pid);
+        }
+    }
 }
 
 impl HelmDriver {
@@ -203,8 +254,35 @@ impl HelmDriver {
                 scratch,
                 operations,
                 allow_http_charts: config.allow_http_charts,
+                running: std::sync::Mutex::default(),
             }),
         })
+    }
+
+    /// Asks every running `helm` to stop (SIGTERM), as at shutdown. Helm 4 then cancels the
+    /// operation and records it: the revision becomes `failed` ("context canceled"), and with
+    /// `--rollback-on-failure` it rolls back; nothing is left `pending-*`, so the next executor
+    /// need not wait out a live `helm`. Returns how many were asked.
+    pub fn terminate_all(&self) -> usize {
+        let pids: Vec<u32> = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        let mut asked = 0;
+        for pid in pids {
+            let Some(process) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+                continue;
+            };
+            match rustix::process::kill_process(process, rustix::process::Signal::TERM) {
+                Ok(()) => asked += 1,
+                Err(error) => tracing::debug!(pid, %error, "cannot signal helm"),
+            }
+        }
+        asked
     }
 
     /// Whether `http://` chart repositories are accepted.
@@ -270,12 +348,27 @@ impl HelmDriver {
             operation: operation.name(),
             reason: error.to_string(),
         })?;
+        let repository = match (request.source, request.repository_credentials()) {
+            (ChartSource::Repository { url, .. }, Some(credentials)) => {
+                let files = RepositoryFiles {
+                    config: workspace.write("repositories.json", &repository_config(url, credentials))?,
+                    cache: workspace.dir("repository-cache")?,
+                };
+                // Fetches the index with the credentials from the file, into the private cache.
+                let args = repository_update_args(&files);
+                self.run(operation.name(), request.release, &args, QUERY_TIMEOUT)
+                    .await?;
+                Some(files)
+            }
+            _ => None,
+        };
         let files = OperationFiles {
             values: workspace.write("values.json", &values)?,
             registry_config: workspace.write(
                 "registry-config.json",
                 &docker_config::build(request.hub_registry, request.registry_auth),
             )?,
+            repository,
         };
         let args = chart_args(operation, request, &files);
         let result = self
@@ -307,6 +400,13 @@ impl HelmDriver {
             .iter()
             .filter_map(|name| Some((name.to_string(), PathBuf::from(std::env::var_os(name)?))))
             .collect();
+        // Helm runs in the scratch directory: a relative KUBECONFIG would point elsewhere (and
+        // Helm would fall back to localhost:8080).
+        if let Some((_, kubeconfig)) = env.iter_mut().find(|(name, _)| name == "KUBECONFIG")
+            && let Ok(cwd) = std::env::current_dir()
+        {
+            *kubeconfig = absolute_path_list(kubeconfig.as_os_str(), &cwd);
+        }
         env.extend([
             ("HELM_CONFIG_HOME".to_owned(), scratch.join("config")),
             ("HELM_CACHE_HOME".to_owned(), scratch.join("cache")),
@@ -342,6 +442,16 @@ impl HelmDriver {
                 bin: self.inner.bin.clone(),
                 source,
             })?;
+        let _running = Running {
+            inner: &self.inner,
+            pid: child.id().inspect(|pid| {
+                self.inner
+                    .running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(*pid);
+            }),
+        };
         // On timeout the future, and with it the child, is dropped: kill_on_drop stops it.
         let output = match tokio::time::timeout(limit, child.wait_with_output()).await {
             Ok(Ok(output)) => output,
@@ -361,14 +471,30 @@ impl HelmDriver {
             tracing::debug!(release, operation, ?elapsed, "helm succeeded");
             Ok(output.stdout)
         } else {
-            let message = explain(summarize_stderr(
+            // Helm quotes URLs in its errors: never with credentials in them.
+            let message = explain(redact_url_credentials(&summarize_stderr(
                 &String::from_utf8_lossy(&output.stderr),
                 output.status.code(),
-            ));
+            )));
             tracing::debug!(release, operation, ?elapsed, error = %message, "helm failed");
             Err(HelmError::Failed { operation, message })
         }
     }
+}
+
+/// A path list (`KUBECONFIG`: paths separated by `:`) with every relative entry made
+/// absolute against `cwd`.
+fn absolute_path_list(list: &std::ffi::OsStr, cwd: &Path) -> PathBuf {
+    let paths: Vec<PathBuf> = std::env::split_paths(list)
+        .map(|path| {
+            if path.as_os_str().is_empty() || path.is_absolute() {
+                path
+            } else {
+                cwd.join(path)
+            }
+        })
+        .collect();
+    std::env::join_paths(paths).map_or_else(|_| PathBuf::from(list), PathBuf::from)
 }
 
 /// A private directory for one operation, removed on drop.
@@ -377,6 +503,13 @@ struct Workspace {
 }
 
 impl Workspace {
+    /// Creates a private sub-directory and returns its path.
+    fn dir(&self, name: &str) -> Result<String, HelmError> {
+        let path = self.dir.path().join(name);
+        create_private_dir(&path)?;
+        Ok(path.to_string_lossy().into_owned())
+    }
+
     /// Writes a private (0600) file and returns its path.
     fn write(&self, name: &str, content: &[u8]) -> Result<String, HelmError> {
         let path = self.dir.path().join(name);
@@ -442,27 +575,62 @@ fn chart_args(operation: ChartOperation, request: &ChartRequest<'_>, files: &Ope
     }
     let chart = match request.source {
         ChartSource::Oci { reference, .. } => reference.clone(),
-        ChartSource::Repository { url, chart, .. } => {
-            args.push(format!("--repo={url}"));
-            // A classic repository takes its credentials as flags; `--registry-config` only
-            // covers OCI registries. These arguments are never logged (see `redacted`), and
-            // the process runs alone in the executor's container.
-            if let Some(credentials) = request.repository_credentials() {
-                args.push(format!("--username={}", credentials.username));
-                args.push(format!("--password={}", credentials.password.expose()));
+        ChartSource::Repository { url, chart, .. } => match &files.repository {
+            // Credentials stay in the private repository config (`--registry-config` only
+            // covers OCI registries, and `--password` would show in /proc).
+            Some(repository) => {
+                args.push(format!("--repository-config={}", repository.config));
+                args.push(format!("--repository-cache={}", repository.cache));
+                format!("{REPOSITORY_NAME}/{chart}")
             }
-            chart.clone()
-        }
+            None => {
+                args.push(format!("--repo={url}"));
+                chart.clone()
+            }
+        },
     };
     args.extend(["--".to_owned(), request.release.to_owned(), chart]);
     args
 }
 
+/// A repository config (`repositories.yaml`; JSON is YAML) naming one repository with its
+/// credentials.
+fn repository_config(url: &str, credentials: &RegistryCredentials) -> Vec<u8> {
+    let config = serde_json::json!({
+        "apiVersion": "",
+        "generated": "0001-01-01T00:00:00Z",
+        "repositories": [{
+            "name": REPOSITORY_NAME,
+            "url": url,
+            "username": credentials.username,
+            "password": credentials.password.expose(),
+            "pass_credentials_all": false,
+        }],
+    });
+    // A JSON value always serialises.
+    serde_json::to_vec(&config).unwrap_or_default()
+}
+
+/// `helm repo update` of the one repository of an operation's private repository config.
+fn repository_update_args(files: &RepositoryFiles) -> Vec<String> {
+    vec![
+        "repo".to_owned(),
+        "update".to_owned(),
+        format!("--repository-config={}", files.config),
+        format!("--repository-cache={}", files.cache),
+        "--".to_owned(),
+        REPOSITORY_NAME.to_owned(),
+    ]
+}
+
+/// `helm uninstall` that waits until the release's objects are gone (as the Go agent did), so
+/// a reinstall under the same name does not run into terminating objects.
 fn uninstall_args(namespace: &str, release: &str, timeout: Duration) -> Vec<String> {
     vec![
         "uninstall".to_owned(),
         format!("--namespace={namespace}"),
         format!("--timeout={}", format_helm_duration(timeout)),
+        "--wait=watcher".to_owned(),
         "--ignore-not-found".to_owned(),
         "--".to_owned(),
         release.to_owned(),
@@ -597,6 +765,7 @@ mod tests {
         OperationFiles {
             values: "/s/op-1/values.json".into(),
             registry_config: "/s/op-1/registry-config.json".into(),
+            repository: None,
         }
     }
 
@@ -748,19 +917,13 @@ mod tests {
             url: "https://charts.example.com/stable".into(),
             host: "charts.example.com".into(),
             chart: "web-chart".into(),
+            url_credentials: None,
         };
         let options = HelmOptions::default();
-        let mut auth = BTreeMap::new();
-        auth.insert(
-            "charts.example.com".to_owned(),
-            RegistryCredentials {
-                username: "user".into(),
-                password: SecretString::new("-pass"),
-            },
-        );
+        let no_auth = BTreeMap::new();
         let args = chart_args(
             ChartOperation::Install,
-            &request(&source, &options, None, &auth),
+            &request(&source, &options, None, &no_auth),
             &files(),
         );
         assert_eq!(
@@ -775,26 +938,136 @@ mod tests {
                 "--wait=watcher",
                 "--rollback-on-failure",
                 "--repo=https://charts.example.com/stable",
-                "--username=user",
-                "--password=-pass",
                 "--",
                 "web",
                 "web-chart",
             ]
         );
-        assert!(redacted(&args).contains(&"--password=<redacted>"));
-        assert!(!redacted(&args).iter().any(|arg| arg.ends_with("=-pass")));
-        let no_auth = BTreeMap::new();
-        let args = chart_args(
-            ChartOperation::Install,
-            &request(&source, &options, None, &no_auth),
-            &files(),
+    }
+
+    #[test]
+    fn classic_repository_passwords_stay_off_the_command_line() {
+        let source = ChartSource::Repository {
+            url: "https://charts.example.com/stable".into(),
+            host: "charts.example.com".into(),
+            chart: "web-chart".into(),
+            url_credentials: None,
+        };
+        let options = HelmOptions::default();
+        let mut auth = BTreeMap::new();
+        auth.insert(
+            "charts.example.com".to_owned(),
+            RegistryCredentials {
+                username: "user".into(),
+                password: SecretString::new("repo-pass"),
+            },
         );
-        assert!(
-            !args
-                .iter()
-                .any(|arg| arg.starts_with("--username") || arg.starts_with("--password"))
+        let request = request(&source, &options, None, &auth);
+        let credentials = request.repository_credentials().unwrap();
+        let repository = RepositoryFiles {
+            config: "/s/op-1/repositories.json".into(),
+            cache: "/s/op-1/repository-cache".into(),
+        };
+        let files = OperationFiles {
+            repository: Some(repository.clone()),
+            ..files()
+        };
+        let args = chart_args(ChartOperation::Install, &request, &files);
+        let update = repository_update_args(&repository);
+        for arg in args.iter().chain(&update) {
+            assert!(!arg.contains("repo-pass") && !arg.contains("user"), "{arg}");
+        }
+        assert_eq!(
+            args[args.len() - 5..],
+            [
+                "--repository-config=/s/op-1/repositories.json",
+                "--repository-cache=/s/op-1/repository-cache",
+                "--",
+                "web",
+                "distr-chart-repository/web-chart",
+            ]
         );
+        assert_eq!(
+            update,
+            [
+                "repo",
+                "update",
+                "--repository-config=/s/op-1/repositories.json",
+                "--repository-cache=/s/op-1/repository-cache",
+                "--",
+                "distr-chart-repository",
+            ]
+        );
+        // The private config holds them, for the repository's URL.
+        let config: serde_json::Value =
+            serde_json::from_slice(&repository_config("https://charts.example.com/stable", credentials)).unwrap();
+        let entry = &config["repositories"][0];
+        assert_eq!(entry["name"], "distr-chart-repository");
+        assert_eq!(entry["url"], "https://charts.example.com/stable");
+        assert_eq!(
+            (&entry["username"], &entry["password"]),
+            (&"user".into(), &"repo-pass".into())
+        );
+        // Credentials from the URL are used when registryAuth has none for the host.
+        let from_url = ChartSource::Repository {
+            url: "https://charts.example.com/stable".into(),
+            host: "charts.example.com".into(),
+            chart: "web-chart".into(),
+            url_credentials: Some(RegistryCredentials {
+                username: "vendor".into(),
+                password: SecretString::new("url-pass"),
+            }),
+        };
+        let none = BTreeMap::new();
+        let request_from_url = super::tests::request(&from_url, &options, None, &none);
+        assert_eq!(request_from_url.repository_credentials().unwrap().username, "vendor");
+    }
+
+    #[test]
+    fn a_relative_kubeconfig_is_made_absolute_for_helm() {
+        let cwd = Path::new("/work/agent");
+        assert_eq!(
+            absolute_path_list("kube/config".as_ref(), cwd),
+            PathBuf::from("/work/agent/kube/config")
+        );
+        assert_eq!(
+            absolute_path_list("/etc/kube:rel/two".as_ref(), cwd),
+            PathBuf::from("/etc/kube:/work/agent/rel/two")
+        );
+        assert_eq!(
+            absolute_path_list("/etc/kube".as_ref(), cwd),
+            PathBuf::from("/etc/kube")
+        );
+    }
+
+    #[test]
+    fn chart_requests_debug_without_values_or_credentials() {
+        let source = oci();
+        let options = HelmOptions::default();
+        let values = serde_json::json!({"db": {"password": "value-secret"}});
+        let mut auth = BTreeMap::new();
+        auth.insert(
+            "hub.example.com".to_owned(),
+            RegistryCredentials {
+                username: "user".into(),
+                password: SecretString::new("auth-secret"),
+            },
+        );
+        let hub = RegistryLogin {
+            host: "hub.example.com".into(),
+            username: "-".into(),
+            password: SecretString::new("jwt-secret"),
+            plain_http: false,
+        };
+        let request = ChartRequest {
+            values: &values,
+            ..request(&source, &options, Some(&hub), &auth)
+        };
+        let debug = format!("{request:?}");
+        assert!(debug.contains("hub.example.com"), "{debug}");
+        for secret in ["value-secret", "auth-secret", "jwt-secret"] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
     }
 
     #[test]
@@ -805,6 +1078,7 @@ mod tests {
                 "uninstall",
                 "--namespace=apps",
                 "--timeout=300s",
+                "--wait=watcher",
                 "--ignore-not-found",
                 "--",
                 "web"

@@ -6,7 +6,11 @@
 //! (on top of the Secret's own base64) of a gzip stream of the release JSON; releases written
 //! before Helm compressed them are plain JSON after the base64 step.
 
-use std::{collections::BTreeMap, fmt, io::Read};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    io::Read,
+};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use chrono::{DateTime, Utc};
@@ -315,6 +319,23 @@ impl HelmStorage {
         Ok(releases)
     }
 
+    /// Revision number and status of every stored revision of `release`, oldest first, from
+    /// the Secrets' labels alone (no payload is decoded, so a corrupt one does not matter).
+    pub async fn revision_statuses(&self, release: &str) -> Result<Vec<(u32, ReleaseStatus)>, StorageError> {
+        let metas = self
+            .list_metadata(&format!("owner=helm,name={release}"), release)
+            .await?;
+        let mut statuses: Vec<(u32, ReleaseStatus)> = metas
+            .iter()
+            .filter_map(|meta| {
+                let status = meta.labels.as_ref()?.get("status")?;
+                Some((revision_of(meta)?, ReleaseStatus::parse(status)))
+            })
+            .collect();
+        statuses.sort_by_key(|(revision, _)| *revision);
+        Ok(statuses)
+    }
+
     /// Latest revision number and status of every release in the namespace, from the
     /// Secrets' labels alone.
     pub async fn latest_statuses(&self) -> Result<BTreeMap<String, (u32, ReleaseStatus)>, StorageError> {
@@ -328,21 +349,34 @@ impl HelmStorage {
             .collect())
     }
 
-    /// The latest revision of every release in the namespace, by release name. Only the
-    /// latest Secret of each release is read.
-    pub async fn latest_of_all(&self) -> Result<BTreeMap<String, StoredRelease>, StorageError> {
+    /// The latest revision of each of `releases` that Helm has, by release name. Only the
+    /// latest Secret of each is read, and one that cannot be read or decoded is an error of
+    /// that release alone: a corrupt Secret of one release (managed by the agent or not)
+    /// must not hide the others.
+    pub async fn latest_of_each(&self, releases: &BTreeSet<String>) -> Result<LatestByRelease, StorageError> {
         let metas = self.list_metadata("owner=helm", "all releases").await?;
         let mut latest = BTreeMap::new();
         for (release, meta) in latest_by_release(&metas) {
-            if let Some(name) = meta.name.as_deref()
-                && let Some(stored) = self.read(name).await?
-            {
-                latest.insert(release, stored);
+            if !releases.contains(&release) {
+                continue;
+            }
+            let Some(name) = meta.name.as_deref() else { continue };
+            match self.read(name).await {
+                Ok(Some(stored)) => {
+                    latest.insert(release, Ok(stored));
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    latest.insert(release, Err(error));
+                }
             }
         }
         Ok(latest)
     }
 }
+
+/// Latest revision per release, or why it could not be read.
+pub type LatestByRelease = BTreeMap<String, Result<StoredRelease, StorageError>>;
 
 /// The metadata of the newest revision Secret of each release.
 fn latest_by_release(metas: &[ObjectMeta]) -> BTreeMap<String, &ObjectMeta> {

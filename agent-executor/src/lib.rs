@@ -119,6 +119,7 @@ pub fn policy() -> Policy {
     const SERVICE: &str = "distr.agent.v1.Executor";
     Policy::new()
         .allow(SERVICE, "Sync", &[Role::Poller])
+        .allow(SERVICE, "Statuses", &[Role::Poller, Role::Operator])
         .allow(SERVICE, "CollectLogs", &[Role::Poller])
         .allow(SERVICE, "AckLogs", &[Role::Poller])
         .allow(SERVICE, "ClusterMetrics", &[Role::Poller])

@@ -177,6 +177,30 @@ impl Default for HelmOptions {
     }
 }
 
+/// Longest Helm timeout the agent uses: a release in `--wait` holds a Helm process (and, at
+/// its start, an operation slot) that long, and a recovery waits it out.
+pub const MAX_HELM_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+
+impl HelmOptions {
+    /// The options with the timeout capped at [`MAX_HELM_TIMEOUT`], and a note saying so
+    /// when it was.
+    pub fn capped(&self) -> (HelmOptions, Option<String>) {
+        if self.timeout <= MAX_HELM_TIMEOUT {
+            return (self.clone(), None);
+        }
+        let note = format!(
+            "helm timeout {} capped at the agent's maximum of {}",
+            format_helm_duration(self.timeout),
+            format_helm_duration(MAX_HELM_TIMEOUT)
+        );
+        let capped = HelmOptions {
+            timeout: MAX_HELM_TIMEOUT,
+            ..self.clone()
+        };
+        (capped, Some(note))
+    }
+}
+
 /// Parses the Hub's `helmOptions.timeout`. A zero duration means "not set" and gives the
 /// default, as Helm would otherwise fail every wait at once.
 pub fn parse_helm_timeout(value: &str) -> Result<Duration, ModelError> {
@@ -264,10 +288,13 @@ pub enum ChartSource {
     },
     /// A classic chart repository (`--repo <url> <chart>`).
     Repository {
+        /// The URL without any `user:password@` (those are in `url_credentials`).
         url: String,
         /// `host[:port]` of the repository.
         host: String,
         chart: String,
+        /// Credentials written into the URL (`https://user:password@host/...`).
+        url_credentials: Option<RegistryCredentials>,
     },
 }
 
@@ -275,6 +302,21 @@ pub enum ChartSource {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_helm_timeouts_are_capped_with_a_note() {
+        let options = HelmOptions {
+            timeout: parse_helm_timeout("24h").unwrap(),
+            ..HelmOptions::default()
+        };
+        let (capped, note) = options.capped();
+        assert_eq!(capped.timeout, MAX_HELM_TIMEOUT);
+        assert_eq!(
+            note.as_deref(),
+            Some("helm timeout 86400s capped at the agent's maximum of 3600s")
+        );
+        assert_eq!(HelmOptions::default().capped(), (HelmOptions::default(), None));
+    }
 
     #[test]
     fn go_durations_parse() {

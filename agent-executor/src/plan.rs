@@ -38,7 +38,10 @@ pub fn plan(desired: &Deployment, tracked: Option<&TrackingRecord>, latest: Opti
             "helm release {release} already exists but was not created by the agent"
         )),
         (Some(record), _) if record.phase == Phase::Progressing => Plan::Recover,
-        (Some(_), Some(latest)) if latest.status.is_pending() => Plan::Recover,
+        // The agent records `progressing` before it starts Helm: a pending revision without
+        // that is someone else's operation (an operator's long `helm upgrade`), never taken
+        // over (rolled back) under them.
+        (Some(_), Some(latest)) if latest.status.is_pending() => Plan::Refuse(foreign_pending(release, latest)),
         // Tracked but gone from Helm: a failed install that Helm rolled back, or an
         // uninstall behind the agent's back. Either way the Hub wants it deployed.
         (Some(_), None) => Plan::Install,
@@ -63,30 +66,57 @@ pub fn plan(desired: &Deployment, tracked: Option<&TrackingRecord>, latest: Opti
     }
 }
 
+/// Why the agent leaves a pending revision it did not start alone.
+pub fn foreign_pending(release: &str, latest: &StoredRelease) -> String {
+    format!(
+        "helm release {release} revision {} is {}, started outside the agent; the agent does not touch the release until that operation ends",
+        latest.revision, latest.status
+    )
+}
+
 /// The tracking record after recovering an interrupted operation, given Helm's latest
 /// revision once any pending revision was undone (`undone`: the recovery rolled back or
 /// uninstalled it).
 ///
 /// - Phase not `progressing` (only Helm was pending): keep the record, take Helm's revision.
 /// - Helm has nothing: phase `failed`, no revision; the next pass installs again.
+/// - The operation failed and Helm rolled it back before the crash (a newer revision is
+///   `deployed`, nothing undone, and `history` has a `failed` revision above the recorded
+///   one): phase `failed` with the rollback's revision; this revision is not retried, as
+///   after any failed upgrade that Helm rolled back.
 /// - The operation finished before the crash (a newer revision is `deployed`, nothing
-///   undone): phase `ready` with that revision.
+///   undone, no failed revision since the recorded one): phase `ready` with that revision.
 /// - The operation failed before the crash (latest `failed`): phase `failed` with that
 ///   revision; this revision is not retried, as after any failed upgrade.
 /// - Otherwise (never started, or undone): phase `ready` at Helm's revision and the revision
 ///   id forgotten (nil UUID), so the next pass upgrades to the Hub's revision again.
-pub fn settle(record: &TrackingRecord, latest: Option<&StoredRelease>, undone: bool) -> TrackingRecord {
+///
+/// `history` is the revision number and status of each stored revision of the release.
+pub fn settle(
+    record: &TrackingRecord,
+    latest: Option<&StoredRelease>,
+    undone: bool,
+    history: &[(u32, ReleaseStatus)],
+) -> TrackingRecord {
     let mut settled = record.clone();
     settled.helm_revision = latest.map(|latest| latest.revision);
     if record.phase != Phase::Progressing {
         return settled;
     }
+    let recorded = record.helm_revision.unwrap_or(0);
+    let failed_since_recorded = history
+        .iter()
+        .any(|(revision, status)| *revision > recorded && *status == ReleaseStatus::Failed);
     match latest {
         None => settled.phase = Phase::Failed,
         Some(latest)
             if !undone && latest.status == ReleaseStatus::Deployed && record.helm_revision != Some(latest.revision) =>
         {
-            settled.phase = Phase::Ready;
+            settled.phase = if failed_since_recorded {
+                Phase::Failed
+            } else {
+                Phase::Ready
+            };
         }
         Some(latest) if !undone && latest.status == ReleaseStatus::Failed => settled.phase = Phase::Failed,
         Some(_) => {
@@ -237,15 +267,34 @@ mod tests {
             ),
             Plan::Recover
         );
-        let ready = record("r1", Some(3), Phase::Ready);
         assert_eq!(
             plan(
                 &desired("r2"),
-                Some(&ready),
+                Some(&progressing),
                 Some(&helm(4, ReleaseStatus::PendingUpgrade))
             ),
             Plan::Recover
         );
+    }
+
+    #[test]
+    fn pending_revisions_the_agent_did_not_start_are_left_alone() {
+        // An operator's `helm upgrade` under way: the record says the agent's last operation
+        // finished, so revision 4 is not the agent's to roll back.
+        let ready = record("r1", Some(3), Phase::Ready);
+        for desired_revision in ["r1", "r2"] {
+            assert_eq!(
+                plan(
+                    &desired(desired_revision),
+                    Some(&ready),
+                    Some(&helm(4, ReleaseStatus::PendingUpgrade))
+                ),
+                Plan::Refuse(
+                    "helm release web revision 4 is pending-upgrade, started outside the agent; the agent does not touch the release until that operation ends"
+                        .into()
+                )
+            );
+        }
     }
 
     #[test]
@@ -270,26 +319,62 @@ mod tests {
     fn settling_interrupted_operations() {
         let progressing = record("r2", Some(3), Phase::Progressing);
         // Finished before the crash.
-        let settled = settle(&progressing, Some(&helm(4, ReleaseStatus::Deployed)), false);
+        let settled = settle(&progressing, Some(&helm(4, ReleaseStatus::Deployed)), false, &[]);
         assert_eq!(settled, record("r2", Some(4), Phase::Ready));
         // Never started.
-        let settled = settle(&progressing, Some(&helm(3, ReleaseStatus::Deployed)), false);
+        let settled = settle(&progressing, Some(&helm(3, ReleaseStatus::Deployed)), false, &[]);
         assert_eq!(settled, record(NIL_UUID, Some(3), Phase::Ready));
         // Pending upgrade rolled back by the recovery: retry.
-        let settled = settle(&progressing, Some(&helm(5, ReleaseStatus::Deployed)), true);
+        let settled = settle(&progressing, Some(&helm(5, ReleaseStatus::Deployed)), true, &[]);
         assert_eq!(settled, record(NIL_UUID, Some(5), Phase::Ready));
         // Failed before the crash: keep failed.
-        let settled = settle(&progressing, Some(&helm(4, ReleaseStatus::Failed)), false);
+        let settled = settle(&progressing, Some(&helm(4, ReleaseStatus::Failed)), false, &[]);
         assert_eq!(settled, record("r2", Some(4), Phase::Failed));
         // Install interrupted and uninstalled: failed with no revision, the next pass installs.
         let installing = record("r1", None, Phase::Progressing);
-        let settled = settle(&installing, None, true);
+        let settled = settle(&installing, None, true, &[]);
         assert_eq!(settled, record("r1", None, Phase::Failed));
         assert_eq!(plan(&desired("r1"), Some(&settled), None), Plan::Install);
         // Install finished before the crash.
         assert_eq!(
-            settle(&installing, Some(&helm(1, ReleaseStatus::Deployed)), false),
+            settle(&installing, Some(&helm(1, ReleaseStatus::Deployed)), false, &[]),
             record("r1", Some(1), Phase::Ready)
+        );
+    }
+
+    #[test]
+    fn settling_a_failed_upgrade_that_helm_rolled_back_keeps_it_failed() {
+        // Upgrade r1 (helm 3) → r2: Helm wrote 4 (failed) and 5 (rollback to 3), then the
+        // executor died before recording it.
+        let progressing = record("r2", Some(3), Phase::Progressing);
+        let history = [
+            (1, ReleaseStatus::Superseded),
+            (2, ReleaseStatus::Superseded),
+            (3, ReleaseStatus::Superseded),
+            (4, ReleaseStatus::Failed),
+            (5, ReleaseStatus::Deployed),
+        ];
+        let settled = settle(&progressing, Some(&helm(5, ReleaseStatus::Deployed)), false, &history);
+        assert_eq!(settled, record("r2", Some(5), Phase::Failed));
+        assert_eq!(
+            plan(&desired("r2"), Some(&settled), Some(&helm(5, ReleaseStatus::Deployed))),
+            Plan::KeepFailed,
+            "reported as failed, not retried, not healthy"
+        );
+        // A failure before the recorded revision says nothing about this operation.
+        let older_failure = [
+            (2, ReleaseStatus::Failed),
+            (3, ReleaseStatus::Superseded),
+            (4, ReleaseStatus::Deployed),
+        ];
+        assert_eq!(
+            settle(
+                &progressing,
+                Some(&helm(4, ReleaseStatus::Deployed)),
+                false,
+                &older_failure
+            ),
+            record("r2", Some(4), Phase::Ready)
         );
     }
 
@@ -297,7 +382,7 @@ mod tests {
     fn settling_only_a_pending_helm_release_keeps_the_phase() {
         let failed = record("r2", Some(4), Phase::Failed);
         assert_eq!(
-            settle(&failed, Some(&helm(5, ReleaseStatus::Deployed)), true),
+            settle(&failed, Some(&helm(5, ReleaseStatus::Deployed)), true, &[]),
             record("r2", Some(5), Phase::Failed)
         );
     }

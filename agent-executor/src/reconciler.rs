@@ -14,7 +14,7 @@
 //! This module knows nothing of tonic; errors map to gRPC codes in [`crate::grpc`].
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -42,6 +42,8 @@ use crate::{
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// Minimum time between two scans for orphaned tracking Secrets.
 const SCAN_INTERVAL: Duration = Duration::from_secs(15);
+/// Helm status shown for a release whose latest Helm Secret cannot be decoded.
+pub const UNREADABLE_HELM_STATUS: &str = "unreadable";
 /// Time between retries of the start-up recovery when the API is unavailable.
 const STARTUP_RETRY: Duration = Duration::from_secs(5);
 
@@ -69,6 +71,9 @@ pub enum ReconcileError {
     /// Reading Helm's storage failed (retryable).
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// Recovering an interrupted operation failed (retryable).
+    #[error(transparent)]
+    Recovery(Box<recovery::RecoveryError>),
     /// Helm refused or failed (not retryable as such).
     #[error("helm {operation} of {release} failed: {source}")]
     Helm {
@@ -133,8 +138,12 @@ pub(crate) struct Inner {
     pub(crate) shutdown: CancellationToken,
     default_namespace: String,
     helm_slots: Arc<Semaphore>,
+    helm_processes: Arc<Semaphore>,
+    active_phase: Duration,
     state: Mutex<State>,
     op_locks: Mutex<HashMap<ReleaseKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// Deployment id named by each release's tracking Secret (see [`Inner::owner_of`]).
+    owners: Mutex<HashMap<ReleaseKey, String>>,
     tasks: TaskTracker,
 }
 
@@ -147,6 +156,38 @@ struct State {
     /// Feeds the orphan scan; created on the first `sync`.
     scan: Option<watch::Sender<DesiredSet>>,
 }
+
+/// The right to run one Helm operation. Two bounds apply: Helm processes alive at once
+/// ([`HELM_PROCESSES_PER_SLOT`] per active slot: their memory), and operations in their busy
+/// start (chart download, rendering, applying: CPU, memory, API load). After
+/// [`ACTIVE_PHASE`] an operation is almost always waiting for resources (`--wait`), and its
+/// active slot passes on: four releases in a long wait no longer hold back every install,
+/// upgrade and uninstall of the others.
+pub(crate) struct HelmSlot {
+    _process: OwnedSemaphorePermit,
+    active: Option<OwnedSemaphorePermit>,
+    active_phase: Duration,
+}
+
+impl HelmSlot {
+    /// Runs a Helm operation within this slot.
+    pub(crate) async fn run<F: std::future::Future>(&mut self, operation: F) -> F::Output {
+        tokio::pin!(operation);
+        tokio::select! {
+            output = &mut operation => return output,
+            () = tokio::time::sleep(self.active_phase) => {}
+        }
+        if self.active.take().is_some() {
+            tracing::debug!("helm operation still running; its active slot passes on");
+        }
+        operation.await
+    }
+}
+
+/// How long a Helm operation holds an active slot at most (see [`HelmSlot`]).
+pub const ACTIVE_PHASE: Duration = Duration::from_secs(45);
+/// Helm processes allowed at once per active slot (see [`HelmSlot`]).
+pub const HELM_PROCESSES_PER_SLOT: usize = 4;
 
 /// The releases a `sync` wants, by name, in its namespace.
 #[derive(Clone, Debug, Default)]
@@ -173,12 +214,35 @@ impl Stores {
 }
 
 impl Inner {
-    /// A permit for one Helm operation, or `None` once shutdown began.
-    pub(crate) async fn helm_slot(&self) -> Option<OwnedSemaphorePermit> {
+    /// A slot for one Helm operation, or `None` once shutdown began.
+    pub(crate) async fn helm_slot(&self) -> Option<HelmSlot> {
+        let acquire = async {
+            let process = self.helm_processes.clone().acquire_owned().await.ok()?;
+            let active = self.helm_slots.clone().acquire_owned().await.ok()?;
+            Some(HelmSlot {
+                _process: process,
+                active: Some(active),
+                active_phase: self.active_phase,
+            })
+        };
         tokio::select! {
-            permit = self.helm_slots.clone().acquire_owned() => permit.ok(),
+            slot = acquire => slot,
             () = self.shutdown.cancelled() => None,
         }
+    }
+
+    /// The deployment id the tracking Secret of the release names, as its worker last read it.
+    pub(crate) fn owner_of(&self, key: &ReleaseKey) -> Option<String> {
+        self.owners.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+    }
+
+    /// Remembers the deployment id the tracking Secret of the release names.
+    pub(crate) fn set_owner(&self, key: &ReleaseKey, id: Option<&str>) {
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        match id {
+            Some(id) => owners.insert(key.clone(), id.to_owned()),
+            None => owners.remove(key),
+        };
     }
 
     /// The lock that serialises operations on one release.
@@ -306,7 +370,7 @@ impl Inner {
                 sender
                     .borrow()
                     .as_ref()
-                    .map(|item| item.deployment.helm_options.clone())
+                    .map(|item| item.deployment.helm_options.capped().0)
             })
             .unwrap_or_default()
     }
@@ -325,15 +389,22 @@ impl Reconciler {
                 shutdown: CancellationToken::new(),
                 default_namespace: namespace,
                 helm_slots: Arc::new(Semaphore::new(max_concurrent_helm.max(1))),
+                helm_processes: Arc::new(Semaphore::new(
+                    max_concurrent_helm.max(1).saturating_mul(HELM_PROCESSES_PER_SLOT),
+                )),
+                active_phase: ACTIVE_PHASE,
                 state: Mutex::new(State::default()),
                 op_locks: Mutex::new(HashMap::new()),
+                owners: Mutex::new(HashMap::new()),
                 tasks: TaskTracker::new(),
             }),
         }
     }
 
     /// Takes the desired state and returns at once with the current status of every
-    /// deployment in it; the work happens in the background. Deployments with bad input get
+    /// deployment in it that has one (a deployment whose worker has not observed it yet, as
+    /// after a restart, is left out: there is nothing new to report); the work happens in
+    /// the background. Deployments with bad input get
     /// an `error` status and leave every other release alone.
     pub async fn sync(&self, desired: DesiredState) -> Vec<DeploymentStatus> {
         let inner = &self.inner;
@@ -356,6 +427,7 @@ impl Reconciler {
         let mut invalid = HashSet::new();
         let mut replies = Vec::with_capacity(desired.deployments.len());
         let mut state = inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        let claims = claims_by_release(&desired.deployments);
         for deployment in desired.deployments {
             let key = ReleaseKey::new(&namespace, &deployment.release_name);
             if let Err(error) = validate::release_name(&deployment.release_name) {
@@ -369,15 +441,32 @@ impl Reconciler {
                     &message,
                     now,
                 );
-                replies.push(
-                    inner
-                        .statuses
-                        .current(&key, &deployment.id, &deployment.revision_id, now),
-                );
+                replies.extend(inner.statuses.current(&key, &deployment.id, &deployment.revision_id));
                 continue;
             }
+            let claimants = claims.get(&deployment.release_name).map_or(&[][..], Vec::as_slice);
+            let rivals: Vec<String> = claimants
+                .iter()
+                .filter(|id| !id.eq_ignore_ascii_case(&deployment.id))
+                .cloned()
+                .collect();
+            if !rivals.is_empty() {
+                // Several Hub deployments claim one release: one keeps it, the same one
+                // whatever the order of the list (or the release would flip between them).
+                let current = state
+                    .workers
+                    .get(&key)
+                    .and_then(|sender| sender.borrow().as_ref().map(|item| item.deployment.id.clone()));
+                let owner = inner.owner_of(&key);
+                let winner = pick_claimant(claimants, owner.as_deref(), current.as_deref());
+                if !winner.is_some_and(|winner| winner.eq_ignore_ascii_case(&deployment.id)) {
+                    let message = format!("release name {} is used by another deployment", deployment.release_name);
+                    replies.push(error_status(&deployment, &message, now));
+                    continue;
+                }
+            }
             if !seen.insert(deployment.release_name.clone()) {
-                // Two Hub deployments claim one release: the first keeps it.
+                // The same deployment listed twice: the first entry counts.
                 let message = format!("release name {} is used by another deployment", deployment.release_name);
                 replies.push(error_status(&deployment, &message, now));
                 continue;
@@ -387,6 +476,7 @@ impl Reconciler {
                 namespace: namespace.clone(),
                 deployment,
                 hub_registry: desired.hub_registry.clone(),
+                rivals,
             });
             match state.workers.get(&key) {
                 Some(sender) => {
@@ -400,7 +490,8 @@ impl Reconciler {
                 }
                 None => inner.spawn_worker(&mut state, key.clone(), Some(item)),
             }
-            replies.push(inner.statuses.current(&key, &id, &revision, now));
+            // Nothing yet when the worker has not looked at the release since it started.
+            replies.extend(inner.statuses.current(&key, &id, &revision));
         }
         for (key, sender) in &state.workers {
             if key.namespace != namespace || !seen.contains(&key.release) {
@@ -431,6 +522,12 @@ impl Reconciler {
         replies
     }
 
+    /// The current status of every deployment of the last `sync` that has one, with no new
+    /// desired state (what the poller reports while the Hub cannot be read).
+    pub fn statuses(&self) -> Vec<DeploymentStatus> {
+        self.inner.statuses.all()
+    }
+
     /// Recovers, before the executor reports ready, every release of the default namespace
     /// whose last operation was interrupted. Retries while the API is unavailable; a pending
     /// revision that may still belong to a live `helm` is left to the release's worker.
@@ -456,43 +553,27 @@ impl Reconciler {
     }
 
     async fn recover_namespace(&self, namespace: &str, stores: &Stores) -> Result<usize, ReconcileError> {
-        let inner = &self.inner;
         let latest = stores.storage.latest_statuses().await?;
         let mut recovered = 0;
         for entry in stores.tracking.list().await? {
             let Listed::Valid(tracked) = entry else { continue };
             let release = tracked.record.release_name.clone();
-            let interrupted = tracked.record.phase == Phase::Progressing
-                || latest.get(&release).is_some_and(|(_, status)| status.is_pending());
+            // Only what the agent started: a pending revision without a `progressing` record
+            // is someone else's operation (see `plan::plan`).
+            let interrupted = tracked.record.phase == Phase::Progressing;
+            if let Some((revision, status)) = latest.get(&release).filter(|(_, status)| status.is_pending())
+                && !interrupted
+            {
+                tracing::warn!(%release, revision, %status, "a pending helm operation the agent did not start; leaving it alone");
+            }
             if !interrupted || validate::release_name(&release).is_err() {
                 continue;
             }
-            let key = ReleaseKey::new(namespace, &release);
-            let lock = inner.op_lock(&key);
-            // A worker holding the lock already took the release over (it recovers too).
-            let Ok(_guard) = lock.try_lock() else {
-                continue;
-            };
-            // Read again under the lock: a worker may have recovered it already.
-            let Some(tracked) = stores.tracking.find(&release).await? else {
-                continue;
-            };
-            let latest = stores.storage.latest(&release).await?;
-            let timeout = inner.options_of(&key).timeout;
-            match recovery::recover(
-                &inner.helm,
-                &stores.tracking,
-                &stores.storage,
-                &tracked,
-                latest,
-                timeout,
-            )
-            .await
-            {
-                Ok(Outcome::Settled(_)) => recovered += 1,
-                Ok(Outcome::Waiting(message)) => {
-                    tracing::info!(%release, reason = %message, "leaving recovery to the worker")
-                }
+            // One release failing (a corrupt Helm Secret, a failed API call) is that
+            // release's problem: its worker retries and reports it; the others go on.
+            match self.recover_release(namespace, stores, &release).await {
+                Ok(true) => recovered += 1,
+                Ok(false) => {}
                 Err(error) => {
                     tracing::warn!(%release, %error, "start-up recovery of a release failed; the worker retries")
                 }
@@ -501,29 +582,79 @@ impl Reconciler {
         Ok(recovered)
     }
 
+    /// Recovers one interrupted release; true when it was settled.
+    async fn recover_release(&self, namespace: &str, stores: &Stores, release: &str) -> Result<bool, ReconcileError> {
+        let inner = &self.inner;
+        let key = ReleaseKey::new(namespace, release);
+        let lock = inner.op_lock(&key);
+        // A worker holding the lock already took the release over (it recovers too).
+        let Ok(_guard) = lock.try_lock() else {
+            return Ok(false);
+        };
+        // Read again under the lock: a worker may have recovered it already.
+        let Some(tracked) = stores.tracking.find(release).await? else {
+            return Ok(false);
+        };
+        let latest = stores.storage.latest(release).await?;
+        let timeout = inner.options_of(&key).timeout;
+        match recovery::recover(
+            &inner.helm,
+            &stores.tracking,
+            &stores.storage,
+            &tracked,
+            latest,
+            timeout,
+        )
+        .await
+        .map_err(|error| ReconcileError::Recovery(Box::new(error)))?
+        {
+            Outcome::Settled(_) => Ok(true),
+            Outcome::Waiting(message) => {
+                tracing::info!(%release, reason = %message, "leaving recovery to the worker");
+                Ok(false)
+            }
+        }
+    }
+
     /// Every release the agent tracks in the current namespace.
     pub async fn list_releases(&self) -> Result<Vec<ReleaseInfo>, ReconcileError> {
         let namespace = self.inner.current_namespace();
         let stores = Stores::new(&self.inner.client, &namespace);
-        let latest = stores.storage.latest_of_all().await?;
+        let entries = stores.tracking.list().await?;
+        let names: BTreeSet<String> = entries
+            .iter()
+            .filter_map(|entry| match entry {
+                Listed::Valid(tracked) => Some(tracked.record.release_name.clone()),
+                Listed::Broken { release, .. } => release.clone(),
+            })
+            .collect();
+        let latest = stores.storage.latest_of_each(&names).await?;
+        // A release whose latest Helm Secret is unreadable is listed with that said.
+        let latest_of = |release: &str| match latest.get(release) {
+            Some(Ok(stored)) => (Some(stored), false),
+            Some(Err(error)) => {
+                tracing::warn!(release, %error, "cannot read the latest helm revision");
+                (None, true)
+            }
+            None => (None, false),
+        };
         let mut releases = Vec::new();
-        for entry in stores.tracking.list().await? {
-            let info = match entry {
-                Listed::Valid(tracked) => self.release_info(
-                    &namespace,
-                    Some(&tracked.record),
-                    latest.get(&tracked.record.release_name),
-                ),
+        for entry in entries {
+            let (release, record) = match &entry {
+                Listed::Valid(tracked) => (tracked.record.release_name.clone(), Some(&tracked.record)),
                 Listed::Broken {
                     release: Some(release), ..
-                } => {
-                    let mut info = self.release_info(&namespace, None, latest.get(&release));
-                    info.release_name = release;
-                    "invalid".clone_into(&mut info.phase);
-                    info
-                }
+                } => (release.clone(), None),
                 Listed::Broken { release: None, .. } => continue,
             };
+            let (stored, unreadable) = latest_of(&release);
+            let mut info = self.release_info(&namespace, &release, record, stored);
+            if record.is_none() {
+                "invalid".clone_into(&mut info.phase);
+            }
+            if unreadable {
+                UNREADABLE_HELM_STATUS.clone_into(&mut info.helm_status);
+            }
             releases.push(info);
         }
         releases.sort_by(|a, b| a.release_name.cmp(&b.release_name));
@@ -540,7 +671,7 @@ impl Reconciler {
             return Ok(None);
         };
         let history = stores.storage.history(release).await?;
-        let info = self.release_info(&namespace, Some(&tracked.record), history.last());
+        let info = self.release_info(&namespace, release, Some(&tracked.record), history.last());
         let resources = match history.last().map(|latest| manifest::parse(&latest.manifest)) {
             Some(Ok(objects)) => self.inner.health.check(&namespace, &objects).await,
             Some(Err(error)) => {
@@ -594,14 +725,16 @@ impl Reconciler {
             .await?
             .ok_or_else(|| ReconcileError::NotInstalled(release.to_owned()))?;
         let options = inner.options_of(&key);
-        let _permit = inner.helm_slot().await.ok_or(ReconcileError::ShuttingDown)?;
+        let mut slot = inner.helm_slot().await.ok_or(ReconcileError::ShuttingDown)?;
         let mut record = TrackingRecord {
             phase: Phase::Progressing,
             ..tracked.record.clone()
         };
         stores.tracking.save(&record).await?;
         tracing::info!(release, ?revision, "manual rollback");
-        let result = inner.helm.rollback(&namespace, release, revision, &options).await;
+        let result = slot
+            .run(inner.helm.rollback(&namespace, release, revision, &options))
+            .await;
         let after = stores.storage.latest(release).await?;
         record.helm_revision = after.as_ref().map(|after| after.revision);
         match result {
@@ -627,12 +760,18 @@ impl Reconciler {
         }
     }
 
-    /// Stops the workers: no new operation starts; operations in flight get `grace` to
-    /// finish (their intent is already in the tracking Secret, so whatever is cut short is
-    /// recovered on the next start).
+    /// Stops the workers: no new operation starts; Helm operations in flight are asked to
+    /// stop (SIGTERM) and get `grace` to record that and exit. Their intent is already in the
+    /// tracking Secret, so whatever is still cut short is recovered on the next start.
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.shutdown.cancel();
         self.inner.tasks.close();
+        // Helm stops gracefully on SIGTERM and records what it did (see
+        // `HelmDriver::terminate_all`); the workers then record the operation as cut short.
+        let stopping = self.inner.helm.terminate_all();
+        if stopping > 0 {
+            tracing::info!(helm_processes = stopping, "asked the running helm operations to stop");
+        }
         if tokio::time::timeout(grace, self.inner.tasks.wait()).await.is_err() {
             tracing::warn!(
                 ?grace,
@@ -644,10 +783,11 @@ impl Reconciler {
     fn release_info(
         &self,
         namespace: &str,
+        release_name: &str,
         record: Option<&TrackingRecord>,
         latest: Option<&StoredRelease>,
     ) -> ReleaseInfo {
-        let release_name = record.map(|record| record.release_name.clone()).unwrap_or_default();
+        let release_name = release_name.to_owned();
         ReleaseInfo {
             status: self.inner.statuses.get(&ReleaseKey::new(namespace, &release_name)),
             deployment_id: record.map(|record| record.id.clone()).unwrap_or_default(),
@@ -664,6 +804,39 @@ impl Reconciler {
     }
 }
 
+/// The ids of the deployments (with a valid release name) claiming each release name.
+fn claims_by_release(deployments: &[Deployment]) -> HashMap<String, Vec<String>> {
+    let mut claims: HashMap<String, Vec<String>> = HashMap::new();
+    for deployment in deployments {
+        if validate::release_name(&deployment.release_name).is_ok() {
+            claims
+                .entry(deployment.release_name.clone())
+                .or_default()
+                .push(deployment.id.clone());
+        }
+    }
+    claims
+}
+
+/// Which of several deployments claiming one release name gets it: the one the tracking
+/// Secret names (`owner`), else the one being reconciled (`current`), else the smallest id,
+/// so that the choice does not depend on the order of the Hub's list.
+fn pick_claimant<'a>(claimants: &'a [String], owner: Option<&str>, current: Option<&str>) -> Option<&'a str> {
+    let find = |wanted: Option<&str>| {
+        let wanted = wanted?;
+        claimants
+            .iter()
+            .find(|id| id.eq_ignore_ascii_case(wanted))
+            .map(String::as_str)
+    };
+    find(owner).or_else(|| find(current)).or_else(|| {
+        claimants
+            .iter()
+            .min_by_key(|id| id.to_ascii_lowercase())
+            .map(String::as_str)
+    })
+}
+
 /// An `error` status that is not recorded (a deployment that never gets a worker).
 fn error_status(deployment: &Deployment, message: &str, now: DateTime<Utc>) -> DeploymentStatus {
     DeploymentStatus {
@@ -675,5 +848,153 @@ fn error_status(deployment: &Deployment, message: &str, now: DateTime<Utc>) -> D
             message: message.to_owned(),
             changed_at: now,
         },
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::helm::HelmConfig;
+
+    /// A reconciler whose API server and Helm are unreachable: `sync` answers without them.
+    fn offline_reconciler(scratch: &std::path::Path) -> Reconciler {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let helm = HelmDriver::new(HelmConfig {
+            bin: "/nonexistent/helm".into(),
+            scratch_dir: scratch.to_owned(),
+            allow_http_charts: false,
+        })
+        .unwrap();
+        Reconciler::new(client, helm, "apps".into(), 1)
+    }
+
+    fn deployment(id: &str, release: &str) -> Deployment {
+        Deployment {
+            id: id.into(),
+            revision_id: format!("{id}-r1"),
+            release_name: release.into(),
+            chart_url: "oci://registry.example.com/charts/web".into(),
+            chart_version: "1.0.0".into(),
+            ..Deployment::default()
+        }
+    }
+
+    /// The deployments refused because another one owns their release name.
+    fn refused(statuses: &[DeploymentStatus]) -> Vec<&str> {
+        statuses
+            .iter()
+            .filter(|status| status.status.message == "release name web is used by another deployment")
+            .map(|status| status.deployment_id.as_str())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn duplicate_release_names_have_a_winner_that_does_not_follow_the_order() {
+        let scratch = tempfile::tempdir().unwrap();
+        let reconciler = offline_reconciler(scratch.path());
+        let (a, b) = (deployment("bbbb", "web"), deployment("aaaa", "web"));
+        let desired = |deployments: Vec<Deployment>| DesiredState {
+            deployments,
+            ..DesiredState::default()
+        };
+        let first = reconciler.sync(desired(vec![a.clone(), b.clone()])).await;
+        let second = reconciler.sync(desired(vec![b.clone(), a.clone()])).await;
+        let third = reconciler.sync(desired(vec![a.clone(), b.clone()])).await;
+        assert_eq!(refused(&first), vec!["bbbb"], "{first:#?}");
+        assert_eq!(refused(&second), vec!["bbbb"], "{second:#?}");
+        assert_eq!(refused(&third), vec!["bbbb"], "{third:#?}");
+        // The deployment the tracking Secret names wins, once a worker has read it.
+        reconciler
+            .inner
+            .set_owner(&ReleaseKey::new("apps", "web"), Some("BBBB"));
+        let owned = reconciler.sync(desired(vec![b, a])).await;
+        assert_eq!(refused(&owned), vec!["aaaa"], "{owned:#?}");
+        reconciler.shutdown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn unobserved_deployments_report_nothing_rather_than_progressing() {
+        let scratch = tempfile::tempdir().unwrap();
+        let reconciler = offline_reconciler(scratch.path());
+        // As after a restart: the worker has not looked at the release yet.
+        let statuses = reconciler
+            .sync(DesiredState {
+                deployments: vec![deployment("dep", "web")],
+                ..DesiredState::default()
+            })
+            .await;
+        assert_eq!(statuses, Vec::new());
+        reconciler.shutdown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn statuses_are_read_without_a_new_desired_state() {
+        let scratch = tempfile::tempdir().unwrap();
+        let reconciler = offline_reconciler(scratch.path());
+        assert_eq!(reconciler.statuses(), Vec::new());
+        reconciler
+            .sync(DesiredState {
+                deployments: vec![deployment("bad", "Not A Name"), deployment("dep", "web")],
+                ..DesiredState::default()
+            })
+            .await;
+        let statuses = reconciler.statuses();
+        assert_eq!(statuses.len(), 1, "{statuses:#?}");
+        assert_eq!(statuses[0].deployment_id, "bad");
+        assert_eq!(statuses[0].status.kind, StatusKind::Error);
+        reconciler.shutdown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn a_release_waiting_in_helm_does_not_hold_back_the_others() {
+        let scratch = tempfile::tempdir().unwrap();
+        let mut reconciler = offline_reconciler(scratch.path());
+        Arc::get_mut(&mut reconciler.inner).unwrap().active_phase = Duration::from_millis(200);
+        let inner = reconciler.inner.clone();
+        // One slot, taken by an operation in a one-hour wait.
+        let mut slow = inner.helm_slot().await.unwrap();
+        let waiting = tokio::spawn(async move { slow.run(tokio::time::sleep(Duration::from_secs(3600))).await });
+        // Another release's operation gets a slot once the first is past its start.
+        let started = std::time::Instant::now();
+        let mut next = tokio::time::timeout(Duration::from_secs(10), reconciler.inner.helm_slot())
+            .await
+            .expect("a slot within seconds, not after the other's wait")
+            .unwrap();
+        next.run(async {}).await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(next);
+        // The number of Helm processes stays bounded: 4 per slot, the waiting one included.
+        let mut held = Vec::new();
+        for _ in 0..HELM_PROCESSES_PER_SLOT - 1 {
+            let mut slot = tokio::time::timeout(Duration::from_secs(10), reconciler.inner.helm_slot())
+                .await
+                .expect("a slot")
+                .unwrap();
+            slot.active = None;
+            held.push(slot);
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), reconciler.inner.helm_slot())
+                .await
+                .is_err(),
+            "no fifth helm process"
+        );
+        waiting.abort();
+        reconciler.shutdown(Duration::from_secs(5)).await;
+    }
+
+    #[test]
+    fn the_claimant_is_the_owner_then_the_current_one_then_the_smallest_id() {
+        let claimants = ["c".to_owned(), "a".to_owned(), "B".to_owned()];
+        assert_eq!(pick_claimant(&claimants, Some("b"), Some("c")), Some("B"));
+        assert_eq!(pick_claimant(&claimants, Some("gone"), Some("c")), Some("c"));
+        assert_eq!(pick_claimant(&claimants, None, None), Some("a"));
+        assert_eq!(pick_claimant(&[], None, None), None);
     }
 }

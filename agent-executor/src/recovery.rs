@@ -3,6 +3,8 @@
 //! latest revision is `pending-*` (the `helm` process died with it).
 //!
 //! Kept simple on purpose:
+//! - Only operations the agent started (tracking phase `progressing`) are taken over; a
+//!   pending revision without that is someone else's and left alone.
 //! - A pending revision younger than the operation's timeout plus margins may still belong
 //!   to a live `helm` (the previous executor pod during a rolling update): wait for it.
 //! - An older `pending-install` is uninstalled (the install never completed, and a fresh
@@ -65,6 +67,10 @@ pub async fn recover(
     let mut latest = latest;
     let mut undone = false;
     if let Some(pending) = latest.as_ref().filter(|latest| latest.status.is_pending()) {
+        if record.phase != crate::tracking::Phase::Progressing {
+            // Not the agent's operation: never taken over.
+            return Ok(Outcome::Waiting(plan::foreign_pending(release, pending)));
+        }
         let grace = timeout + OPERATION_MARGIN + TAKEOVER_SLACK;
         if may_still_run(pending.last_deployed, Utc::now(), grace) {
             return Ok(Outcome::Waiting(format!(
@@ -97,7 +103,8 @@ pub async fn recover(
         undone = true;
         latest = storage.latest(release).await?;
     }
-    let settled = plan::settle(record, latest.as_ref(), undone);
+    let history = storage.revision_statuses(release).await?;
+    let settled = plan::settle(record, latest.as_ref(), undone, &history);
     tracking.save(&settled).await?;
     if tracked.secret != crate::tracking::secret_name(release) {
         tracking.delete(&tracked.secret).await?;

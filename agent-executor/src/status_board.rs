@@ -7,9 +7,6 @@ use chrono::{DateTime, Utc};
 
 use crate::model::{DeploymentStatus, Status, StatusKind};
 
-/// Message of a deployment no worker has looked at yet.
-pub const PENDING_MESSAGE: &str = "waiting for the executor to reconcile";
-
 /// A release in a namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ReleaseKey {
@@ -74,31 +71,21 @@ impl StatusBoard {
         status
     }
 
-    /// The status to report for the deployment revision: the recorded one, or (when nothing
-    /// was recorded for this revision yet) a `progressing` placeholder that is recorded so
-    /// its `changed_at` stays put.
-    pub fn current(
-        &self,
-        key: &ReleaseKey,
-        deployment_id: &str,
-        revision_id: &str,
-        now: DateTime<Utc>,
-    ) -> DeploymentStatus {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = entries
-            .entry(key.clone())
-            .and_modify(|entry| {
-                if entry.deployment_id != deployment_id || entry.revision_id != revision_id {
-                    *entry = pending(deployment_id, revision_id, now);
-                }
+    /// The status to report for the deployment revision: the recorded one, or `None` when
+    /// nothing was observed for this revision yet. There is no placeholder: after an executor
+    /// restart, a release the Hub already knows as `healthy` must not flip to `progressing`
+    /// before its worker has looked at it (the Hub keeps the status it has).
+    pub fn current(&self, key: &ReleaseKey, deployment_id: &str, revision_id: &str) -> Option<DeploymentStatus> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(key)
+            .filter(|entry| entry.deployment_id == deployment_id && entry.revision_id == revision_id)
+            .map(|entry| DeploymentStatus {
+                deployment_id: entry.deployment_id.clone(),
+                revision_id: entry.revision_id.clone(),
+                release_name: key.release.clone(),
+                status: entry.status.clone(),
             })
-            .or_insert_with(|| pending(deployment_id, revision_id, now));
-        DeploymentStatus {
-            deployment_id: entry.deployment_id.clone(),
-            revision_id: entry.revision_id.clone(),
-            release_name: key.release.clone(),
-            status: entry.status.clone(),
-        }
     }
 
     /// The recorded status of a release, whatever revision it is for.
@@ -112,6 +99,22 @@ impl StatusBoard {
         })
     }
 
+    /// Every recorded status.
+    pub fn all(&self) -> Vec<DeploymentStatus> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<DeploymentStatus> = entries
+            .iter()
+            .map(|(key, entry)| DeploymentStatus {
+                deployment_id: entry.deployment_id.clone(),
+                revision_id: entry.revision_id.clone(),
+                release_name: key.release.clone(),
+                status: entry.status.clone(),
+            })
+            .collect();
+        all.sort_by(|a, b| a.release_name.cmp(&b.release_name));
+        all
+    }
+
     /// Keeps only the releases `keep` says yes to.
     pub fn retain(&self, mut keep: impl FnMut(&ReleaseKey) -> bool) {
         self.entries
@@ -123,18 +126,6 @@ impl StatusBoard {
     /// Forgets a release (it is no longer desired).
     pub fn remove(&self, key: &ReleaseKey) {
         self.entries.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
-    }
-}
-
-fn pending(deployment_id: &str, revision_id: &str, now: DateTime<Utc>) -> Entry {
-    Entry {
-        deployment_id: deployment_id.to_owned(),
-        revision_id: revision_id.to_owned(),
-        status: Status {
-            kind: StatusKind::Progressing,
-            message: PENDING_MESSAGE.to_owned(),
-            changed_at: now,
-        },
     }
 }
 
@@ -182,20 +173,15 @@ mod tests {
     }
 
     #[test]
-    fn unknown_revisions_report_a_stable_placeholder() {
+    fn unobserved_revisions_have_no_status() {
         let board = StatusBoard::default();
         let key = ReleaseKey::new("apps", "web");
-        let first = board.current(&key, "d", "r1", at(1));
-        assert_eq!(first.status.kind, StatusKind::Progressing);
-        assert_eq!(first.status.message, PENDING_MESSAGE);
-        assert_eq!(board.current(&key, "d", "r1", at(5)).status.changed_at, at(1));
+        // After a restart nothing is known: no placeholder that would flip the Hub's status.
+        assert_eq!(board.current(&key, "d", "r1"), None);
         board.set(&key, "d", "r1", StatusKind::Healthy, "ok", at(6));
-        assert_eq!(board.current(&key, "d", "r1", at(7)).status.kind, StatusKind::Healthy);
+        assert_eq!(board.current(&key, "d", "r1").unwrap().status.kind, StatusKind::Healthy);
         // The Hub moved on to another revision: the old status must not be reported for it.
-        let moved = board.current(&key, "d", "r2", at(8));
-        assert_eq!(
-            (moved.status.kind, moved.revision_id.as_str()),
-            (StatusKind::Progressing, "r2")
-        );
+        assert_eq!(board.current(&key, "d", "r2"), None);
+        assert_eq!(board.current(&key, "other", "r1"), None);
     }
 }

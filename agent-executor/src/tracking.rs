@@ -162,6 +162,45 @@ pub fn decode(secret: &Secret) -> Result<TrackingRecord, TrackingError> {
     if record.release_name.is_empty() {
         return Err(invalid("releaseName is empty".to_owned()));
     }
+    // A record must be about the release its Secret is for: acting on the record's name
+    // could touch (even uninstall) another release.
+    let claims = [
+        ("name", name.strip_prefix(NAME_PREFIX)),
+        (
+            "label",
+            secret
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(DEPLOYMENT_LABEL))
+                .map(String::as_str),
+        ),
+    ];
+    for (what, release) in claims {
+        if let Some(release) = release
+            && release != record.release_name
+        {
+            return Err(invalid(format!(
+                "its releaseName {:?} does not match the release {release:?} of its {what}",
+                record.release_name
+            )));
+        }
+    }
+    Ok(record)
+}
+
+/// Decodes the tracking record found for `release`, which must be about that release.
+pub fn decode_for(secret: &Secret, release: &str) -> Result<TrackingRecord, TrackingError> {
+    let record = decode(secret)?;
+    if record.release_name != release {
+        return Err(TrackingError::Invalid {
+            secret: secret.metadata.name.clone().unwrap_or_default(),
+            reason: format!(
+                "its releaseName {:?} does not match the release {release:?}",
+                record.release_name
+            ),
+        });
+    }
     Ok(record)
 }
 
@@ -235,7 +274,7 @@ impl TrackingStore {
             .await
             .map_err(|e| api_error("read", e))?
         {
-            return decode(&secret).map(|record| {
+            return decode_for(&secret, release).map(|record| {
                 Some(Tracked {
                     secret: name.clone(),
                     record,
@@ -247,9 +286,9 @@ impl TrackingStore {
             .await
             .map_err(|e| api_error("list", e))?;
         Ok(list.items.iter().find_map(|secret| {
-            let record = decode(secret).ok()?;
+            let record = decode_for(secret, release).ok()?;
             let name = secret.metadata.name.clone()?;
-            (record.release_name == release).then_some(Tracked { secret: name, record })
+            Some(Tracked { secret: name, record })
         }))
     }
 
@@ -407,6 +446,37 @@ mod tests {
         );
         secret.data = None;
         assert!(decode(&secret).unwrap_err().to_string().contains("no \"release\" key"));
+    }
+
+    #[test]
+    fn a_record_about_another_release_is_invalid() {
+        // The Secret of release "web" whose record names "db": acting on it would touch db.
+        let mut secret = build_secret("apps", &record());
+        let other = TrackingRecord {
+            release_name: "db".into(),
+            ..record()
+        };
+        secret.data = Some(BTreeMap::from([(RELEASE_KEY.to_owned(), ByteString(other.to_json()))]));
+        let error = decode(&secret).unwrap_err().to_string();
+        assert!(
+            error.contains(r#"its releaseName "db" does not match the release "web" of its name"#),
+            "{error}"
+        );
+        assert!(decode_for(&secret, "web").is_err());
+        assert!(decode_for(&secret, "db").is_err());
+        // The same with only the label saying which release it is for.
+        secret.metadata.name = Some("adopt-web".into());
+        let error = decode(&secret).unwrap_err().to_string();
+        assert!(error.contains("of its label"), "{error}");
+        // A record found for another release than the one asked for.
+        let fine = build_secret("apps", &record());
+        assert_eq!(decode_for(&fine, "web").unwrap(), record());
+        assert!(
+            decode_for(&fine, "db")
+                .unwrap_err()
+                .to_string()
+                .contains("does not match")
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! would be read as a flag); values of flags are passed in the `--flag=value` form, which
 //! Helm never reads as a flag, but they are checked as well.
 
-use crate::model::{ChartSource, Deployment};
+use crate::model::{ChartSource, Deployment, RegistryCredentials, SecretString};
 
 /// Helm's limit on release names.
 pub const MAX_RELEASE_NAME_LEN: usize = 53;
@@ -72,8 +72,9 @@ pub fn namespace(name: &str) -> Result<(), ValidationError> {
 /// `http://` repositories are accepted only when `allow_http` is set.
 pub fn chart_source(deployment: &Deployment, allow_http: bool) -> Result<ChartSource, ValidationError> {
     let url = deployment.chart_url.as_str();
+    // Error messages reach logs and the Hub: never with the URL's credentials.
     let url_error = |reason| ValidationError::ChartUrl {
-        url: truncate(url),
+        url: truncate(&redact_url_credentials(url)),
         reason,
     };
     if url.is_empty() {
@@ -87,6 +88,11 @@ pub fn chart_source(deployment: &Deployment, allow_http: bool) -> Result<ChartSo
     }
     chart_version(&deployment.chart_version)?;
     if let Some(rest) = url.strip_prefix("oci://") {
+        if userinfo(rest).is_some() {
+            return Err(url_error(
+                "an oci:// URL must not carry credentials (registryAuth holds them)",
+            ));
+        }
         let host = url_host(rest).ok_or_else(|| url_error("missing registry host"))?;
         if rest.len() <= host.len() + 1 {
             return Err(url_error("missing repository path"));
@@ -96,26 +102,89 @@ pub fn chart_source(deployment: &Deployment, allow_http: bool) -> Result<ChartSo
             host: host.to_owned(),
         });
     }
-    let rest = if let Some(rest) = url.strip_prefix("https://") {
-        rest
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("https://") {
+        ("https://", rest)
     } else if let Some(rest) = url.strip_prefix("http://") {
         if !allow_http {
             return Err(url_error(
                 "plain http:// chart repositories are not allowed (see --allow-http-charts)",
             ));
         }
-        rest
+        ("http://", rest)
     } else {
         return Err(url_error("must start with oci:// or https://"));
     };
     let host = url_host(rest).ok_or_else(|| url_error("missing host"))?;
     let chart = deployment.chart_name.as_str();
     chart_name(chart)?;
+    // `user:password@` moves out of the URL, which reaches Helm's command line and logs.
+    let (url, url_credentials) = match userinfo(rest) {
+        Some((info, after)) => {
+            let (user, password) = info.split_once(':').unwrap_or((info, ""));
+            let credentials = RegistryCredentials {
+                username: percent_decode(user),
+                password: SecretString::new(percent_decode(password)),
+            };
+            username(host, &credentials.username)?;
+            (format!("{scheme}{after}"), Some(credentials))
+        }
+        None => (url.to_owned(), None),
+    };
     Ok(ChartSource::Repository {
-        url: url.to_owned(),
+        url,
         host: host.to_owned(),
         chart: chart.to_owned(),
+        url_credentials,
     })
+}
+
+/// The `user[:password]` of a URL without its scheme, and the rest after the `@`.
+fn userinfo(rest: &str) -> Option<(&str, &str)> {
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let at = rest[..authority_end].rfind('@')?;
+    Some((&rest[..at], &rest[at + 1..]))
+}
+
+/// Decodes `%XX` escapes (as in URL user info); anything else stays as it is.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(byte) = text.get(i + 1..i + 3).and_then(|hex| u8::from_str_radix(hex, 16).ok())
+        {
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `text` with the credentials of every URL in it (`scheme://user:password@`) replaced by
+/// `***`, for log lines and messages (Helm quotes URLs in its errors).
+pub fn redact_url_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("://") {
+        let (before, after) = rest.split_at(start + 3);
+        out.push_str(before);
+        let authority_end = after
+            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>'))
+            .unwrap_or(after.len());
+        match after[..authority_end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                rest = &after[at..];
+            }
+            None => rest = after,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A chart name inside a classic repository.
@@ -182,7 +251,7 @@ pub fn deployment(deployment: &Deployment, allow_http: bool) -> Result<ChartSour
     release_name(&deployment.release_name)?;
     let source = chart_source(deployment, allow_http)?;
     if let ChartSource::Repository { host, .. } = &source
-        && let Some(credentials) = deployment.registry_auth.get(host)
+        && let Some(credentials) = deployment.registry_auth.get(host.as_str())
     {
         username(host, &credentials.username)?;
     }
@@ -289,6 +358,45 @@ mod tests {
     }
 
     #[test]
+    fn credentials_in_chart_urls_leave_the_url_and_never_reach_messages() {
+        let source = chart_source(
+            &deployment_with("https://vendor:s%40cret@charts.example.com/stable", "my-app", "1.0.0"),
+            false,
+        );
+        assert_eq!(
+            source,
+            Ok(ChartSource::Repository {
+                url: "https://charts.example.com/stable".into(),
+                host: "charts.example.com".into(),
+                chart: "my-app".into(),
+                url_credentials: Some(RegistryCredentials {
+                    username: "vendor".into(),
+                    password: SecretString::new("s@cret"),
+                }),
+            })
+        );
+        for (url, chart) in [
+            ("https://vendor:s3cret@charts.example.com/stable", "-bad"),
+            ("http://vendor:s3cret@charts.example.com/stable", "my-app"),
+            ("oci://vendor:s3cret@registry.example.com/charts/app", ""),
+            ("ftp://vendor:s3cret@charts.example.com/stable", "my-app"),
+        ] {
+            let error = chart_source(&deployment_with(url, chart, "1.0.0"), false);
+            let message = match error {
+                Err(error) => error.to_string(),
+                Ok(source) => panic!("{url} accepted: {source:?}"),
+            };
+            assert!(!message.contains("s3cret"), "{message}");
+        }
+        assert_eq!(
+            redact_url_credentials(
+                r#"looks like "https://u:p@charts.example.com/x" is not valid; see https://docs.example.com/a@b"#
+            ),
+            r#"looks like "https://***@charts.example.com/x" is not valid; see https://docs.example.com/a@b"#
+        );
+    }
+
+    #[test]
     fn classic_repositories_need_a_chart_name() {
         let source = chart_source(
             &deployment_with("https://charts.example.com/stable", "my-app", "1.0.0"),
@@ -300,6 +408,7 @@ mod tests {
                 url: "https://charts.example.com/stable".into(),
                 host: "charts.example.com".into(),
                 chart: "my-app".into(),
+                url_credentials: None,
             })
         );
         assert!(chart_source(&deployment_with("https://charts.example.com", "", "1.0.0"), false).is_err());

@@ -54,6 +54,8 @@ pub(crate) struct WorkItem {
     pub namespace: String,
     pub deployment: Deployment,
     pub hub_registry: Option<RegistryLogin>,
+    /// Ids of the other Hub deployments that claim the same release name.
+    pub rivals: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,6 +162,19 @@ impl Worker {
             Ok(tracked) => tracked,
             Err(error) => return self.report_error(deployment, &error.to_string()),
         };
+        let owner = tracked
+            .as_ref()
+            .filter(|t| !t.record.is_adoption_request())
+            .map(|t| t.record.id.as_str());
+        self.inner.set_owner(&self.key, owner);
+        if let Some(owner) = owner
+            && item.rivals.iter().any(|rival| rival.eq_ignore_ascii_case(owner))
+        {
+            // Another deployment of the same list owns the release: it is not replaced, and
+            // the next sync hands the release to its owner.
+            let message = format!("release name {} is used by another deployment", deployment.release_name);
+            return self.report_error(deployment, &message);
+        }
         if let Some(previous) = tracked
             .clone()
             .filter(|t| !t.record.is_adoption_request() && !t.record.belongs_to(&deployment.id))
@@ -225,10 +240,18 @@ impl Worker {
             // The error status of the last attempt stays until the retry.
             return wait;
         }
-        self.report(deployment, StatusKind::Progressing, &format!("helm {op} in progress"));
-        let Some(_permit) = self.inner.helm_slot().await else {
+        let (options, capped) = deployment.helm_options.capped();
+        let progress = match &capped {
+            Some(note) => format!("helm {op} in progress ({note})"),
+            None => format!("helm {op} in progress"),
+        };
+        self.report(deployment, StatusKind::Progressing, &progress);
+        let Some(mut slot) = self.inner.helm_slot().await else {
             return Duration::ZERO;
         };
+        if let Some(note) = &capped {
+            tracing::warn!(%note, "the Hub's helm timeout is too long");
+        }
         tracing::info!(
             operation = op,
             revision = %deployment.revision_id,
@@ -266,15 +289,16 @@ impl Worker {
             namespace: &item.namespace,
             source,
             version: &deployment.chart_version,
-            options: &deployment.helm_options,
+            options: &options,
             values: &values,
             hub_registry: item.hub_registry.as_ref(),
             registry_auth: &deployment.registry_auth,
         };
         let result = match operation {
-            Operation::Install => self.inner.helm.install(&request).await,
-            Operation::Upgrade => self.inner.helm.upgrade(&request).await,
+            Operation::Install => slot.run(self.inner.helm.install(&request)).await,
+            Operation::Upgrade => slot.run(self.inner.helm.upgrade(&request)).await,
         };
+        drop(slot);
         let after = self.stores.storage.latest(&deployment.release_name).await;
         match result {
             Ok(()) => self.succeeded(item, operation, record, after).await,
@@ -291,7 +315,31 @@ impl Worker {
                         return self.schedule_retry(&deployment.revision_id);
                     }
                 };
+                if let Some(pending) = after.as_ref().filter(|after| after.status.is_pending()) {
+                    // Helm was stopped mid-operation (its time limit): the `progressing`
+                    // record stays, so that the recovery takes this pending revision over.
+                    tracing::warn!(revision = pending.revision, status = %pending.status, "helm left a pending revision");
+                    return CHECK_INTERVAL;
+                }
                 let after_revision = after.as_ref().map(|after| after.revision);
+                if self.inner.shutdown.is_cancelled() && after_revision.is_some() {
+                    // Cut short on purpose (the executor is stopping, Helm was asked to stop and
+                    // recorded it): not a failure of this revision. The revision id is
+                    // forgotten, so the next executor deploys it again at once, without the
+                    // revision-skew error and without waiting for a pending revision.
+                    tracing::info!(
+                        operation = op,
+                        "helm operation stopped by the shutdown; it is redone on the next start"
+                    );
+                    let interrupted = TrackingRecord {
+                        revision_id: crate::model::NIL_UUID.to_owned(),
+                        helm_revision: after_revision,
+                        phase: Phase::Ready,
+                        ..record
+                    };
+                    self.save_quietly(&interrupted).await;
+                    return Duration::ZERO;
+                }
                 if after_revision.is_some() && after_revision != before_revision {
                     record.phase = Phase::Failed;
                     record.helm_revision = after_revision;
@@ -434,20 +482,21 @@ impl Worker {
     }
 
     async fn recover(&mut self, deployment: &Deployment, tracked: &Tracked, latest: Option<StoredRelease>) -> Duration {
-        let Some(_permit) = self.inner.helm_slot().await else {
+        let Some(mut slot) = self.inner.helm_slot().await else {
             return Duration::ZERO;
         };
-        let timeout = deployment.helm_options.timeout;
+        let timeout = deployment.helm_options.capped().0.timeout;
         let stores = &self.stores;
-        match recovery::recover(
-            &self.inner.helm,
-            &stores.tracking,
-            &stores.storage,
-            tracked,
-            latest,
-            timeout,
-        )
-        .await
+        match slot
+            .run(recovery::recover(
+                &self.inner.helm,
+                &stores.tracking,
+                &stores.storage,
+                tracked,
+                latest,
+                timeout,
+            ))
+            .await
         {
             Ok(Outcome::Settled(_)) => AFTER_RECOVERY,
             Ok(Outcome::Waiting(message)) => {
@@ -489,10 +538,17 @@ impl Worker {
         })
     }
 
-    /// `helm uninstall`, then deletes the tracking and pull Secrets.
+    /// `helm uninstall` of this worker's release, then deletes its tracking and pull Secrets.
+    /// The release name is the worker's own, never the one a record claims.
     async fn uninstall(&self, tracked: &Tracked, timeout: Duration) -> Result<(), String> {
-        let release = tracked.record.release_name.as_str();
-        let Some(_permit) = self.inner.helm_slot().await else {
+        let release = self.key.release.as_str();
+        if tracked.record.release_name != release {
+            return Err(format!(
+                "tracking Secret {} is for release {}, not {release}; not uninstalling",
+                tracked.secret, tracked.record.release_name
+            ));
+        }
+        let Some(mut slot) = self.inner.helm_slot().await else {
             return Err("the executor is shutting down".to_owned());
         };
         let progressing = TrackingRecord {
@@ -505,7 +561,11 @@ impl Worker {
             .await
             .map_err(|error| error.to_string())?;
         tracing::info!("helm uninstall starting");
-        if let Err(error) = self.inner.helm.uninstall(&self.key.namespace, release, timeout).await {
+        let uninstalled = slot
+            .run(self.inner.helm.uninstall(&self.key.namespace, release, timeout))
+            .await;
+        drop(slot);
+        if let Err(error) = uninstalled {
             self.save_quietly(&TrackingRecord {
                 phase: Phase::Failed,
                 ..tracked.record.clone()

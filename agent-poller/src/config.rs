@@ -235,7 +235,14 @@ impl HubConfig {
             agent_logs_endpoint: optional_url(AGENT_LOGS_ENDPOINT)?,
             interval,
             agent_version_id,
-            registry_host: get(REGISTRY_HOST).map(|v| v.trim().to_owned()),
+            registry_host: get(REGISTRY_HOST).and_then(|value| match parse_registry_host(value) {
+                Ok(host) => Some(host),
+                Err(reason) => {
+                    // Only the charts of the Hub registry can fail for this; the rest goes on.
+                    tracing::warn!(variable = REGISTRY_HOST, %reason, "ignoring the Hub registry host");
+                    None
+                }
+            }),
             registry_plain_http,
         })
     }
@@ -261,6 +268,33 @@ fn parse_endpoint(name: &'static str, value: &str) -> Result<Url, ConfigError> {
         });
     }
     Ok(url)
+}
+
+/// `DISTR_REGISTRY_HOST` as `host[:port]`: a scheme (`https://`, `http://`, `oci://`) and a
+/// trailing `/` are dropped, as people and templates write them; a path, credentials or
+/// spaces are an error naming the problem, not the value.
+fn parse_registry_host(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    let host = ["https://", "http://", "oci://"]
+        .iter()
+        .find_map(|scheme| {
+            value
+                .get(..scheme.len())
+                .filter(|prefix| prefix.eq_ignore_ascii_case(scheme))
+                .map(|_| &value[scheme.len()..])
+        })
+        .unwrap_or(value)
+        .trim_end_matches('/');
+    if host.is_empty() {
+        return Err("no host".to_owned());
+    }
+    if host.contains('@') {
+        return Err("must not carry credentials".to_owned());
+    }
+    if host.contains("://") || host.chars().any(|c| c == '/' || c.is_whitespace() || c.is_control()) {
+        return Err("must be host[:port]".to_owned());
+    }
+    Ok(host.to_owned())
 }
 
 /// The boolean spellings Go's `strconv.ParseBool` accepts.
@@ -514,6 +548,33 @@ mod tests {
         assert_eq!(config.registry_host.as_deref(), Some("registry.example.com:5000"));
         assert!(config.registry_plain_http);
         assert_eq!(config.metrics_endpoint, None);
+    }
+
+    #[test]
+    fn the_registry_host_is_validated_where_it_is_read() {
+        let host = |value: &str| {
+            let mut env = base_env();
+            env.insert(REGISTRY_HOST.into(), value.into());
+            load(env)
+                .expect("a bad registry host never invalidates the configuration")
+                .registry_host
+                .clone()
+        };
+        assert_eq!(
+            host("https://registry.example.com:5000/").as_deref(),
+            Some("registry.example.com:5000")
+        );
+        assert_eq!(
+            host("HTTP://registry.example.com").as_deref(),
+            Some("registry.example.com")
+        );
+        assert_eq!(
+            host(" oci://registry.example.com ").as_deref(),
+            Some("registry.example.com")
+        );
+        assert_eq!(host("registry.example.com/org"), None);
+        assert_eq!(host("u:p@registry.example.com"), None);
+        assert_eq!(host("https://"), None);
     }
 
     #[test]

@@ -21,8 +21,9 @@ fn deployment(d: &Deployment) -> pb::Deployment {
         chart_url: d.chart_url.clone(),
         chart_name: d.chart_name.clone().unwrap_or_default(),
         chart_version: d.chart_version.clone(),
-        // A serde_json::Map always serializes.
-        values_json: serde_json::Value::Object(d.values.clone()).to_string(),
+        // Whatever JSON the Hub sent: the executor refuses anything but an object, for this
+        // deployment alone.
+        values_json: d.values.to_string(),
         registry_auth: d
             .registry_auth
             .iter()

@@ -95,8 +95,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let mut poller = Poller::new(hub, executor, Duration::from_secs(args.status_refresh_seconds));
+    poller
+        .metrics()
+        .register(&mut runtime.metrics.lock().unwrap_or_else(|e| e.into_inner()));
+    // Liveness follows the loop: a cycle that never ends gets the container restarted.
+    let heartbeat = runtime.readiness.heartbeat("poll loop", poll::MAX_CYCLE);
 
     loop {
+        heartbeat.beat(poll::MAX_CYCLE);
         // A cycle in flight is abandoned on shutdown: nothing it does needs finishing here.
         tokio::select! {
             _ = poller.cycle() => {}
@@ -110,6 +116,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 Duration::from_secs(5)
             }
         };
+        heartbeat.beat(interval + poll::MAX_CYCLE);
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = runtime.shutdown.cancelled() => break,

@@ -2,13 +2,21 @@
 //! executor with `Sync`, and post the statuses that are due.
 //!
 //! Nothing reaches the executor unless the Hub's response was complete and parsed: a failed,
-//! malformed or partial response changes nothing in the cluster, and the statuses of the
-//! deployments last seen say what went wrong.
+//! malformed or partial response changes nothing in the cluster. The releases are still fine
+//! then, so the poller keeps posting their real statuses (read from the executor with
+//! `Statuses`, no new desired state needed) and reports the Hub failure in its own logs and
+//! metrics. Only an executor that cannot be reached makes the deployments `error`.
+//!
+//! Statuses are posted a few at a time and within a deadline per cycle, so one slow status
+//! endpoint cannot stall the cycle (and make every other status stale on the Hub).
 
 use std::time::{Duration, Instant};
 
 use agent_runtime::tls::client::ReloadingChannel as Channel;
 use distr_agent_proto::v1::{self as pb, executor_client::ExecutorClient};
+use futures::StreamExt as _;
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
+use tonic::Code;
 use uuid::Uuid;
 
 use crate::{
@@ -19,6 +27,13 @@ use crate::{
 
 /// How often an unchanged status is posted again (the Hub calls a status older than 60 s stale).
 pub const STATUS_REFRESH: Duration = Duration::from_secs(30);
+/// Status posts in flight at once.
+pub const MAX_CONCURRENT_POSTS: usize = 8;
+/// Time the posts of one cycle may take; what is left is due again next cycle.
+pub const POST_DEADLINE: Duration = Duration::from_secs(20);
+/// Longest a healthy cycle takes (a login, the resources, the Sync, the posts, each bounded
+/// by its own timeout), with room to spare: a cycle running longer is wedged.
+pub const MAX_CYCLE: Duration = Duration::from_secs(300);
 
 pub struct Poller {
     hub: HubClient,
@@ -26,6 +41,40 @@ pub struct Poller {
     book: StatusBook,
     /// Revisions of the last complete Hub response.
     last_known: Vec<Uuid>,
+    post_deadline: Duration,
+    metrics: PollerMetrics,
+}
+
+/// Counters of the poll loop, served on `/metrics` once registered.
+#[derive(Clone, Default)]
+pub struct PollerMetrics {
+    /// Cycles whose Hub fetch failed.
+    pub hub_fetch_failures: Counter,
+    /// Status posts the Hub did not accept (or that did not finish in time).
+    pub status_post_failures: Counter,
+    /// Cycles whose executor call failed.
+    pub executor_failures: Counter,
+}
+
+impl PollerMetrics {
+    /// Registers the counters (`distr_agent_hub_fetch_failures_total`, ...).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "hub_fetch_failures",
+            "Cycles in which the desired state could not be fetched from the Hub",
+            self.hub_fetch_failures.clone(),
+        );
+        registry.register(
+            "status_post_failures",
+            "Status posts the Hub did not accept in time",
+            self.status_post_failures.clone(),
+        );
+        registry.register(
+            "executor_failures",
+            "Cycles in which the executor could not be called",
+            self.executor_failures.clone(),
+        );
+    }
 }
 
 impl Poller {
@@ -35,7 +84,14 @@ impl Poller {
             executor,
             book: StatusBook::new(status_refresh),
             last_known: Vec::new(),
+            post_deadline: POST_DEADLINE,
+            metrics: PollerMetrics::default(),
         }
+    }
+
+    /// The loop's counters, to register with the process's metrics.
+    pub fn metrics(&self) -> &PollerMetrics {
+        &self.metrics
     }
 
     /// One cycle: fetch, sync, report.
@@ -46,9 +102,9 @@ impl Poller {
                 self.sync(&resources).await
             }
             Err(error) => {
-                tracing::warn!(%error, "cannot fetch the desired state from the Hub; the cluster is left as it is");
-                let message = format!("cannot fetch deployments from the Hub, nothing changed in the cluster: {error}");
-                self.errors_for_all(&message)
+                self.metrics.hub_fetch_failures.inc();
+                tracing::warn!(%error, "cannot fetch the desired state from the Hub; the cluster is left as it is and the last statuses are reported");
+                self.last_statuses().await
             }
         };
         self.post(statuses).await;
@@ -58,11 +114,30 @@ impl Poller {
         let request = desired::sync_request(resources, self.hub_registry().await);
         match self.executor.sync(request).await {
             Ok(reply) => reply.into_inner().statuses.iter().filter_map(report).collect(),
-            Err(status) => {
-                tracing::warn!(code = ?status.code(), message = status.message(), "agent executor unreachable");
-                self.errors_for_all(&format!("agent executor unreachable: {}", status.message()))
-            }
+            Err(status) => self.executor_failed(&status),
         }
+    }
+
+    /// The executor's current statuses of the deployments of the last complete Hub response.
+    async fn last_statuses(&mut self) -> Vec<StatusReport> {
+        match self.executor.statuses(pb::StatusesRequest {}).await {
+            Ok(reply) => reply
+                .into_inner()
+                .statuses
+                .iter()
+                .filter_map(report)
+                .filter(|status| self.last_known.contains(&status.revision_id))
+                .collect(),
+            Err(status) => self.executor_failed(&status),
+        }
+    }
+
+    /// An `error` for every deployment last seen, worded after what went wrong.
+    fn executor_failed(&mut self, status: &tonic::Status) -> Vec<StatusReport> {
+        self.metrics.executor_failures.inc();
+        let message = executor_error_message(status);
+        tracing::warn!(code = ?status.code(), error = %message, "agent executor call failed");
+        self.errors_for_all(&message)
     }
 
     /// The Hub registry login (user `-`, the agent's JWT as password), when one is configured.
@@ -95,15 +170,60 @@ impl Poller {
     }
 
     async fn post(&mut self, statuses: Vec<StatusReport>) {
-        for status in self.book.due(&statuses, Instant::now()) {
-            match self.hub.post_status(&status).await {
-                Ok(()) => {
-                    tracing::debug!(revision = %status.revision_id, kind = ?status.status_type, "status posted");
-                    self.book.accepted(&status, Instant::now());
-                }
-                Err(error) => tracing::warn!(revision = %status.revision_id, %error, "cannot post status"),
+        let due = self.book.due(&statuses, Instant::now());
+        let failed = post_due(&self.hub, &mut self.book, due, MAX_CONCURRENT_POSTS, self.post_deadline).await;
+        self.metrics.status_post_failures.inc_by(failed as u64);
+    }
+}
+
+/// Posts `due` with at most `concurrency` posts in flight, until `deadline`; records each
+/// accepted post in `book`. Returns how many were not accepted (failed or cut off by the
+/// deadline; they are due again next cycle).
+pub async fn post_due(
+    hub: &HubClient,
+    book: &mut StatusBook,
+    due: Vec<StatusReport>,
+    concurrency: usize,
+    deadline: Duration,
+) -> usize {
+    let total = due.len();
+    let mut accepted = 0;
+    let posts = futures::stream::iter(due.into_iter().map(|status| async move {
+        let result = hub.post_status(&status).await;
+        (status, result)
+    }))
+    .buffer_unordered(concurrency.max(1))
+    .take_until(tokio::time::sleep(deadline));
+    futures::pin_mut!(posts);
+    while let Some((status, result)) = posts.next().await {
+        match result {
+            Ok(()) => {
+                tracing::debug!(revision = %status.revision_id, kind = ?status.status_type, "status posted");
+                book.accepted(&status, Instant::now());
+                accepted += 1;
             }
+            Err(error) => tracing::warn!(revision = %status.revision_id, %error, "cannot post status"),
         }
+    }
+    let failed = total - accepted;
+    if failed > 0 {
+        tracing::warn!(
+            failed,
+            total,
+            "some statuses were not posted this cycle; they are retried next cycle"
+        );
+    }
+    failed
+}
+
+/// What to tell the Hub when an executor call failed: "unreachable" only when it could not
+/// be reached (or did not answer); otherwise what it said.
+pub fn executor_error_message(status: &tonic::Status) -> String {
+    match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
+            format!("agent executor unreachable: {}", status.message())
+        }
+        code => format!("agent executor refused the request ({code:?}): {}", status.message()),
     }
 }
 
@@ -122,4 +242,65 @@ fn report(status: &pb::DeploymentStatus) -> Option<StatusReport> {
         status_type,
         message: status.message.clone(),
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::{http::StatusCode, response::IntoResponse};
+
+    use super::*;
+    use crate::{
+        config::ConfigSource,
+        hub::fake::{FakeHub, jwt, token_reply},
+    };
+
+    fn report(n: u128) -> StatusReport {
+        StatusReport {
+            revision_id: Uuid::from_u128(n),
+            status_type: StatusType::Healthy,
+            message: "status check passed. 1 resources healthy".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_slow_status_endpoint_does_not_stall_the_others() {
+        let slow = Uuid::from_u128(3).to_string();
+        let fake = FakeHub::start(move |seen| {
+            if seen.is_login() {
+                return token_reply(&jwt(3600));
+            }
+            if String::from_utf8_lossy(&seen.body).contains(&slow) {
+                return crate::hub::fake::Reply::After(Duration::from_secs(20), StatusCode::OK.into_response());
+            }
+            StatusCode::OK.into()
+        })
+        .await;
+        agent_runtime::install_crypto_provider();
+        let hub = HubClient::new(Arc::new(ConfigSource::from_env(fake.env())), "1.2.3").unwrap();
+        let mut book = StatusBook::new(STATUS_REFRESH);
+        let statuses: Vec<StatusReport> = (1..=12).map(report).collect();
+        let due = book.due(&statuses, Instant::now());
+        let started = Instant::now();
+        let failed = post_due(&hub, &mut book, due, 4, Duration::from_secs(2)).await;
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(5), "the cycle waited {took:?}");
+        assert_eq!(failed, 1);
+        // Everything but the slow one was accepted; the slow one is due again.
+        assert_eq!(book.due(&statuses, Instant::now()), vec![report(3)]);
+    }
+
+    #[test]
+    fn executor_errors_say_what_happened() {
+        assert_eq!(
+            executor_error_message(&tonic::Status::unavailable("connection refused")),
+            "agent executor unreachable: connection refused"
+        );
+        assert_eq!(
+            executor_error_message(&tonic::Status::invalid_argument("invalid namespace \"A\"")),
+            "agent executor refused the request (InvalidArgument): invalid namespace \"A\""
+        );
+    }
 }

@@ -1,4 +1,4 @@
-//! The admin HTTP server: `/livez` (the process runs), `/readyz` (every readiness gate open and
+//! The admin HTTP server: `/livez` (the process runs and its loops beat), `/readyz` (every readiness gate open and
 //! no shutdown under way) and `/metrics` (Prometheus text format).
 
 use std::{
@@ -41,7 +41,7 @@ pub async fn serve(
         .await
         .map_err(|error| anyhow::anyhow!("cannot bind the admin server on {addr}: {error}"))?;
     let app = Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
+        .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(AdminState { readiness, metrics });
@@ -53,6 +53,14 @@ pub async fn serve(
             tracing::error!(%error, "admin server failed");
         }
     }))
+}
+
+/// Alive while every heartbeat is on time (a wedged loop gets the container restarted).
+async fn livez(State(state): State<AdminState>) -> impl IntoResponse {
+    match state.readiness.check_live() {
+        Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not live: {why}\n")),
+    }
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
@@ -79,5 +87,41 @@ async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
             [("content-type", "text/plain")],
             error.to_string(),
         ),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn livez_fails_once_a_heartbeat_is_missed() {
+        crate::install_crypto_provider();
+        let shutdown = CancellationToken::new();
+        let readiness = Readiness::new(shutdown.clone());
+        let heartbeat = readiness.heartbeat("poll loop", Duration::from_secs(60));
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let server = serve(addr, readiness, Arc::default(), shutdown.clone()).await.unwrap();
+        let livez = || async {
+            let response = reqwest::get(format!("http://{addr}/livez")).await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        };
+        assert_eq!(livez().await.0, 200);
+        // The loop wedges: its next beat never comes.
+        heartbeat.beat(Duration::ZERO);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let (status, body) = livez().await;
+        assert_eq!(status, 503);
+        assert!(body.contains("poll loop"), "{body}");
+        heartbeat.beat(Duration::from_secs(60));
+        assert_eq!(livez().await.0, 200);
+        shutdown.cancel();
+        server.await.unwrap();
     }
 }

@@ -1,8 +1,11 @@
 //! Readiness gates: the process is ready once every gate opened and until shutdown begins.
 
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use tokio_util::sync::CancellationToken;
@@ -10,10 +13,26 @@ use tokio_util::sync::CancellationToken;
 /// Named gates, each open or not.
 type Gates = Arc<Mutex<Vec<(&'static str, Arc<AtomicBool>)>>>;
 
+/// Named heartbeats, each with the instant by which the next beat is due.
+type Heartbeats = Arc<Mutex<Vec<(&'static str, Arc<Mutex<Instant>>)>>>;
+
 #[derive(Clone)]
 pub struct Readiness {
     gates: Gates,
+    heartbeats: Heartbeats,
     shutdown: CancellationToken,
+}
+
+/// The heartbeat of a loop that must keep running (liveness): a loop that misses its beat
+/// is wedged, and `/livez` says so, so that the kubelet restarts the container.
+#[derive(Clone)]
+pub struct Heartbeat(Arc<Mutex<Instant>>);
+
+impl Heartbeat {
+    /// The loop is alive; its next beat is due within `next_within`.
+    pub fn beat(&self, next_within: Duration) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now() + next_within;
+    }
 }
 
 /// One condition of readiness, such as "gRPC listener bound" or "watches synced".
@@ -30,7 +49,37 @@ impl Readiness {
     pub fn new(shutdown: CancellationToken) -> Self {
         Self {
             gates: Arc::default(),
+            heartbeats: Arc::default(),
             shutdown,
+        }
+    }
+
+    /// Adds a heartbeat whose first beat is due within `first_within`; liveness fails once a
+    /// beat is overdue.
+    pub fn heartbeat(&self, name: &'static str, first_within: Duration) -> Heartbeat {
+        let due = Arc::new(Mutex::new(Instant::now() + first_within));
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name, due.clone()));
+        Heartbeat(due)
+    }
+
+    /// `Ok(())` while every heartbeat is on time, otherwise which are overdue and by how much.
+    pub fn check_live(&self) -> Result<(), String> {
+        let now = Instant::now();
+        let heartbeats = self.heartbeats.lock().unwrap_or_else(|e| e.into_inner());
+        let overdue: Vec<String> = heartbeats
+            .iter()
+            .filter_map(|(name, due)| {
+                let due = *due.lock().unwrap_or_else(|e| e.into_inner());
+                (now > due).then(|| format!("{name} ({}s overdue)", (now - due).as_secs()))
+            })
+            .collect();
+        if overdue.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("heartbeat missed: {}", overdue.join(", ")))
         }
     }
 
@@ -82,5 +131,19 @@ mod tests {
         assert_eq!(readiness.check(), Ok(()));
         shutdown.cancel();
         assert_eq!(readiness.check(), Err("shutting down".to_owned()));
+    }
+
+    #[test]
+    fn liveness_follows_the_heartbeats() {
+        let readiness = Readiness::new(CancellationToken::new());
+        assert_eq!(readiness.check_live(), Ok(()), "no heartbeat: alive");
+        let poll = readiness.heartbeat("poll loop", Duration::from_secs(60));
+        assert_eq!(readiness.check_live(), Ok(()));
+        poll.beat(Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(5));
+        let error = readiness.check_live().expect_err("overdue");
+        assert!(error.starts_with("heartbeat missed: poll loop ("), "{error}");
+        poll.beat(Duration::from_secs(60));
+        assert_eq!(readiness.check_live(), Ok(()));
     }
 }

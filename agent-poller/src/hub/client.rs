@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, Response, StatusCode, Url};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -37,9 +37,12 @@ pub struct ClientOptions {
     pub request_timeout: Duration,
     /// Log in again this long before the token expires. Default 30 s.
     pub refresh_before: Duration,
-    /// After a failed refresh with a still-valid token, wait this long before trying again
-    /// (the Hub allows only about 5 logins per minute). Default 10 s.
+    /// After a failed login (a refresh or not), wait this long before the next one, doubling
+    /// with each further failure up to `max_login_backoff`, and at least as long as a 429's
+    /// `Retry-After` (the Hub allows only about 5 logins per minute). Default 10 s.
     pub refresh_retry_after: Duration,
+    /// Longest wait between two failed logins. Default 5 minutes.
+    pub max_login_backoff: Duration,
     /// Bound on the resources body. Default 8 MiB.
     pub max_resources_body: usize,
     /// Bound on the manifest body. Default 4 MiB.
@@ -55,6 +58,7 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(30),
             refresh_before: Duration::from_secs(30),
             refresh_retry_after: Duration::from_secs(10),
+            max_login_backoff: Duration::from_secs(300),
             max_resources_body: 8 * 1024 * 1024,
             max_manifest_body: 4 * 1024 * 1024,
             max_body: 64 * 1024,
@@ -105,8 +109,25 @@ struct Inner {
 #[derive(Default)]
 struct TokenSlot {
     token: Option<Token>,
-    /// When a refresh last failed while the old token was kept.
-    refresh_failed_at: Option<Instant>,
+    /// Set after a failed login: no login before `until`.
+    backoff: Option<LoginBackoff>,
+}
+
+struct LoginBackoff {
+    until: Instant,
+    /// Failed logins in a row.
+    failures: u32,
+    /// The last failure, as displayed.
+    last_error: String,
+}
+
+/// The wait after the `failures`-th failed login in a row: `first`, doubling, at most `max`,
+/// and never shorter than the Hub's `Retry-After`.
+pub(super) fn login_backoff(first: Duration, max: Duration, failures: u32, retry_after: Option<Duration>) -> Duration {
+    let doubled = first
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(max);
+    retry_after.map_or(doubled, |retry_after| doubled.max(retry_after))
 }
 
 impl std::fmt::Debug for HubClient {
@@ -310,38 +331,56 @@ impl HubClient {
         let mut slot = self.inner.token.lock().await;
         let identity = LoginIdentity::of(config);
         let now = SystemTime::now();
-        if let Some(token) = &slot.token {
-            if token.is_fresh(&identity, now, options.refresh_before) {
-                return Ok(token.jwt.clone());
-            }
-            let recently_failed = slot
-                .refresh_failed_at
-                .is_some_and(|at| at.elapsed() < options.refresh_retry_after);
-            if recently_failed && token.is_usable(&identity, now) {
-                return Ok(token.jwt.clone());
+        if let Some(token) = &slot.token
+            && token.is_fresh(&identity, now, options.refresh_before)
+        {
+            return Ok(token.jwt.clone());
+        }
+        let usable = slot
+            .token
+            .as_ref()
+            .filter(|token| token.is_usable(&identity, now))
+            .map(|token| token.jwt.clone());
+        if let Some(backoff) = &slot.backoff {
+            let left = backoff.until.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                return usable.ok_or_else(|| HubError::LoginBackoff {
+                    retry_in: left,
+                    last_error: backoff.last_error.clone(),
+                });
             }
         }
         match self.login(config, identity).await {
             Ok(token) => {
                 let jwt = token.jwt.clone();
                 slot.token = Some(token);
-                slot.refresh_failed_at = None;
+                slot.backoff = None;
                 Ok(jwt)
             }
             Err(error) => {
-                let identity = LoginIdentity::of(config);
-                match slot
-                    .token
-                    .as_ref()
-                    .filter(|t| t.is_usable(&identity, SystemTime::now()))
-                {
-                    Some(token) => {
-                        tracing::warn!(%error, "refreshing the hub token failed; using the current token until it expires");
-                        let jwt = token.jwt.clone();
-                        slot.refresh_failed_at = Some(Instant::now());
+                let failures = slot.backoff.as_ref().map_or(0, |b| b.failures).saturating_add(1);
+                let retry_after = match &error {
+                    HubError::RateLimited { retry_after, .. } => *retry_after,
+                    _ => None,
+                };
+                let wait = login_backoff(
+                    options.refresh_retry_after,
+                    options.max_login_backoff,
+                    failures,
+                    retry_after,
+                );
+                slot.backoff = Some(LoginBackoff {
+                    until: Instant::now() + wait,
+                    failures,
+                    last_error: error.to_string(),
+                });
+                match usable {
+                    Some(jwt) => {
+                        tracing::warn!(%error, ?wait, "refreshing the hub token failed; using the current token until it expires");
                         Ok(jwt)
                     }
                     None => {
+                        tracing::warn!(%error, ?wait, "hub login failed; backing off");
                         slot.token = None;
                         Err(error)
                     }
@@ -355,7 +394,6 @@ impl HubClient {
         let mut slot = self.inner.token.lock().await;
         if slot.token.as_ref().is_some_and(|token| token.jwt == *used) {
             slot.token = None;
-            slot.refresh_failed_at = None;
         }
     }
 
@@ -370,6 +408,9 @@ impl HubClient {
             .post(config.login_endpoint.clone())
             .basic_auth(&config.target_id, Some(config.target_secret.expose()))
             .header(ACCEPT, HeaderValue::from_static("application/json"))
+            // No body, but a length, as the Go agent sends (a strict proxy answers 411).
+            .header(CONTENT_LENGTH, HeaderValue::from_static("0"))
+            .body(Vec::new())
             .send()
             .await
             .map_err(|e| HubError::transport(&method, &path, e))?;

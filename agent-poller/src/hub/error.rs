@@ -105,6 +105,16 @@ pub enum HubError {
         /// The `Retry-After` the Hub sent, if any (in seconds).
         retry_after: Option<Duration>,
     },
+    /// A login failed a short while ago and no valid token is left: no new login is tried
+    /// before the back-off ends (the Hub allows about 5 logins a minute and a rate-limited
+    /// target that keeps trying stays locked out).
+    #[error("not logging in to the hub again for {}s after a failed login: {last_error}", .retry_in.as_secs().max(1))]
+    LoginBackoff {
+        /// Time until the next login may be tried.
+        retry_in: Duration,
+        /// The failed login's error, as displayed.
+        last_error: String,
+    },
     /// The login answered a token whose expiry cannot be read.
     #[error("hub login returned an unusable token: {0}")]
     BadToken(#[from] TokenError),
@@ -123,7 +133,10 @@ impl HubError {
     /// Whether trying again later, unchanged, may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            HubError::Timeout { .. } | HubError::Transport { .. } | HubError::RateLimited { .. } => true,
+            HubError::Timeout { .. }
+            | HubError::Transport { .. }
+            | HubError::RateLimited { .. }
+            | HubError::LoginBackoff { .. } => true,
             HubError::Status { status, .. } => status.is_server_error(),
             _ => false,
         }

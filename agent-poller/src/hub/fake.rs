@@ -26,6 +26,7 @@ pub(crate) struct Seen {
     pub(crate) path: String,
     pub(crate) authorization: Option<String>,
     pub(crate) user_agent: Option<String>,
+    pub(crate) content_length: Option<String>,
     pub(crate) body: Vec<u8>,
 }
 
@@ -94,6 +95,7 @@ impl FakeHub {
                     path: uri.path().to_owned(),
                     authorization: header("authorization"),
                     user_agent: header("user-agent"),
+                    content_length: header("content-length"),
                     body: body.to_vec(),
                 };
                 state.seen.lock().unwrap().push(seen.clone());

@@ -7,7 +7,7 @@ mod token;
 pub mod types;
 
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 #[cfg(test)]
 mod tests;
 

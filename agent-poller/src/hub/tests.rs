@@ -70,6 +70,14 @@ async fn hub_with(lifetime: i64, route: impl Fn(&Seen) -> Reply + Send + Sync + 
     .await
 }
 
+fn status_report() -> StatusReport {
+    StatusReport {
+        revision_id: Uuid::parse_str("66666666-7777-4888-9999-aaaaaaaaaaaa").unwrap(),
+        status_type: StatusType::Healthy,
+        message: "status check passed. 3 resources healthy".into(),
+    }
+}
+
 fn resources_route(seen: &Seen) -> Reply {
     match seen.path.as_str() {
         RESOURCES => Json(resources_body()).into(),
@@ -96,6 +104,7 @@ async fn logs_in_with_basic_auth_then_uses_the_bearer_and_user_agent() {
         Some(format!("{TARGET_ID}:{TARGET_SECRET}").as_str())
     );
     assert!(login.body.is_empty(), "login has no body");
+    assert_eq!(login.content_length.as_deref(), Some("0"), "but says so");
     let token = client.current_token().await.expect("token");
     for call in &seen[1..] {
         assert_eq!(call.bearer(), Some(token.expose()));
@@ -264,6 +273,75 @@ async fn malformed_json_is_reported_with_the_parser_message() {
         "{message}"
     );
     assert!(message.contains("EOF while parsing"), "{message}");
+}
+
+#[tokio::test]
+async fn failed_logins_back_off_instead_of_one_login_per_call() {
+    let logins = Arc::new(AtomicUsize::new(0));
+    let counter = logins.clone();
+    let fake = FakeHub::start(move |seen| {
+        if seen.is_login() {
+            return match counter.fetch_add(1, Ordering::SeqCst) {
+                0 => StatusCode::SERVICE_UNAVAILABLE.into(),
+                _ => token_reply(&jwt(3600)),
+            };
+        }
+        resources_route(seen)
+    })
+    .await;
+    let options = ClientOptions {
+        refresh_retry_after: Duration::from_millis(300),
+        ..ClientOptions::default()
+    };
+    let client = client_for(&fake, options);
+    let first = client.resources().await.expect_err("login fails");
+    assert!(first.to_string().contains("503"), "{first}");
+    // A cycle's other calls (statuses) do not log in again.
+    for _ in 0..5 {
+        let error = client.post_status(&status_report()).await.expect_err("backing off");
+        assert!(matches!(error, HubError::LoginBackoff { .. }), "{error:?}");
+        assert!(error.is_retryable());
+        assert!(
+            error.to_string().contains("after a failed login: hub answered 503"),
+            "{error}"
+        );
+    }
+    assert_eq!(logins.load(Ordering::SeqCst), 1);
+    // Once the back-off has passed, the next call logs in.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    client.resources().await.expect("logged in after the back-off");
+    assert_eq!(logins.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_rate_limited_login_waits_for_retry_after() {
+    let fake = FakeHub::start(|_| (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "60")], "slow down").into()).await;
+    let options = ClientOptions {
+        refresh_retry_after: Duration::from_millis(10),
+        ..ClientOptions::default()
+    };
+    let client = client_for(&fake, options);
+    client.resources().await.expect_err("rate limited");
+    // Well past the back-off of 10 ms, still within the Hub's Retry-After.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let error = client.resources().await.expect_err("still waiting");
+    match &error {
+        HubError::LoginBackoff { retry_in, .. } => assert!(*retry_in > Duration::from_secs(50), "{retry_in:?}"),
+        other => panic!("expected a back-off, got {other:?}"),
+    }
+    assert_eq!(fake.logins().len(), 1);
+}
+
+#[test]
+fn login_backoff_doubles_up_to_a_limit_and_honours_retry_after() {
+    let (first, max) = (Duration::from_secs(10), Duration::from_secs(300));
+    assert_eq!(client::login_backoff(first, max, 1, None), Duration::from_secs(10));
+    assert_eq!(client::login_backoff(first, max, 3, None), Duration::from_secs(40));
+    assert_eq!(client::login_backoff(first, max, 30, None), max);
+    assert_eq!(
+        client::login_backoff(first, max, 1, Some(Duration::from_secs(90))),
+        Duration::from_secs(90)
+    );
 }
 
 #[tokio::test]

@@ -82,9 +82,11 @@ pub struct Deployment {
     /// The chart version.
     #[serde(default)]
     pub chart_version: String,
-    /// Helm values, already merged by the Hub: any JSON object.
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub values: serde_json::Map<String, serde_json::Value>,
+    /// Helm values, already merged by the Hub: a JSON object (`null` or absent: `{}`). Any
+    /// other JSON is kept as it is, so that only this deployment fails (the executor refuses
+    /// it) rather than the whole response.
+    #[serde(default = "empty_object", deserialize_with = "null_as_empty_object")]
+    pub values: serde_json::Value,
     /// Deploy even when the Helm revision differs from the one the agent recorded.
     #[serde(default)]
     pub ignore_revision_skew: bool,
@@ -287,6 +289,20 @@ pub(crate) struct LoginResponse {
 }
 
 /// Treats an explicit `null` like an absent field.
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(serde_json::Map::new())
+}
+
+fn null_as_empty_object<'de, D>(deserializer: D) -> Result<serde_json::Value, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    Ok(match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::Null => empty_object(),
+        other => other,
+    })
+}
+
 fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
@@ -373,7 +389,7 @@ mod tests {
         let deployment = &resources.deployments[0];
         assert!(!deployment.is_oci());
         assert_eq!(deployment.chart_name.as_deref(), Some("nginx"));
-        assert!(deployment.values.is_empty());
+        assert_eq!(deployment.values, json!({}));
         assert!(deployment.registry_auth.is_empty());
         assert_eq!(
             HelmOptions::effective(None).expect("defaults"),
@@ -440,6 +456,21 @@ mod tests {
             .cloned()
             .collect();
         assert_eq!(keys, ["body", "severity", "timestamp"]);
+    }
+
+    #[test]
+    fn values_that_are_not_an_object_fail_only_their_deployment() {
+        let resources = parse(json!({
+            "deployments": [
+                {"id": "11111111-2222-4333-8444-555555555555", "revisionId": "66666666-7777-4888-9999-aaaaaaaaaaaa",
+                 "releaseName": "list", "chartUrl": "oci://r/c", "chartVersion": "1", "values": [1, 2]},
+                {"id": "21111111-2222-4333-8444-555555555555", "revisionId": "76666666-7777-4888-9999-aaaaaaaaaaaa",
+                 "releaseName": "fine", "chartUrl": "oci://r/c", "chartVersion": "1", "values": {"a": 1}}
+            ]
+        }));
+        assert_eq!(resources.deployments.len(), 2);
+        assert_eq!(resources.deployments[0].values, json!([1, 2]));
+        assert_eq!(resources.deployments[1].values, json!({"a": 1}));
     }
 
     #[test]

@@ -6,3 +6,4 @@ mod deploy;
 mod environment;
 mod hub_to_helm;
 mod mtls;
+mod reliability;
