@@ -36,6 +36,6 @@ bash tests/env/start.sh "$state" "$bin"
 step "unit and end-to-end tests"
 export DISTR_TESTENV="$state/env"
 export DISTR_AGENT_BIN_DIR="$root/target/debug"
-cargo test --workspace -- --test-threads "${DISTR_TEST_THREADS:-4}"
+cargo test --workspace --no-fail-fast -- --test-threads "${DISTR_TEST_THREADS:-4}"
 
 step "all checks passed"
