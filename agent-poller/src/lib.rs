@@ -8,6 +8,7 @@ pub use agent_runtime::duration;
 pub mod hub;
 pub mod poll;
 pub mod report;
+pub mod selfupdate;
 
 use std::{sync::Arc, time::Duration};
 
@@ -48,6 +49,10 @@ pub struct Args {
     )]
     pub executor_url: String,
 
+    /// URL of the updater's gRPC server (mutual TLS, the updater identity of the namespace).
+    #[arg(long, env = "AGENT_UPDATER_URL", default_value = "https://distr-agent-updater:9444")]
+    pub updater_url: String,
+
     /// Deadline of each call to the executor, in seconds (Sync never waits for Helm).
     #[arg(long, env = "AGENT_EXECUTOR_TIMEOUT_SECONDS", default_value_t = 10)]
     pub executor_timeout_seconds: u64,
@@ -83,6 +88,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let hub =
         HubClient::with_options(config.clone(), &args.agent_version, options).context("creating the Hub client")?;
+    let updater = MtlsChannel::new(
+        &args.updater_url,
+        Role::Updater.identity(&args.tls.namespace),
+        credentials.clone(),
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    )
+    .context("configuring the updater client")?;
+    let updater = distr_agent_proto::v1::updater_client::UpdaterClient::new(ReloadingChannel::new(updater))
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let channel = MtlsChannel::new(
         &args.executor_url,
         Role::Executor.identity(&args.tls.namespace),
@@ -94,7 +109,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let executor = ExecutorClient::new(ReloadingChannel::new(channel))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let mut poller = Poller::new(hub, executor, Duration::from_secs(args.status_refresh_seconds));
+    let mut poller = Poller::new(hub, executor, Duration::from_secs(args.status_refresh_seconds))
+        .with_self_update(selfupdate::SelfUpdate::new(updater));
     poller
         .metrics()
         .register(&mut runtime.metrics.lock().unwrap_or_else(|e| e.into_inner()));

@@ -43,6 +43,7 @@ pub struct Poller {
     last_known: Vec<Uuid>,
     post_deadline: Duration,
     metrics: PollerMetrics,
+    self_update: Option<crate::selfupdate::SelfUpdate>,
 }
 
 /// Counters of the poll loop, served on `/metrics` once registered.
@@ -86,7 +87,14 @@ impl Poller {
             last_known: Vec::new(),
             post_deadline: POST_DEADLINE,
             metrics: PollerMetrics::default(),
+            self_update: None,
         }
+    }
+
+    /// Follows the Hub's agent version through the updater.
+    pub fn with_self_update(mut self, self_update: crate::selfupdate::SelfUpdate) -> Self {
+        self.self_update = Some(self_update);
+        self
     }
 
     /// The loop's counters, to register with the process's metrics.
@@ -96,10 +104,11 @@ impl Poller {
 
     /// One cycle: fetch, sync, report.
     pub async fn cycle(&mut self) {
-        let statuses = match self.hub.resources().await {
+        let fetched = self.hub.resources().await;
+        let statuses = match &fetched {
             Ok(resources) => {
                 self.last_known = resources.deployments.iter().map(|d| d.revision_id).collect();
-                self.sync(&resources).await
+                self.sync(resources).await
             }
             Err(error) => {
                 self.metrics.hub_fetch_failures.inc();
@@ -108,6 +117,11 @@ impl Poller {
             }
         };
         self.post(statuses).await;
+        // After the statuses: an update never delays the releases.
+        if let (Ok(resources), Some(update)) = (&fetched, self.self_update.as_mut()) {
+            let running = self.hub.config().ok().and_then(|c| c.agent_version_id);
+            update.step(&self.hub, resources.version.as_ref(), running).await;
+        }
     }
 
     async fn sync(&mut self, resources: &Resources) -> Vec<StatusReport> {

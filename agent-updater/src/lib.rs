@@ -1,6 +1,8 @@
 //! agent-updater: applies new agent manifests to the agent's own objects (self-update).
 
+pub mod engine;
 pub mod grpc;
+pub mod manifest;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -27,6 +29,16 @@ pub struct Args {
     /// Address of the gRPC server.
     #[arg(long, env = "AGENT_GRPC_ADDR", default_value = "0.0.0.0:9444")]
     pub grpc_addr: SocketAddr,
+
+    /// Images of the agent must come from `<repository>/<component>`; a manifest with other
+    /// images is refused.
+    #[arg(long, env = "AGENT_IMAGE_REPOSITORY", default_value = "ghcr.io/distr-sh/distr-agent")]
+    pub image_repository: String,
+
+    /// How long the agent's Deployments get to roll out before the update is rolled back, in
+    /// seconds.
+    #[arg(long, env = "AGENT_UPDATE_TIMEOUT_SECONDS", default_value_t = 300)]
+    pub update_timeout_seconds: u64,
 
     /// gRPC connections older than this are closed gracefully, in seconds, so that clients
     /// reconnect with their current certificates.
@@ -65,9 +77,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
         });
     }
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot configure the Kubernetes client: {error}"))?;
+    let engine = engine::Engine::new(
+        client,
+        manifest::Rules {
+            namespace: args.tls.namespace.clone(),
+            image_repository: args.image_repository.clone(),
+        },
+        Duration::from_secs(args.update_timeout_seconds),
+    );
+    // An update a previous updater left half-way is finished (or rolled back) first.
+    tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.resume().await }
+    });
     let mut server = GrpcServer::bind(args.grpc_addr, &[distr_agent_proto::FILE_DESCRIPTOR_SET]).await?;
     server
-        .add_service(UpdaterServer::new(grpc::UpdaterService::default()))
+        .add_service(
+            UpdaterServer::new(grpc::UpdaterService::new(engine))
+                .max_decoding_message_size(agent_runtime::grpc::MAX_MESSAGE_BYTES),
+        )
         .await;
     tracing::info!(addr = %server.local_addr()?, "gRPC server listening");
     grpc_ready.open();

@@ -28,6 +28,10 @@ pub struct AgentOptions {
     pub poller_env: Vec<(&'static str, String)>,
     /// Extra environment of the executor.
     pub executor_env: Vec<(&'static str, String)>,
+    /// Extra environment of the updater.
+    pub updater_env: Vec<(&'static str, String)>,
+    /// `agentVersionId` of the manifest (empty: self-update off).
+    pub version_id: String,
 }
 
 impl Default for AgentOptions {
@@ -38,6 +42,8 @@ impl Default for AgentOptions {
             scope: Scope::Namespace,
             poller_env: vec![("AGENT_HUB_TIMEOUT_SECONDS", "3".to_owned())],
             executor_env: Vec::new(),
+            updater_env: Vec::new(),
+            version_id: String::new(),
         }
     }
 }
@@ -78,6 +84,11 @@ impl Agent {
 
         let mut params = install::hub_params(&hub, target, Some(&secret), &ns.name, options.scope);
         params["agentInterval"] = json!(options.interval);
+        params["agentVersionId"] = json!(options.version_id);
+        // The Hub names the version the agent runs, until a test switches it.
+        if let Ok(id) = options.version_id.parse::<Uuid>() {
+            hub.set_agent_version(target, id, "0.1.0");
+        }
         let manifest = install::render(&install::template_path(), &params, &env.test_dir(test)).await?;
         install::apply(&ns.name, &manifest).await?;
         Self::run(test, ns, hub, target, manifest, options).await
@@ -92,7 +103,8 @@ impl Agent {
         manifest: String,
         options: AgentOptions,
     ) -> anyhow::Result<Self> {
-        let processes = Processes::start(test, &ns, options.executor_env, options.poller_env).await?;
+        let processes =
+            Processes::start(test, &ns, options.executor_env, options.poller_env, options.updater_env).await?;
         Ok(Self {
             test: test.to_owned(),
             ns,
@@ -179,8 +191,9 @@ pub struct Processes {
     pub volumes: Vec<KubeletVolume>,
     test: String,
     namespace: String,
-    /// How the executor was started, to start it again.
+    /// How the executor and the updater were started, to start them again.
     executor_env: std::collections::BTreeMap<String, String>,
+    updater_env: std::collections::BTreeMap<String, String>,
 }
 
 impl Processes {
@@ -190,6 +203,7 @@ impl Processes {
         ns: &TestNamespace,
         extra_executor_env: Vec<(&'static str, String)>,
         extra_poller_env: Vec<(&'static str, String)>,
+        extra_updater_env: Vec<(&'static str, String)>,
     ) -> anyhow::Result<Self> {
         let env = TestEnv::get();
         let dir = env.test_dir(test);
@@ -237,6 +251,7 @@ impl Processes {
                 ns.token_kubeconfig("distr-agent-updater").await?.display().to_string(),
             ),
         ]);
+        updater_env.extend(extra_updater_env.into_iter().map(|(k, v)| (k.to_owned(), v)));
         let mut updater = AgentProcess::start(test, "agent-updater", &pairs(&updater_env)).await?;
 
         let env_dir = dir.join("volumes").join("env");
@@ -270,6 +285,7 @@ impl Processes {
                 "AGENT_EXECUTOR_URL".into(),
                 format!("https://127.0.0.1:{executor_port}"),
             ),
+            ("AGENT_UPDATER_URL".into(), format!("https://127.0.0.1:{updater_port}")),
             ("AGENT_TLS_DIR".into(), tls_dirs["poller"].display().to_string()),
             ("AGENT_TLS_RELOAD_SECONDS".into(), "1".into()),
         ]);
@@ -281,6 +297,7 @@ impl Processes {
             test: test.to_owned(),
             namespace: ns.name.clone(),
             executor_env,
+            updater_env,
             executor,
             updater,
             poller,
@@ -301,26 +318,54 @@ impl Processes {
         self.executor.wait_ready(Duration::from_secs(30)).await
     }
 
+    /// Kills the updater (SIGKILL) and starts it again as before.
+    pub async fn restart_updater(&mut self) -> anyhow::Result<()> {
+        self.updater.kill().await?;
+        self.updater = AgentProcess::start(&self.test, "agent-updater", &pairs(&self.updater_env)).await?;
+        self.updater.wait_ready(Duration::from_secs(30)).await
+    }
+
+    /// A channel to `addr`, which must present `server`'s identity, with the certificate
+    /// mounted for `client` (`"poller"`, `"updater"` or `"operator"`).
+    pub fn channel(
+        &self,
+        client: &str,
+        addr: &str,
+        server: agent_runtime::tls::Role,
+    ) -> anyhow::Result<agent_runtime::tls::client::ReloadingChannel> {
+        use agent_runtime::tls::{Credentials, TlsFiles, client::MtlsChannel};
+        let files = TlsFiles::read_dir(&self.tls_dirs[client])?;
+        let credentials = Credentials::from_files(files, &self.namespace)?;
+        let (_keep, watch) = tokio::sync::watch::channel(Some(std::sync::Arc::new(credentials)));
+        let channel = MtlsChannel::new(
+            &format!("https://{addr}"),
+            server.identity(&self.namespace),
+            watch,
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        )?;
+        Ok(agent_runtime::tls::client::ReloadingChannel::new(channel))
+    }
+
     /// A gRPC client of the executor with the operator's certificate (the operator API).
     pub async fn executor_client(
         &self,
     ) -> anyhow::Result<
         distr_agent_proto::v1::executor_client::ExecutorClient<agent_runtime::tls::client::ReloadingChannel>,
     > {
-        use agent_runtime::tls::{Credentials, Role, TlsFiles, client};
-        let files = TlsFiles::read_dir(&self.tls_dirs["operator"])?;
-        let credentials = Credentials::from_files(files, &self.namespace)?;
-        let (_keep, watch) = tokio::sync::watch::channel(Some(std::sync::Arc::new(credentials)));
-        let channel = client::MtlsChannel::new(
-            &format!("https://{}", self.executor_addr),
-            Role::Executor.identity(&self.namespace),
-            watch,
-            Duration::from_secs(5),
-            Duration::from_secs(30),
-        )?;
-        Ok(distr_agent_proto::v1::executor_client::ExecutorClient::new(
-            client::ReloadingChannel::new(channel),
-        ))
+        let channel = self.channel("operator", &self.executor_addr, agent_runtime::tls::Role::Executor)?;
+        Ok(distr_agent_proto::v1::executor_client::ExecutorClient::new(channel))
+    }
+
+    /// A gRPC client of the updater with the certificate mounted for `client`.
+    pub fn updater_client(
+        &self,
+        client: &str,
+    ) -> anyhow::Result<
+        distr_agent_proto::v1::updater_client::UpdaterClient<agent_runtime::tls::client::ReloadingChannel>,
+    > {
+        let channel = self.channel(client, &self.updater_addr, agent_runtime::tls::Role::Updater)?;
+        Ok(distr_agent_proto::v1::updater_client::UpdaterClient::new(channel))
     }
 }
 

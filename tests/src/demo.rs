@@ -144,7 +144,7 @@ async fn start() -> anyhow::Result<Demo> {
     install::apply(&ns.name, &manifest).await?;
 
     say("starting agent-executor, agent-updater and agent-poller as the manifest's pods would run");
-    let processes = Processes::start(NAME, &ns, Vec::new(), Vec::new()).await?;
+    let processes = Processes::start(NAME, &ns, Vec::new(), Vec::new(), Vec::new()).await?;
     Ok(Demo {
         ns,
         admin_url,

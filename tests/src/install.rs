@@ -185,6 +185,8 @@ pub struct KubeletVolume {
 
 impl KubeletVolume {
     pub fn mount(client: Client, namespace: &str, source: VolumeSource, dir: PathBuf) -> anyhow::Result<Self> {
+        // A new pod's volume starts empty.
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let namespace = namespace.to_owned();
         let target = dir.clone();

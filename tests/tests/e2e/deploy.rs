@@ -200,10 +200,15 @@ async fn least_privilege(ns: &TestNamespace, scope: Scope) -> anyhow::Result<()>
         access::bindings_naming(&ns.client, &ns.name, "distr-agent-poller").await?,
         Vec::<String>::new()
     );
-    // The updater is bound only to its own Role.
+    // The updater is bound only to its own Role (and, cluster-wide, to reading the agent's
+    // cluster objects).
+    let mut updater_bindings = vec![format!("RoleBinding {}/distr-agent-updater", ns.name)];
+    if scope == Scope::Cluster {
+        updater_bindings.push(format!("ClusterRoleBinding distr-agent-{}-updater", ns.name));
+    }
     assert_eq!(
         access::bindings_naming(&ns.client, &ns.name, "distr-agent-updater").await?,
-        vec![format!("RoleBinding {}/distr-agent-updater", ns.name)]
+        updater_bindings
     );
 
     // The poller's pod carries no ServiceAccount token.

@@ -7,3 +7,4 @@ mod environment;
 mod hub_to_helm;
 mod mtls;
 mod reliability;
+mod selfupdate;

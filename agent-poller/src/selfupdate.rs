@@ -1,0 +1,172 @@
+//! Self-update, the poller's part: when the Hub names an agent version other than the one
+//! this agent runs (`DISTR_AGENT_VERSION_ID`; empty disables self-update), fetch that
+//! version's manifest and hand it to the updater, then follow the updater's progress. A
+//! version the updater refused or rolled back is not handed over again until the Hub names
+//! another one. Releases are served meanwhile: the poller never waits for a rollout.
+
+use distr_agent_proto::v1::{self as pb, updater_client::UpdaterClient};
+use uuid::Uuid;
+
+use agent_runtime::tls::client::ReloadingChannel;
+
+use crate::hub::{AgentVersion, HubClient};
+
+pub struct SelfUpdate {
+    updater: UpdaterClient<ReloadingChannel>,
+    /// The updater's last reported phase and message, to log changes once.
+    reported: Option<(i32, String)>,
+}
+
+/// What to do about the version the Hub wants.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing: self-update is off, the versions match, or this version is under way.
+    Nothing,
+    /// The version failed before: wait for the Hub to name another.
+    Failed,
+    /// Fetch the manifest and hand it over.
+    HandOver,
+}
+
+/// Decides from the wanted version, the running one, and the updater's state.
+pub fn decide(wanted: Option<&AgentVersion>, running: Option<Uuid>, updater: &pb::UpdateStatusResponse) -> Decision {
+    let (Some(wanted), Some(running)) = (wanted, running) else {
+        return Decision::Nothing;
+    };
+    if wanted.id == running {
+        return Decision::Nothing;
+    }
+    let id = wanted.id.to_string();
+    if updater.failed_version_ids.contains(&id) {
+        return Decision::Failed;
+    }
+    let under_way = matches!(
+        pb::UpdatePhase::try_from(updater.phase),
+        Ok(pb::UpdatePhase::Validating
+            | pb::UpdatePhase::Applying
+            | pb::UpdatePhase::Waiting
+            | pb::UpdatePhase::RollingBack
+            | pb::UpdatePhase::Done)
+    );
+    if updater.target_version_id == id && under_way {
+        return Decision::Nothing;
+    }
+    Decision::HandOver
+}
+
+impl SelfUpdate {
+    pub fn new(updater: UpdaterClient<ReloadingChannel>) -> Self {
+        Self {
+            updater,
+            reported: None,
+        }
+    }
+
+    /// One step, after the cycle's statuses are posted.
+    pub async fn step(&mut self, hub: &HubClient, wanted: Option<&AgentVersion>, running: Option<Uuid>) {
+        if wanted.is_none() || running.is_none() || wanted.map(|w| w.id) == running {
+            return;
+        }
+        let status = match self.updater.update_status(pb::UpdateStatusRequest {}).await {
+            Ok(status) => status.into_inner(),
+            Err(error) => {
+                tracing::warn!(code = ?error.code(), message = error.message(), "cannot reach the agent updater; self-update waits");
+                return;
+            }
+        };
+        self.report(&status);
+        let Some(wanted) = wanted else { return };
+        match decide(Some(wanted), running, &status) {
+            Decision::Nothing => {}
+            Decision::Failed => {}
+            Decision::HandOver => {
+                let manifest = match hub.manifest().await {
+                    Ok(manifest) => manifest,
+                    Err(error) => {
+                        tracing::warn!(%error, version = %wanted.name, "cannot fetch the agent manifest from the Hub");
+                        return;
+                    }
+                };
+                tracing::info!(version = %wanted.name, id = %wanted.id, "handing the new agent version to the updater");
+                let request = pb::ApplyAgentManifestRequest {
+                    manifest,
+                    target_version_id: wanted.id.to_string(),
+                };
+                match self.updater.apply_agent_manifest(request).await {
+                    Ok(report) => tracing::info!(
+                        version = %wanted.name,
+                        objects = report.into_inner().applied.len(),
+                        "the updater applied the new agent version; waiting for it to roll out"
+                    ),
+                    Err(error) => tracing::warn!(
+                        version = %wanted.name,
+                        code = ?error.code(),
+                        message = error.message(),
+                        "the updater did not apply the new agent version"
+                    ),
+                }
+            }
+        }
+    }
+
+    fn report(&mut self, status: &pb::UpdateStatusResponse) {
+        let now = (status.phase, status.message.clone());
+        if self.reported.as_ref() == Some(&now) {
+            return;
+        }
+        let phase = pb::UpdatePhase::try_from(status.phase).unwrap_or(pb::UpdatePhase::Unspecified);
+        if phase == pb::UpdatePhase::Failed {
+            tracing::warn!(version = %status.target_version_id, message = %status.message, "self-update failed");
+        } else {
+            tracing::info!(version = %status.target_version_id, ?phase, message = %status.message, "self-update");
+        }
+        self.reported = Some(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(id: Uuid) -> AgentVersion {
+        AgentVersion {
+            id,
+            created_at: None,
+            name: "0.2.0".into(),
+        }
+    }
+
+    #[test]
+    fn a_new_version_is_handed_over_once_and_a_failed_one_never_again() {
+        let (running, wanted) = (Uuid::new_v4(), Uuid::new_v4());
+        let idle = pb::UpdateStatusResponse::default();
+        assert_eq!(decide(Some(&version(wanted)), Some(running), &idle), Decision::HandOver);
+        assert_eq!(decide(Some(&version(running)), Some(running), &idle), Decision::Nothing);
+        assert_eq!(
+            decide(Some(&version(wanted)), None, &idle),
+            Decision::Nothing,
+            "disabled"
+        );
+        let waiting = pb::UpdateStatusResponse {
+            target_version_id: wanted.to_string(),
+            phase: pb::UpdatePhase::Waiting.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            decide(Some(&version(wanted)), Some(running), &waiting),
+            Decision::Nothing
+        );
+        let failed = pb::UpdateStatusResponse {
+            target_version_id: wanted.to_string(),
+            phase: pb::UpdatePhase::Failed.into(),
+            failed_version_ids: vec![wanted.to_string()],
+            ..Default::default()
+        };
+        assert_eq!(decide(Some(&version(wanted)), Some(running), &failed), Decision::Failed);
+        let another = Uuid::new_v4();
+        assert_eq!(
+            decide(Some(&version(another)), Some(running), &failed),
+            Decision::HandOver
+        );
+    }
+}

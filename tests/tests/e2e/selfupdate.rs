@@ -1,0 +1,315 @@
+//! Self-update through the updater: the manifests of `deploy/` rendered for two agent versions,
+//! the updater under its own ServiceAccount token, kwok rolling the pods out.
+
+use std::time::{Duration, Instant};
+
+use distr_agent_e2e::{
+    agent::{Agent, AgentOptions, deployment, revision},
+    charts,
+    hubsim::Route,
+    install::{self, Scope},
+};
+use distr_agent_proto::v1 as pb;
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::ConfigMap, networking::v1::NetworkPolicy, rbac::v1::Role};
+use serde_json::json;
+use uuid::Uuid;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const AGENT_DEPLOYMENTS: [&str; 3] = ["distr-agent", "distr-agent-executor", "distr-agent-updater"];
+
+/// The manifest the Hub serves at its manifest endpoint for `version` (no target secret).
+async fn manifest_of(agent: &Agent, name: &str, id: Uuid) -> anyhow::Result<String> {
+    let mut params = install::hub_params(&agent.hub, agent.target, None, &agent.ns.name, Scope::Namespace);
+    params["agentInterval"] = json!("1s");
+    params["agentVersion"] = json!(name);
+    params["agentVersionId"] = json!(id.to_string());
+    let dir = distr_agent_e2e::TestEnv::get().test_dir(&agent.test);
+    install::render(&install::template_path(), &params, &dir).await
+}
+
+/// The manifest without the document that defines `kind` `name`.
+fn without(manifest: &str, kind: &str, name: &str) -> String {
+    manifest
+        .split("\n---")
+        .filter(|doc| !(doc.contains(&format!("kind: {kind}\n")) && doc.contains(&format!("  name: {name}\n"))))
+        .collect::<Vec<_>>()
+        .join("\n---")
+}
+
+async fn images(agent: &Agent) -> anyhow::Result<Vec<String>> {
+    let api = agent.ns.api::<Deployment>();
+    let mut images = Vec::new();
+    for name in AGENT_DEPLOYMENTS {
+        let d = api.get(name).await?;
+        let pod = d.spec.and_then(|s| s.template.spec).unwrap_or_default();
+        images.push(pod.containers[0].image.clone().unwrap_or_default());
+    }
+    Ok(images)
+}
+
+async fn wait_phase(
+    agent: &Agent,
+    version: Uuid,
+    phase: pb::UpdatePhase,
+    timeout: Duration,
+) -> anyhow::Result<pb::UpdateStatusResponse> {
+    let mut client = agent.updater_client("operator")?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = client
+            .update_status(pb::UpdateStatusRequest {})
+            .await
+            .map(|s| s.into_inner());
+        if let Ok(status) = &status
+            && status.target_version_id == version.to_string()
+            && status.phase == i32::from(phase)
+        {
+            return Ok(status.clone());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "update phase {phase:?} of {version} not reached in {timeout:?}; last status: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn options(version: Uuid, gate_seconds: u64) -> AgentOptions {
+    AgentOptions {
+        version_id: version.to_string(),
+        updater_env: vec![("AGENT_UPDATE_TIMEOUT_SECONDS", gate_seconds.to_string())],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_new_version_named_by_the_hub_is_applied_gated_and_pruned_while_releases_keep_reporting() -> anyhow::Result<()>
+{
+    let test = "selfupdate-good";
+    let v1 = Uuid::new_v4();
+    let agent = Agent::start(test, options(v1, 60)).await?;
+    let dir = distr_agent_e2e::TestEnv::get().test_dir(test).join("charts");
+    let chart = charts::push_chart(&charts::write_web_chart(&dir, "selfupdate-web", "0.1.0")?).await?;
+    let web = deployment("web", &chart, "0.1.0", json!({}));
+    agent.set_deployments(vec![web.clone()]);
+    agent.wait_status(&revision(&web), "healthy", "", MINUTE).await?;
+
+    // Version 0.2.0 no longer has the poller's NetworkPolicy.
+    let v2 = Uuid::new_v4();
+    let manifest = without(
+        &manifest_of(&agent, "0.2.0", v2).await?,
+        "NetworkPolicy",
+        "distr-agent-poller",
+    );
+    agent.hub.set_manifest(agent.target, &manifest);
+    let switched = Instant::now();
+    let switched_at = chrono::Utc::now();
+    agent.hub.set_agent_version(agent.target, v2, "0.2.0");
+
+    let done = wait_phase(&agent, v2, pb::UpdatePhase::Done, 2 * MINUTE).await?;
+    eprintln!(
+        "Hub version change -> new agent healthy: {:.1?} ({})",
+        switched.elapsed(),
+        done.message
+    );
+    for image in images(&agent).await? {
+        assert!(image.ends_with(":0.2.0"), "{image}");
+    }
+    // What an operator sees, with the command of the README.
+    let operator = install::OperatorCert {
+        dir: agent.tls_dirs["operator"].clone(),
+    };
+    let mut args = operator.flags_for("updater", &agent.ns.name);
+    args.extend([agent.updater_addr.clone(), "distr.agent.v1.Updater/UpdateStatus".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let shown = distr_agent_e2e::tools::grpcurl(&args)
+        .await?
+        .ok("grpcurl UpdateStatus")?;
+    assert!(shown.stdout.contains("UPDATE_PHASE_DONE"), "{}", shown.stdout);
+    let config = agent.ns.api::<ConfigMap>().get("distr-agent-env").await?;
+    assert_eq!(
+        config.data.unwrap_or_default()["DISTR_AGENT_VERSION_ID"],
+        v2.to_string()
+    );
+    assert!(
+        agent
+            .ns
+            .api::<NetworkPolicy>()
+            .get_opt("distr-agent-poller")
+            .await?
+            .is_none(),
+        "the object the new version dropped is pruned"
+    );
+    assert!(
+        agent
+            .ns
+            .api::<NetworkPolicy>()
+            .get_opt("distr-agent-executor")
+            .await?
+            .is_some()
+    );
+    // The release keeps its status on the Hub (refreshed every 30 s) through the update.
+    let since = |agent: &Agent| -> Vec<_> {
+        agent
+            .statuses(&revision(&web))
+            .into_iter()
+            .filter(|s| s.received_at > switched_at)
+            .collect()
+    };
+    distr_agent_e2e::wait_for("a status of the release after the switch", MINUTE, || async {
+        (!since(&agent).is_empty()).then_some(())
+    })
+    .await?;
+    let during = since(&agent);
+    assert!(during.iter().all(|s| s.status_type == "healthy"), "{during:#?}");
+    assert_eq!(agent.hub.requests_on(Route::Manifest).len(), 1, "handed over once");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_version_that_does_not_come_up_is_rolled_back_and_not_tried_again() -> anyhow::Result<()> {
+    let test = "selfupdate-bad";
+    let v1 = Uuid::new_v4();
+    let agent = Agent::start(test, options(v1, 15)).await?;
+    let before = images(&agent).await?;
+    let v3 = Uuid::new_v4();
+    // The executor of version 0.3.0 asks for a node that does not exist: it never comes up.
+    let manifest = manifest_of(&agent, "0.3.0", v3).await?.replacen(
+        "      serviceAccountName: distr-agent-executor\n",
+        "      serviceAccountName: distr-agent-executor\n      nodeSelector:\n        no-such-node: \"true\"\n",
+        1,
+    );
+    agent.hub.set_manifest(agent.target, &manifest);
+    let switched = Instant::now();
+    agent.hub.set_agent_version(agent.target, v3, "0.3.0");
+
+    let failed = wait_phase(&agent, v3, pb::UpdatePhase::Failed, 2 * MINUTE).await?;
+    eprintln!(
+        "bad version -> rolled back: {:.1?} ({})",
+        switched.elapsed(),
+        failed.message
+    );
+    assert!(
+        failed.message.contains("rolled back to the previous version"),
+        "{}",
+        failed.message
+    );
+    assert!(failed.failed_version_ids.contains(&v3.to_string()));
+    assert_eq!(images(&agent).await?, before, "the previous Deployments are back");
+    let executor = agent.ns.api::<Deployment>().get("distr-agent-executor").await?;
+    let pod = executor.spec.and_then(|s| s.template.spec).unwrap_or_default();
+    assert!(pod.node_selector.unwrap_or_default().is_empty());
+
+    // Several poller cycles later, the failed version was not handed over again.
+    let cycles = agent.hub.requests_on(Route::Resources).len();
+    distr_agent_e2e::wait_for("five more poller cycles", MINUTE, || async {
+        (agent.hub.requests_on(Route::Resources).len() >= cycles + 5).then_some(())
+    })
+    .await?;
+    assert_eq!(
+        agent.hub.requests_on(Route::Manifest).len(),
+        1,
+        "the failed version is not fetched again"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn manifests_that_reach_beyond_the_agent_are_refused_whole() -> anyhow::Result<()> {
+    let test = "selfupdate-refused";
+    // Self-update off in the poller: the test hands manifests over itself, as the poller.
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let before = images(&agent).await?;
+    let good = manifest_of(&agent, "0.2.0", Uuid::new_v4()).await?;
+    let other_ns = format!(
+        "{good}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: distr-agent-env\n  namespace: kube-system\n"
+    );
+    let crb = format!(
+        "{good}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: borrowed\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: cluster-admin\nsubjects:\n  - kind: ServiceAccount\n    name: distr-agent-updater\n    namespace: {}\n",
+        agent.ns.name
+    );
+    let wider_role = good.replacen(
+        "    resourceNames: [\"distr-agent-image-pull\"]\n    verbs: [\"get\", \"patch\"]",
+        "    verbs: [\"get\", \"list\"]",
+        1,
+    );
+    assert_ne!(wider_role, good);
+    let foreign = format!(
+        "{good}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  selector:\n    matchLabels: {{app: web}}\n  template:\n    metadata:\n      labels: {{app: web}}\n    spec:\n      containers:\n        - name: web\n          image: registry.example/web:1\n"
+    );
+    let mut client = agent.updater_client("poller")?;
+    for (case, manifest, expected) in [
+        ("an object in another namespace", other_ns, "not the agent's namespace"),
+        ("a ClusterRoleBinding", crb, "needs other rights"),
+        ("a changed Role", wider_role, "needs other rights"),
+        (
+            "a Deployment that is not the agent's",
+            foreign,
+            "not one of the agent's own objects",
+        ),
+    ] {
+        let refused = client
+            .apply_agent_manifest(pb::ApplyAgentManifestRequest {
+                manifest,
+                target_version_id: Uuid::new_v4().to_string(),
+            })
+            .await
+            .expect_err(case);
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{case}: {refused:?}");
+        assert!(refused.message().contains(expected), "{case}: {}", refused.message());
+        eprintln!("refused {case}: {}", refused.message());
+    }
+    // Nothing was applied.
+    assert_eq!(images(&agent).await?, before);
+    assert!(agent.ns.api::<Deployment>().get_opt("web").await?.is_none());
+    let role = agent.ns.api::<Role>().get("distr-agent-updater").await?;
+    assert!(
+        role.rules
+            .unwrap_or_default()
+            .iter()
+            .all(|r| r.resource_names.is_some())
+    );
+    // And the operator may read the state but not apply.
+    let mut operator = agent.updater_client("operator")?;
+    let denied = operator
+        .apply_agent_manifest(pb::ApplyAgentManifestRequest {
+            manifest: good,
+            target_version_id: Uuid::new_v4().to_string(),
+        })
+        .await
+        .expect_err("operator");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_updater_killed_half_way_finishes_the_update() -> anyhow::Result<()> {
+    let test = "selfupdate-crash";
+    // Self-update off in the poller: the test hands the manifest over itself, as the poller.
+    let mut agent = Agent::start(
+        test,
+        AgentOptions {
+            updater_env: vec![("AGENT_UPDATE_TIMEOUT_SECONDS", "60".into())],
+            ..Default::default()
+        },
+    )
+    .await?;
+    let v2 = Uuid::new_v4();
+    let manifest = manifest_of(&agent, "0.2.0", v2).await?;
+    let mut client = agent.updater_client("poller")?;
+    client
+        .apply_agent_manifest(pb::ApplyAgentManifestRequest {
+            manifest,
+            target_version_id: v2.to_string(),
+        })
+        .await?;
+    // Applied, rolling out: the updater dies (its pod replaced, or worse).
+    agent.restart_updater().await?;
+    let done = wait_phase(&agent, v2, pb::UpdatePhase::Done, 2 * MINUTE).await?;
+    eprintln!("after the restart: {}", done.message);
+    assert!(agent.updater.log_text().contains("resuming an interrupted self-update"));
+    for image in images(&agent).await? {
+        assert!(image.ends_with(":0.2.0"), "no mix of versions: {image}");
+    }
+    Ok(())
+}
