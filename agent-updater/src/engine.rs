@@ -144,6 +144,15 @@ fn apply_config(mut live: Value) -> Value {
     live
 }
 
+fn previous_version(state: &State) -> String {
+    state
+        .previous
+        .get("ConfigMap/distr-agent-env")
+        .and_then(|config| config["data"]["DISTR_AGENT_VERSION_ID"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// Rolled out: the controller saw the latest spec and every replica is updated, ready and
 /// available, with no old one left (the `Progressing` condition of the previous rollout would
 /// look complete right after the apply, so it is not used).
@@ -172,6 +181,11 @@ impl Engine {
 
     pub fn status(&self) -> State {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The version the agent ran before the last update, from the recorded ConfigMap.
+    pub fn previous_version_id(&self) -> String {
+        previous_version(&self.status())
     }
 
     fn api(&self, kind: &str) -> Option<Api<DynamicObject>> {
@@ -512,6 +526,19 @@ mod tests {
         let mut old_pod_left = done;
         old_pod_left["status"]["replicas"] = json!(2);
         assert!(!rolled_out(&old_pod_left));
+    }
+
+    #[test]
+    fn the_previous_version_is_read_from_the_recorded_configmap() {
+        let state = State {
+            previous: BTreeMap::from([(
+                "ConfigMap/distr-agent-env".to_owned(),
+                json!({"data": {"DISTR_AGENT_VERSION_ID": "v1"}}),
+            )]),
+            ..Default::default()
+        };
+        assert_eq!(previous_version(&state), "v1");
+        assert_eq!(previous_version(&State::default()), "", "no update yet");
     }
 
     #[test]

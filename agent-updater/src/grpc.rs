@@ -63,6 +63,7 @@ impl Updater for UpdaterService {
         _: Request<pb::UpdateStatusRequest>,
     ) -> Result<Response<pb::UpdateStatusResponse>, Status> {
         let state = self.engine.status();
+        let previous_version_id = self.engine.previous_version_id();
         Ok(Response::new(pb::UpdateStatusResponse {
             target_version_id: state.target_version_id,
             phase: phase(state.phase).into(),
@@ -72,6 +73,7 @@ impl Updater for UpdaterService {
                 nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
             }),
             failed_version_ids: state.failed_version_ids,
+            previous_version_id,
         }))
     }
 }

@@ -126,6 +126,7 @@ async fn a_new_version_named_by_the_hub_is_applied_gated_and_pruned_while_releas
         .await?
         .ok("grpcurl UpdateStatus")?;
     assert!(shown.stdout.contains("UPDATE_PHASE_DONE"), "{}", shown.stdout);
+    assert_eq!(done.previous_version_id, v1.to_string(), "the versions involved");
     let config = agent.ns.api::<ConfigMap>().get("distr-agent-env").await?;
     assert_eq!(
         config.data.unwrap_or_default()["DISTR_AGENT_VERSION_ID"],
