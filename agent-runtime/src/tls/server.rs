@@ -222,14 +222,18 @@ pub struct Authz<S> {
     policy: Arc<Policy>,
 }
 
+type Guarded<R, E> = Pin<Box<dyn std::future::Future<Output = Result<R, E>> + Send>>;
+
 impl<S, B, RB> tower::Service<http::Request<B>> for Authz<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
-    RB: Default,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Default + Send + 'static,
 {
     type Response = http::Response<RB>;
     type Error = S::Error;
-    type Future = Either<S::Future, Ready<Result<Self::Response, Self::Error>>>;
+    type Future = Either<Guarded<Self::Response, Self::Error>, Ready<Result<Self::Response, Self::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -238,7 +242,25 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let peer = request.extensions().get::<PeerInfo>();
         match self.policy.check(request.uri().path(), peer) {
-            Ok(()) => Either::Left(self.inner.call(request)),
+            Ok(()) => {
+                // A handler that panics fails its call with INTERNAL and a log line, instead
+                // of a silently reset stream.
+                use futures::FutureExt as _;
+                let method = request.uri().path().to_owned();
+                let call = std::panic::AssertUnwindSafe(self.inner.call(request)).catch_unwind();
+                Either::Left(Box::pin(async move {
+                    match call.await {
+                        Ok(answer) => answer,
+                        Err(_) => {
+                            tracing::error!(%method, "a gRPC handler panicked; the call failed");
+                            Ok(
+                                Status::internal(format!("{method} failed unexpectedly; see the agent's log"))
+                                    .into_http(),
+                            )
+                        }
+                    }
+                }))
+            }
             Err(status) => {
                 let presented = peer.map(|p| p.identity.to_string()).unwrap_or_else(|| "nothing".into());
                 let addr = peer.map(|p| p.addr.to_string()).unwrap_or_default();
@@ -287,6 +309,23 @@ mod tests {
         assert_eq!(nobody.code(), tonic::Code::Unauthenticated);
         let stranger = policy.check(sync, Some(&peer(None))).expect_err("no role");
         assert_eq!(stranger.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_fails_its_call_with_internal() {
+        use tower::{Layer as _, Service as _};
+        let policy = Policy::new().allow("svc", "Boom", &[Role::Poller]);
+        let inner = tower::service_fn(|_: http::Request<()>| async {
+            if std::hint::black_box(true) {
+                panic!("handler bug");
+            }
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+        });
+        let mut service = AuthzLayer::new(policy).layer(inner);
+        let mut request = http::Request::builder().uri("/svc/Boom").body(()).expect("request");
+        request.extensions_mut().insert(peer(Some(Role::Poller)));
+        let answer = service.call(request).await.expect("an answer");
+        assert_eq!(answer.headers()["grpc-status"], "13");
     }
 
     #[test]
