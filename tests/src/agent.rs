@@ -102,6 +102,12 @@ impl Agent {
     /// until it is ready (its start-up recovery done).
     pub async fn restart_executor(&mut self) -> anyhow::Result<()> {
         self.executor.kill().await?;
+        self.start_executor_again().await
+    }
+
+    /// Starts the executor again (after it stopped or was killed) with the same configuration;
+    /// waits until it is ready.
+    pub async fn start_executor_again(&mut self) -> anyhow::Result<()> {
         self.executor = AgentProcess::start(&self.test, "agent-executor", &self.executor_env).await?;
         self.executor.wait_ready(Duration::from_secs(30)).await
     }

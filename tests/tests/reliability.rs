@@ -521,3 +521,74 @@ async fn no_secret_reaches_a_log_or_the_hub() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The executor dies with its `helm` (SIGKILL of the whole process group, as when its
+/// container dies) in the middle of an upgrade: the next executor takes the pending revision
+/// over once no live `helm` can still own it, and the release converges to what the Hub wants,
+/// with nothing left `pending-*` (issue 7: 2e; the time to converge is printed).
+#[tokio::test]
+async fn a_crash_during_an_upgrade_converges() -> anyhow::Result<()> {
+    let test = "crash-upgrade";
+    let mut agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "crash-web", &["0.1.0", "0.2.0"]).await?;
+    let v1 = deployment("web", &chart, "0.1.0", json!({}));
+    agent.set_deployments(vec![v1.clone()]);
+    agent
+        .wait_status(&revision(&v1), "running", "helm install succeeded", MINUTE)
+        .await?;
+    let options = json!({"timeout": "20s", "rollbackOnFailure": true, "waitStrategy": "watcher",
+                         "cleanupOnFailure": true, "forceConflicts": false});
+    let v2 = distr_agent_e2e::agent::revise(
+        &v1,
+        json!({"chartVersion": "0.2.0", "values": {"neverReady": true}, "helmOptions": options}),
+    );
+    agent.set_deployments(vec![v2.clone()]);
+    wait_for("helm's pending upgrade", MINUTE, || async {
+        history(&agent, "web")
+            .await
+            .ok()?
+            .into_iter()
+            .find(|(_, status, _)| status == "pending-upgrade")
+    })
+    .await?;
+    agent.executor.kill_group().await?;
+    let crashed = std::time::Instant::now();
+    let left = history(&agent, "web").await?;
+    assert!(
+        left.iter().any(|(_, status, _)| status == "pending-upgrade"),
+        "the crash left the upgrade pending: {left:#?}"
+    );
+
+    // Meanwhile the Hub wants a revision that works; the next executor gets there.
+    let v3 = distr_agent_e2e::agent::revise(
+        &v1,
+        json!({"chartVersion": "0.2.0", "values": {"message": "three"}, "helmOptions": options}),
+    );
+    agent.set_deployments(vec![v3.clone()]);
+    agent.start_executor_again().await?;
+    agent
+        .wait_status(&revision(&v3), "running", "helm upgrade succeeded", 5 * MINUTE)
+        .await?;
+    eprintln!(
+        "crashed upgrade (helm timeout 20s) converged {:?} after the crash",
+        crashed.elapsed()
+    );
+    // Nothing pending above the deployed revision. (Helm's rollback leaves the interrupted
+    // revision labelled `pending-upgrade` in the history below it; only the latest counts for
+    // Helm's next operation.)
+    let end = history(&agent, "web").await?;
+    let deployed = end
+        .iter()
+        .filter(|(_, status, _)| status == "deployed")
+        .map(|(revision, _, _)| *revision)
+        .max();
+    assert_eq!(
+        deployed,
+        end.iter().map(|(revision, _, _)| *revision).max(),
+        "the latest revision is deployed: {end:#?}"
+    );
+    agent
+        .wait_status(&revision(&v3), "healthy", "status check passed", MINUTE)
+        .await?;
+    Ok(())
+}

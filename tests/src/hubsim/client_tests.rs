@@ -131,8 +131,11 @@ async fn short_tokens_hit_the_login_rate_limit() {
     let logins = sim.logins(target);
     assert_eq!(logins.len(), 6);
     assert_eq!(logins[5].status, Some(429));
-    // Once the token is gone, the rate limit is reported as such.
+    // Once the token is gone, no new login before the Hub's Retry-After (a target that keeps
+    // trying stays locked out), and the error says why.
     sim.revoke_tokens(target);
     let error = client.resources().await.expect_err("rate limited");
-    assert!(matches!(error, HubError::RateLimited { .. }), "{error}");
+    assert!(matches!(error, HubError::LoginBackoff { .. }), "{error}");
+    assert!(error.to_string().contains("429 Too Many Requests"), "{error}");
+    assert_eq!(sim.logins(target).len(), 6, "no login while backing off");
 }
