@@ -311,9 +311,16 @@ impl Processes {
 }
 
 impl Processes {
-    /// Kills the executor (SIGKILL) and starts it again as before.
+    /// Kills the executor (SIGKILL) and starts it again as before; waits until it is ready
+    /// (its start-up recovery done).
     pub async fn restart_executor(&mut self) -> anyhow::Result<()> {
         self.executor.kill().await?;
+        self.start_executor_again().await
+    }
+
+    /// Starts the executor again (after it stopped or was killed) as before; waits until it is
+    /// ready.
+    pub async fn start_executor_again(&mut self) -> anyhow::Result<()> {
         self.executor = AgentProcess::start(&self.test, "agent-executor", &pairs(&self.executor_env)).await?;
         self.executor.wait_ready(Duration::from_secs(30)).await
     }

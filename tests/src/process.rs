@@ -47,7 +47,10 @@ impl AgentProcess {
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
-            .kill_on_drop(true);
+            .kill_on_drop(true)
+            // Its own process group, with its `helm` children: a test can kill them all at
+            // once, as a container's death does ([`AgentProcess::kill_group`]).
+            .process_group(0);
         for (key, value) in envs {
             command.env(key, value);
         }
@@ -115,6 +118,20 @@ impl AgentProcess {
             .await
             .with_context(|| format!("{} still running {timeout:?} after SIGTERM", self.name))??;
         Ok((status.code(), started.elapsed()))
+    }
+
+    /// Kills the process and its children (its process group) with SIGKILL, as a container's
+    /// death does, and waits for the exit. A `helm` child left running would finish its
+    /// operation by itself and hide what a real crash leaves behind.
+    pub async fn kill_group(&mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().context("process already reaped")?;
+        let kill = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .status()
+            .await?;
+        anyhow::ensure!(kill.success(), "kill -KILL -{pid} failed");
+        self.child.wait().await?;
+        Ok(())
     }
 
     /// Sends SIGKILL and waits for the exit.

@@ -321,6 +321,11 @@ impl HubSim {
         (id, secret)
     }
 
+    /// A target's current secret (to check that it never reaches a log).
+    pub fn secret_of(&self, target: Uuid) -> Option<String> {
+        self.shared.lock().targets.get(&target).and_then(|t| t.secret.clone())
+    }
+
     /// Rotates a target's secret. Tokens already issued stay valid, as on the Hub.
     pub fn set_secret(&self, target: Uuid, secret: &str) {
         self.with_target(target, |t| t.secret = Some(secret.to_owned()));

@@ -425,3 +425,170 @@ async fn bad_input_from_the_hub_fails_only_that_deployment() -> anyhow::Result<(
     assert_eq!(sorted, vec!["big", "dup", "good"], "{releases:?}");
     Ok(())
 }
+
+/// No secret reaches a log line or a status message: not the target secret, not a Hub JWT, not
+/// a registry or chart repository password (in `registryAuth` or in a chart URL), not a value
+/// (issue 7: 1n, 2l). The poller logs everything at debug level, dependencies included.
+#[tokio::test]
+async fn no_secret_reaches_a_log_or_the_hub() -> anyhow::Result<()> {
+    let test = "no-leaks";
+    let env = TestEnv::get();
+    let agent = Agent::start(
+        test,
+        AgentOptions {
+            poller_env: vec![
+                ("AGENT_HUB_TIMEOUT_SECONDS", "3".to_owned()),
+                ("AGENT_LOG", "debug".to_owned()),
+            ],
+            ..Default::default()
+        },
+    )
+    .await?;
+    let chart = push_web_chart(test, "no-leaks-web", &["0.1.0"]).await?;
+    const VALUE_SECRET: &str = "value-secret-5b9f0c";
+    const URL_PASSWORD: &str = "url-password-2d7e41";
+    const AUTH_PASSWORD: &str = "auth-password-8a3c6f";
+    let web = deployment("web", &chart, "0.1.0", json!({"database": {"password": VALUE_SECRET}}));
+    // Classic repositories that cannot be reached: their errors quote the URL.
+    let in_url = distr_agent_e2e::agent::revise(
+        &deployment(
+            "in-url",
+            &format!("https://vendor:{URL_PASSWORD}@127.0.0.1:9/charts"),
+            "1.0.0",
+            json!({}),
+        ),
+        json!({"chartName": "app"}),
+    );
+    let in_auth = distr_agent_e2e::agent::revise(
+        &deployment("in-auth", "https://127.0.0.1:9/charts", "1.0.0", json!({})),
+        json!({"chartName": "app", "registryAuth": {"127.0.0.1:9": {"username": "vendor", "password": AUTH_PASSWORD}}}),
+    );
+    agent.set_deployments(vec![web.clone(), in_url.clone(), in_auth.clone()]);
+    agent
+        .wait_status(&revision(&web), "healthy", "status check passed", 2 * MINUTE)
+        .await?;
+    for d in [&in_url, &in_auth] {
+        agent
+            .wait_status(&revision(d), "error", "install error", MINUTE)
+            .await?;
+    }
+    // A Hub failure and a new login on the way.
+    agent.hub.fail_resources(distr_agent_e2e::hubsim::Failure::Status(500));
+    let before = agent.statuses(&revision(&web)).len();
+    wait_for("a cycle with the Hub failing", MINUTE, || async {
+        agent
+            .poller
+            .log_text()
+            .contains("cannot fetch the desired state from the Hub")
+            .then_some(())
+    })
+    .await?;
+    agent.hub.clear_failures();
+    agent.hub.revoke_tokens(agent.target);
+    wait_for("a status after a new login", MINUTE, || async {
+        (agent.statuses(&revision(&web)).len() > before).then_some(())
+    })
+    .await?;
+
+    let target_secret = agent.hub.secret_of(agent.target).unwrap_or_default();
+    let secrets = [
+        ("target secret", target_secret.as_str()),
+        ("registry password", env.registry_password.as_str()),
+        ("value", VALUE_SECRET),
+        ("password in a chart URL", URL_PASSWORD),
+        ("registryAuth password", AUTH_PASSWORD),
+        // Every JWT starts with the base64 of `{"alg`.
+        ("JWT", "eyJhbGci"),
+    ];
+    let messages: String = agent
+        .hub
+        .statuses_for(agent.target)
+        .iter()
+        .map(|s| format!("{}\n", s.message))
+        .collect();
+    for (source, text) in [
+        ("executor log", agent.executor.log_text()),
+        ("poller log", agent.poller.log_text()),
+        ("status messages", messages),
+    ] {
+        for (what, secret) in secrets {
+            assert!(!secret.is_empty(), "{what} known");
+            if let Some(at) = text.find(secret) {
+                let line = text[..at].rsplit('\n').next().unwrap_or_default();
+                panic!("the {source} holds the {what}: {line}…");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The executor dies with its `helm` (SIGKILL of the whole process group, as when its
+/// container dies) in the middle of an upgrade: the next executor takes the pending revision
+/// over once no live `helm` can still own it, and the release converges to what the Hub wants,
+/// with nothing left `pending-*` (issue 7: 2e; the time to converge is printed).
+#[tokio::test]
+async fn a_crash_during_an_upgrade_converges() -> anyhow::Result<()> {
+    let test = "crash-upgrade";
+    let mut agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "crash-web", &["0.1.0", "0.2.0"]).await?;
+    let v1 = deployment("web", &chart, "0.1.0", json!({}));
+    agent.set_deployments(vec![v1.clone()]);
+    agent
+        .wait_status(&revision(&v1), "running", "helm install succeeded", MINUTE)
+        .await?;
+    let options = json!({"timeout": "20s", "rollbackOnFailure": true, "waitStrategy": "watcher",
+                         "cleanupOnFailure": true, "forceConflicts": false});
+    let v2 = distr_agent_e2e::agent::revise(
+        &v1,
+        json!({"chartVersion": "0.2.0", "values": {"neverReady": true}, "helmOptions": options}),
+    );
+    agent.set_deployments(vec![v2.clone()]);
+    wait_for("helm's pending upgrade", MINUTE, || async {
+        history(&agent, "web")
+            .await
+            .ok()?
+            .into_iter()
+            .find(|(_, status, _)| status == "pending-upgrade")
+    })
+    .await?;
+    agent.executor.kill_group().await?;
+    let crashed = std::time::Instant::now();
+    let left = history(&agent, "web").await?;
+    assert!(
+        left.iter().any(|(_, status, _)| status == "pending-upgrade"),
+        "the crash left the upgrade pending: {left:#?}"
+    );
+
+    // Meanwhile the Hub wants a revision that works; the next executor gets there.
+    let v3 = distr_agent_e2e::agent::revise(
+        &v1,
+        json!({"chartVersion": "0.2.0", "values": {"message": "three"}, "helmOptions": options}),
+    );
+    agent.set_deployments(vec![v3.clone()]);
+    agent.start_executor_again().await?;
+    agent
+        .wait_status(&revision(&v3), "running", "helm upgrade succeeded", 5 * MINUTE)
+        .await?;
+    eprintln!(
+        "crashed upgrade (helm timeout 20s) converged {:?} after the crash",
+        crashed.elapsed()
+    );
+    // Nothing pending above the deployed revision. (Helm's rollback leaves the interrupted
+    // revision labelled `pending-upgrade` in the history below it; only the latest counts for
+    // Helm's next operation.)
+    let end = history(&agent, "web").await?;
+    let deployed = end
+        .iter()
+        .filter(|(_, status, _)| status == "deployed")
+        .map(|(revision, _, _)| *revision)
+        .max();
+    assert_eq!(
+        deployed,
+        end.iter().map(|(revision, _, _)| *revision).max(),
+        "the latest revision is deployed: {end:#?}"
+    );
+    agent
+        .wait_status(&revision(&v3), "healthy", "status check passed", MINUTE)
+        .await?;
+    Ok(())
+}
