@@ -116,3 +116,14 @@ fn chart_name(chart_dir: &Path) -> anyhow::Result<String> {
 fn path(p: &Path) -> anyhow::Result<&str> {
     p.to_str().context("non-UTF-8 path")
 }
+
+/// Writes the sample web chart as `<name>` at each version, pushes each to the test registry
+/// (as files of `test`), and returns its `oci://` URL.
+pub async fn push_web_chart(test: &str, name: &str, versions: &[&str]) -> anyhow::Result<String> {
+    let dir = TestEnv::get().test_dir(test).join("charts");
+    let mut url = String::new();
+    for version in versions {
+        url = push_chart(&write_web_chart(&dir, name, version)?).await?;
+    }
+    Ok(url)
+}

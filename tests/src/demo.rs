@@ -96,10 +96,7 @@ async fn start() -> anyhow::Result<Demo> {
     let admin_url = info["adminUrl"].as_str().context("adminUrl")?.to_owned();
 
     say("pushing the sample chart demo-web (0.1.0, 0.2.0) to the local OCI registry");
-    let mut chart_url = String::new();
-    for version in ["0.1.0", "0.2.0"] {
-        chart_url = charts::push_chart(&charts::write_web_chart(&dir.join("charts"), "demo-web", version)?).await?;
-    }
+    let chart_url = charts::push_web_chart(NAME, "demo-web", &["0.1.0", "0.2.0"]).await?;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
     for (release, message) in RELEASES {
         let deployment = json!({

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use distr_agent_e2e::{
     TestEnv,
     agent::{Agent, AgentOptions, deployment, registry_auth, revise, revision},
-    charts::{self, PushTarget},
+    charts::{self, PushTarget, push_web_chart},
     hubsim::{Failure, HubSimOptions},
     registry::Registry,
 };
@@ -16,16 +16,6 @@ use k8s_openapi::api::{apps::v1::Deployment, core::v1::Secret};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-/// Pushes the sample web chart as `<name>` at each version and returns its `oci://` URL.
-async fn push_web_chart(test: &str, name: &str, versions: &[&str]) -> anyhow::Result<String> {
-    let dir = TestEnv::get().test_dir(test).join("charts");
-    let mut url = String::new();
-    for version in versions {
-        url = charts::push_chart(&charts::write_web_chart(&dir, name, version)?).await?;
-    }
-    Ok(url)
-}
 
 fn tracking_secret(release: &str) -> String {
     format!("sh.distr.agent.v1.{release}")

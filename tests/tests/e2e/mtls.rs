@@ -249,8 +249,7 @@ async fn certificates_rotate_under_load_without_a_failed_call() -> anyhow::Resul
         },
     )
     .await?;
-    let dir = distr_agent_e2e::TestEnv::get().test_dir(test).join("charts");
-    let chart = charts::push_chart(&charts::write_web_chart(&dir, "rotation-web", "0.1.0")?).await?;
+    let chart = charts::push_web_chart(test, "rotation-web", &["0.1.0"]).await?;
     let web = deployment("web", &chart, "0.1.0", json!({}));
     agent.set_deployments(vec![web.clone()]);
     agent.wait_status(&revision(&web), "healthy", "", MINUTE).await?;

@@ -88,8 +88,7 @@ async fn a_new_version_named_by_the_hub_is_applied_gated_and_pruned_while_releas
     let test = "selfupdate-good";
     let v1 = Uuid::new_v4();
     let agent = Agent::start(test, options(v1, 60)).await?;
-    let dir = distr_agent_e2e::TestEnv::get().test_dir(test).join("charts");
-    let chart = charts::push_chart(&charts::write_web_chart(&dir, "selfupdate-web", "0.1.0")?).await?;
+    let chart = charts::push_web_chart(test, "selfupdate-web", &["0.1.0"]).await?;
     let web = deployment("web", &chart, "0.1.0", json!({}));
     agent.set_deployments(vec![web.clone()]);
     agent.wait_status(&revision(&web), "healthy", "", MINUTE).await?;
