@@ -1,0 +1,122 @@
+//! One function per parser of untrusted input, calling the agent's own parsing code the way
+//! production does. `fuzz/` drives them with libFuzzer (`cargo fuzz`); the replay test in
+//! `tests/` runs every committed corpus and crash file through them on stable Rust, so a fixed
+//! finding stays fixed.
+//!
+//! Each function must never panic; where something must hold besides that, it asserts it.
+
+use std::collections::BTreeMap;
+
+use agent_executor::{
+    docker_config, helm_storage, manifest,
+    model::{RegistryCredentials, RegistryLogin, SecretString},
+    pull_secret, tracking,
+};
+use k8s_openapi::{ByteString, api::core::v1::Secret};
+
+/// The targets by name (the directory names under `fuzz/corpus/`).
+pub const TARGETS: [(&str, fn(&[u8])); 8] = [
+    ("hub_resources", hub_resources),
+    ("jwt_expiry", jwt_expiry),
+    ("tracking_record", tracking_record),
+    ("helm_release", helm_release),
+    ("release_manifest", release_manifest),
+    ("go_duration", go_duration),
+    ("docker_config", docker_config),
+    ("agent_manifest", agent_manifest),
+];
+
+fn text(data: &[u8]) -> Option<&str> {
+    std::str::from_utf8(data).ok()
+}
+
+/// The Hub's resources answer (with Docker-only and unknown fields), as the poller parses it.
+pub fn hub_resources(data: &[u8]) {
+    let _ = serde_json::from_slice::<agent_poller::hub::Resources>(data);
+}
+
+/// The `exp` of a JWT from the login answer.
+pub fn jwt_expiry(data: &[u8]) {
+    if let Some(token) = text(data) {
+        let _ = agent_poller::hub::jwt_expiry(token);
+    }
+}
+
+/// A tracking Secret's `release` record: what decodes re-encodes to the same record.
+pub fn tracking_record(data: &[u8]) {
+    let secret = |bytes: Vec<u8>| Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some("sh.distr.agent.v1.web".into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([("release".to_owned(), ByteString(bytes))])),
+        ..Default::default()
+    };
+    if let Ok(record) = tracking::decode(&secret(data.to_vec())) {
+        let again = tracking::decode(&secret(record.to_json())).expect("a record it wrote decodes");
+        assert_eq!(again, record, "a decoded record re-encodes to the same fields");
+    }
+}
+
+/// Helm's release storage: base64, then gzip (bounded), then JSON.
+pub fn helm_release(data: &[u8]) {
+    let _ = helm_storage::decode_release(data);
+}
+
+/// A release manifest split into objects.
+pub fn release_manifest(data: &[u8]) {
+    if let Some(text) = text(data) {
+        let _ = manifest::parse(text);
+    }
+}
+
+/// A Go duration (`helmOptions.timeout`, `DISTR_INTERVAL`).
+pub fn go_duration(data: &[u8]) {
+    if let Some(text) = text(data) {
+        let _ = agent_runtime::duration::parse_go_duration(text);
+    }
+}
+
+/// The docker config built from the Hub's registry logins, and the pull Secret injected into
+/// values: the config is JSON, and the values stay JSON.
+pub fn docker_config(data: &[u8]) {
+    let Ok(input) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    let mut auth = BTreeMap::new();
+    if let Some(entries) = input["registryAuth"].as_object() {
+        for (host, login) in entries {
+            auth.insert(
+                host.clone(),
+                RegistryCredentials {
+                    username: login["username"].as_str().unwrap_or_default().to_owned(),
+                    password: SecretString::new(login["password"].as_str().unwrap_or_default()),
+                },
+            );
+        }
+    }
+    let hub = input["hubRegistry"].as_str().map(|host| RegistryLogin {
+        host: host.to_owned(),
+        username: "-".into(),
+        password: SecretString::new("jwt"),
+        plain_http: false,
+    });
+    let config = docker_config::build(hub.as_ref(), &auth);
+    assert!(
+        serde_json::from_slice::<serde_json::Value>(&config).is_ok(),
+        "the docker config is JSON"
+    );
+    let mut values = input["values"].clone();
+    pull_secret::inject(&mut values, "sh.distr.agent.v1.web.pull");
+}
+
+/// A new agent manifest as the updater checks it.
+pub fn agent_manifest(data: &[u8]) {
+    if let Some(text) = text(data) {
+        let rules = agent_updater::manifest::Rules {
+            namespace: "distr".into(),
+            image_repository: "ghcr.io/distr-sh/distr-agent".into(),
+        };
+        let _ = agent_updater::manifest::check(text, &rules);
+    }
+}
