@@ -14,8 +14,11 @@ use agent_executor::{
 };
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 
+/// A fuzz target: takes any bytes, never panics.
+pub type Target = fn(&[u8]);
+
 /// The targets by name (the directory names under `fuzz/corpus/`).
-pub const TARGETS: [(&str, fn(&[u8])); 8] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("hub_resources", hub_resources),
     ("jwt_expiry", jwt_expiry),
     ("tracking_record", tracking_record),
