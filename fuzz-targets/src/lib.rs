@@ -18,7 +18,7 @@ use k8s_openapi::{ByteString, api::core::v1::Secret};
 pub type Target = fn(&[u8]);
 
 /// The targets by name (the directory names under `fuzz/corpus/`).
-pub const TARGETS: [(&str, Target); 8] = [
+pub const TARGETS: [(&str, Target); 9] = [
     ("hub_resources", hub_resources),
     ("jwt_expiry", jwt_expiry),
     ("tracking_record", tracking_record),
@@ -27,6 +27,7 @@ pub const TARGETS: [(&str, Target); 8] = [
     ("go_duration", go_duration),
     ("docker_config", docker_config),
     ("agent_manifest", agent_manifest),
+    ("config_dir", config_dir),
 ];
 
 fn text(data: &[u8]) -> Option<&str> {
@@ -122,4 +123,35 @@ pub fn agent_manifest(data: &[u8]) {
         };
         let _ = agent_updater::manifest::check(text, &rules);
     }
+}
+
+/// The poller's config directories (mounted ConfigMap and Secret): each `NAME=value` line of the
+/// input becomes a file, read as production reads it, over a valid environment.
+pub fn config_dir(data: &[u8]) {
+    let Some(text) = text(data) else { return };
+    let Ok(dir) = tempfile::tempdir() else { return };
+    for line in text.lines() {
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        let plain = !name.is_empty() && name.len() <= 200 && !name.contains(['/', '\0']) && name != "." && name != "..";
+        if plain {
+            let _ = std::fs::write(dir.path().join(name), value);
+        }
+    }
+    let hub = "https://hub.example.com/api/v1/agent";
+    let mut env: std::collections::HashMap<String, String> = [
+        ("DISTR_TARGET_ID", "21749b03-a27c-4c90-b805-2e89cab143d2".to_owned()),
+        ("DISTR_TARGET_SECRET", "secret".to_owned()),
+        ("DISTR_LOGIN_ENDPOINT", format!("{hub}/login")),
+        ("DISTR_RESOURCE_ENDPOINT", format!("{hub}/resources")),
+        ("DISTR_STATUS_ENDPOINT", format!("{hub}/status")),
+        ("DISTR_MANIFEST_ENDPOINT", format!("{hub}/manifest")),
+        ("DISTR_INTERVAL", "5s".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    env.insert("DISTR_AGENT_CONFIG_DIRS".into(), dir.path().display().to_string());
+    let _ = agent_poller::config::ConfigSource::from_env(env).current();
 }
