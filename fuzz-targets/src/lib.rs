@@ -34,9 +34,13 @@ fn text(data: &[u8]) -> Option<&str> {
     std::str::from_utf8(data).ok()
 }
 
-/// The Hub's resources answer (with Docker-only and unknown fields), as the poller parses it.
+/// The Hub's resources answer (with Docker-only and unknown fields), as the poller parses it
+/// and turns it into the executor's desired state.
 pub fn hub_resources(data: &[u8]) {
-    let _ = serde_json::from_slice::<agent_poller::hub::Resources>(data);
+    if let Ok(resources) = serde_json::from_slice::<agent_poller::hub::Resources>(data) {
+        let request = agent_poller::desired::sync_request(&resources, None);
+        assert_eq!(request.deployments.len(), resources.deployments.len());
+    }
 }
 
 /// The `exp` of a JWT from the login answer.
