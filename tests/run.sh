@@ -38,4 +38,21 @@ export DISTR_TESTENV="$state/env"
 export DISTR_AGENT_BIN_DIR="$root/target/debug"
 cargo test --workspace --no-fail-fast -- --test-threads "${DISTR_TEST_THREADS:-4}"
 
+step "no secret in any log of the run"
+# Every target secret, JWT and registry password the harness made or issued is listed in
+# $state/secrets; the agent processes logged at debug level (and the Hub simulators of the
+# demo) must hold none of them.
+secrets=$state/all-secrets
+for run in "$state" "$root/target/demo"; do
+  if [ -f "$run/secrets" ]; then cat "$run/secrets"; fi
+  if [ -f "$run/env" ]; then grep '^DISTR_TESTENV_REGISTRY_PASSWORD=' "$run/env" | cut -d= -f2-; fi
+done | sort -u >"$secrets"
+logs=$(find "$state/tests" "$root/target/demo/tests" -name '*.log' 2>/dev/null || true)
+if [ -n "$logs" ] && leaked=$(echo "$logs" | xargs grep -lF -f "$secrets"); then
+  echo "these logs hold a secret of the run (not printed):" >&2
+  echo "$leaked" >&2
+  exit 1
+fi
+echo "$(echo "$logs" | wc -l) logs checked against $(wc -l <"$secrets") secrets" >&2
+
 step "all checks passed"

@@ -39,6 +39,27 @@ impl TestEnv {
         }
     }
 
+    /// The environment of this run, if the tests were started by `tests/run.sh`.
+    pub fn try_get() -> Option<&'static TestEnv> {
+        ENV.as_ref().ok()
+    }
+
+    /// Records a secret the harness made (a target secret, a JWT, a registry password), so the
+    /// test command's last step can check that no log of the run holds it.
+    pub fn record_secret(&self, secret: &str) {
+        use std::io::Write as _;
+        if secret.len() < 12 {
+            return;
+        }
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state.join("secrets"))
+        {
+            let _ = writeln!(file, "{secret}");
+        }
+    }
+
     fn load() -> anyhow::Result<Self> {
         let file = std::env::var("DISTR_TESTENV").context("DISTR_TESTENV is not set")?;
         let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {file}"))?;

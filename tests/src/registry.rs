@@ -16,6 +16,7 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry on loopback that admits only `user`/`password`.
     pub async fn start(test: &str, user: &str, password: &str) -> anyhow::Result<Self> {
+        TestEnv::get().record_secret(password);
         let env = TestEnv::get();
         let dir = env
             .test_dir(test)

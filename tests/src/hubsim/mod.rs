@@ -317,6 +317,9 @@ impl HubSim {
     pub fn add_target(&self) -> (Uuid, String) {
         let id = Uuid::new_v4();
         let secret = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
+        if let Some(env) = crate::TestEnv::try_get() {
+            env.record_secret(&secret);
+        }
         self.shared.lock().targets.insert(id, Target::new(secret.clone()));
         (id, secret)
     }

@@ -186,7 +186,11 @@ impl Shared {
             jti: Uuid::new_v4().to_string(),
         };
         target.issued.push(claims.jti.clone());
-        jwt::sign(&self.key, &claims)
+        let token = jwt::sign(&self.key, &claims);
+        if let Some(env) = crate::TestEnv::try_get() {
+            env.record_secret(&token);
+        }
+        token
     }
 
     /// Applies the agent-route rate limit; `Err` says how long until a call is admitted.
