@@ -345,6 +345,13 @@ async fn bad_input_from_the_hub_fails_only_that_deployment() -> anyhow::Result<(
         json!({"helmOptions": {"timeout": "forever", "waitStrategy": "watcher", "rollbackOnFailure": true,
                                "cleanupOnFailure": true, "forceConflicts": false}}),
     );
+    // A field of the wrong JSON type (a number of seconds where the Hub sends a Go duration
+    // string): before the fix the poller rejected the whole Hub response.
+    let numeric_timeout = distr_agent_e2e::agent::revise(
+        &deployment("numeric-timeout", &chart, "0.1.0", json!({})),
+        json!({"helmOptions": {"timeout": 300, "waitStrategy": "watcher", "rollbackOnFailure": true,
+                               "cleanupOnFailure": true, "forceConflicts": false}}),
+    );
     let file_url = deployment("file-url", "file:///etc/passwd", "0.1.0", json!({}));
     let script_url = deployment("script-url", "javascript:alert(1)", "0.1.0", json!({}));
     // Several MiB of values (a big embedded file, say).
@@ -356,6 +363,7 @@ async fn bad_input_from_the_hub_fails_only_that_deployment() -> anyhow::Result<(
         bad_name.clone(),
         not_an_object.clone(),
         bad_timeout.clone(),
+        numeric_timeout.clone(),
         file_url.clone(),
         script_url.clone(),
         big.clone(),
@@ -373,6 +381,10 @@ async fn bad_input_from_the_hub_fails_only_that_deployment() -> anyhow::Result<(
         (&bad_name, "invalid release name"),
         (&not_an_object, "values"),
         (&bad_timeout, "forever"),
+        (
+            &numeric_timeout,
+            "invalid deployment from the Hub: helmOptions.timeout is a number, expected a string",
+        ),
         (&file_url, "must start with oci:// or https://"),
         (&script_url, "must start with oci:// or https://"),
     ] {
