@@ -1215,3 +1215,135 @@ async fn a_crash_during_an_uninstall_converges() -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+/// A SIGTERM during an install stops Helm gracefully: nothing is left `pending-*`, and the next
+/// executor deploys the Hub's revision at once, without waiting out a pending revision (issue
+/// 7: 2e with SIGTERM).
+#[tokio::test]
+async fn a_shutdown_during_an_install_is_redone_by_the_next_executor() -> anyhow::Result<()> {
+    let test = "graceful-install";
+    let mut agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "graceful-install-web", &["0.1.0"]).await?;
+    let options = json!({"timeout": "60s", "rollbackOnFailure": true, "waitStrategy": "watcher",
+                         "cleanupOnFailure": true, "forceConflicts": false});
+    let v1 = distr_agent_e2e::agent::revise(
+        &deployment("web", &chart, "0.1.0", json!({"neverReady": true})),
+        json!({"helmOptions": options}),
+    );
+    agent.set_deployments(vec![v1.clone()]);
+    wait_for("helm's pending install", MINUTE, || async {
+        history(&agent, "web")
+            .await
+            .ok()?
+            .into_iter()
+            .find(|(_, status, _)| status == "pending-install")
+    })
+    .await?;
+    let (code, took) = agent.executor.terminate(MINUTE).await?;
+    eprintln!("executor stopped {took:?} after SIGTERM during an install");
+    assert_eq!(code, Some(0), "{}", agent.executor.log_text());
+    // Helm's `--rollback-on-failure` may have removed the release: `helm ls` shows it in any
+    // other state (Helm 4 lists every status).
+    let after_stop = agent.helm_json(&["ls"]).await?;
+    assert!(
+        after_stop
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|release| !release["status"].as_str().unwrap_or_default().starts_with("pending")),
+        "nothing left pending: {after_stop:#}"
+    );
+
+    let v2 = distr_agent_e2e::agent::revise(&v1, json!({"values": {"message": "two"}}));
+    agent.set_deployments(vec![v2.clone()]);
+    let restarted = std::time::Instant::now();
+    agent.start_executor_again().await?;
+    let running = wait_for("the next revision deployed", 2 * MINUTE, || async {
+        agent
+            .statuses(&revision(&v2))
+            .into_iter()
+            .find(|s| s.status_type == "running" && s.message.ends_with("succeeded"))
+    })
+    .await?;
+    eprintln!(
+        "install redone {:?} after the restart: {}",
+        restarted.elapsed(),
+        running.message
+    );
+    assert!(
+        restarted.elapsed() < Duration::from_secs(45),
+        "{:?}",
+        restarted.elapsed()
+    );
+    agent
+        .wait_status(&revision(&v2), "healthy", "status check passed", MINUTE)
+        .await?;
+    let end = history(&agent, "web").await?;
+    let latest = end.iter().max_by_key(|(revision, _, _)| *revision).cloned();
+    assert_eq!(
+        latest.map(|(_, status, _)| status).as_deref(),
+        Some("deployed"),
+        "{end:#?}"
+    );
+    let errors: Vec<_> = agent
+        .statuses(&revision(&v2))
+        .into_iter()
+        .filter(|s| s.status_type == "error")
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    Ok(())
+}
+
+/// A SIGTERM during an uninstall (held up by a finalizer on the release's Deployment): the
+/// executor stops in time, and the next one finishes the uninstall (issue 7: 2e with SIGTERM).
+#[tokio::test]
+async fn a_shutdown_during_an_uninstall_is_finished_by_the_next_executor() -> anyhow::Result<()> {
+    let test = "graceful-uninstall";
+    let mut agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "graceful-uninstall-web", &["0.1.0"]).await?;
+    let web = deployment("web", &chart, "0.1.0", json!({}));
+    agent.set_deployments(vec![web.clone()]);
+    agent
+        .wait_status(&revision(&web), "healthy", "status check passed", 2 * MINUTE)
+        .await?;
+    let workloads = agent.ns.api::<k8s_openapi::api::apps::v1::Deployment>();
+    let hold = json!({"metadata": {"finalizers": ["distr.test/hold"]}});
+    workloads
+        .patch("web-web", &PatchParams::default(), &Patch::Merge(&hold))
+        .await?;
+    agent.set_deployments(vec![]);
+    wait_for("helm's uninstall under way", MINUTE, || async {
+        history(&agent, "web")
+            .await
+            .ok()?
+            .into_iter()
+            .find(|(_, status, _)| status == "uninstalling")
+    })
+    .await?;
+    let (code, took) = agent.executor.terminate(MINUTE).await?;
+    eprintln!("executor stopped {took:?} after SIGTERM during an uninstall");
+    assert_eq!(code, Some(0), "{}", agent.executor.log_text());
+    assert!(
+        helm_releases(&agent).await?.contains(&"web".to_owned()),
+        "the uninstall was cut short"
+    );
+    let release = json!({"metadata": {"finalizers": null}});
+    workloads
+        .patch("web-web", &PatchParams::default(), &Patch::Merge(&release))
+        .await?;
+
+    let restarted = std::time::Instant::now();
+    agent.start_executor_again().await?;
+    wait_for("the uninstall finished", 2 * MINUTE, || async {
+        let names = agent.secret_names().await.ok()?;
+        let gone = !helm_releases(&agent).await.ok()?.contains(&"web".to_owned())
+            && !names.contains(&tracking_secret("web"))
+            && !names.contains(&format!("{}.pull", tracking_secret("web")))
+            && !names.iter().any(|name| name.starts_with("sh.helm.release.v1.web."));
+        gone.then_some(())
+    })
+    .await?;
+    eprintln!("uninstall finished {:?} after the restart", restarted.elapsed());
+    assert!(workloads.get_opt("web-web").await?.is_none());
+    Ok(())
+}
