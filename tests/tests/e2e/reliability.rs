@@ -1072,6 +1072,20 @@ async fn the_operator_reads_a_release_and_rolls_it_back_through_grpcurl() -> any
         .await?
         .map_err(|stderr| anyhow::anyhow!("GetRelease failed: {stderr}"))?;
     assert_eq!(release["release"]["trackedRevision"], 4, "{release:#}");
+    // ListReleases agrees: tracked and real revision equal, ready, deployed.
+    let list = operator_call(&agent, "ListReleases", &json!({}))
+        .await?
+        .map_err(|stderr| anyhow::anyhow!("ListReleases failed: {stderr}"))?;
+    let web = list["releases"]
+        .as_array()
+        .and_then(|releases| releases.iter().find(|r| r["releaseName"] == "web"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(web["trackedRevision"], 4, "{list:#}");
+    assert_eq!(web["helmRevision"], 4, "{list:#}");
+    assert_eq!(web["helmStatus"], "deployed", "{list:#}");
+    assert_eq!(web["phase"], "ready", "{list:#}");
+    assert_eq!(web["chart"], "operator-web-0.1.0", "{list:#}");
     Ok(())
 }
 
