@@ -166,6 +166,9 @@ fn desired_state(request: pb::SyncRequest) -> Result<DesiredState, Status> {
 /// Converts one deployment; problems become its `input_error`.
 fn deployment(deployment: pb::Deployment) -> model::Deployment {
     let mut problems = Vec::new();
+    if !deployment.input_error.is_empty() {
+        problems.push(deployment.input_error.clone());
+    }
     let values = match parse_values(&deployment.values_json) {
         Ok(values) => values,
         Err(problem) => {
@@ -384,6 +387,17 @@ mod tests {
             ..Default::default()
         });
         assert!(deployment(bad).input_error.unwrap().contains("invalid helm timeout"));
+    }
+
+    #[test]
+    fn an_entry_the_poller_could_not_read_is_an_input_error() {
+        let mut unread = proto_deployment("{}");
+        unread.input_error = "invalid deployment from the Hub: helmOptions.timeout is a number".into();
+        assert_eq!(
+            deployment(unread).input_error.as_deref(),
+            Some("invalid deployment from the Hub: helmOptions.timeout is a number")
+        );
+        assert_eq!(deployment(proto_deployment("{}")).input_error, None);
     }
 
     #[test]

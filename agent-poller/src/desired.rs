@@ -39,6 +39,7 @@ fn deployment(d: &Deployment) -> pb::Deployment {
         force_restart: d.force_restart,
         ignore_revision_skew: d.ignore_revision_skew,
         helm_options: d.helm_options.as_ref().map(helm_options),
+        input_error: d.input_error.clone().unwrap_or_default(),
     }
 }
 

@@ -34,8 +34,9 @@ pub struct Resources {
     /// Never ship deployment logs older than this.
     #[serde(default)]
     pub deployment_logs_after: Option<DateTime<Utc>>,
-    /// The desired deployments; absent or empty means everything undeployed.
-    #[serde(default, deserialize_with = "null_as_default")]
+    /// The desired deployments; absent or empty means everything undeployed. An entry that
+    /// does not parse (a field of the wrong JSON type) fails alone: see [`lenient_deployments`].
+    #[serde(default, deserialize_with = "lenient_deployments")]
     pub deployments: Vec<Deployment>,
 }
 
@@ -93,6 +94,10 @@ pub struct Deployment {
     /// Helm options; absent means the defaults (see [`HelmOptions::effective`]).
     #[serde(default)]
     pub helm_options: Option<HelmOptions>,
+    /// Why the Hub's entry for this deployment could not be read (only its ids and release
+    /// name were): the executor reports it as this deployment's error and deploys nothing.
+    #[serde(skip)]
+    pub input_error: Option<String>,
 }
 
 impl Deployment {
@@ -303,6 +308,108 @@ where
     })
 }
 
+/// `resources.deployments`, one entry at a time. An entry whose `id`, `revisionId` and
+/// `releaseName` are readable but another field is not (`"helmOptions": {"timeout": 300}`) is
+/// kept with an [`Deployment::input_error`], so that it fails alone and its release still
+/// counts as desired (never uninstalled because of bad input). Without those three nothing
+/// can be said about the entry, and the whole response fails as before.
+fn lenient_deployments<'de, D>(deserializer: D) -> Result<Vec<Deployment>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    let entries: Vec<serde_json::Value> = null_as_default(deserializer)?;
+    entries
+        .into_iter()
+        .map(|entry| match Deployment::deserialize(&entry) {
+            Ok(deployment) => Ok(deployment),
+            Err(error) => unreadable_deployment(&entry).ok_or_else(|| serde::de::Error::custom(error)),
+        })
+        .collect()
+}
+
+/// The ids and release name of an entry that does not parse, with the reason as its
+/// `input_error`; `None` when not even those are readable.
+fn unreadable_deployment(entry: &serde_json::Value) -> Option<Deployment> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Ids {
+        id: Uuid,
+        revision_id: Uuid,
+        release_name: String,
+    }
+    let ids = Ids::deserialize(entry).ok()?;
+    let reason = entry
+        .as_object()
+        .and_then(|fields| unreadable_field(&ids_of(entry), fields, &[]))
+        .unwrap_or_else(|| "it is not a JSON object of the expected shape".to_owned());
+    Some(Deployment {
+        id: ids.id,
+        revision_id: ids.revision_id,
+        registry_auth: BTreeMap::new(),
+        logs_enabled: false,
+        force_restart: false,
+        release_name: ids.release_name,
+        chart_url: String::new(),
+        chart_name: None,
+        chart_version: String::new(),
+        values: empty_object(),
+        ignore_revision_skew: false,
+        helm_options: None,
+        input_error: Some(format!("invalid deployment from the Hub: {reason}")),
+    })
+}
+
+/// The entry's `id` and `revisionId` alone, to try one more field at a time against them.
+fn ids_of(entry: &serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    ["id", "revisionId"]
+        .into_iter()
+        .filter_map(|key| Some((key.to_owned(), entry.get(key)?.clone())))
+        .collect()
+}
+
+/// The path of the first field of `fields` (at `path` inside the entry) that makes the entry
+/// fail, and what was expected there. Never quotes the value, which may be a secret.
+fn unreadable_field(
+    ids: &serde_json::Map<String, serde_json::Value>,
+    fields: &serde_json::Map<String, serde_json::Value>,
+    path: &[&str],
+) -> Option<String> {
+    // The entry with only this field (nested under `path`) besides the ids.
+    let probe = |key: &str, value: serde_json::Value| {
+        let mut nested = serde_json::Map::from_iter([(key.to_owned(), value)]);
+        for parent in path.iter().rev() {
+            nested = serde_json::Map::from_iter([((*parent).to_owned(), serde_json::Value::Object(nested))]);
+        }
+        let mut entry = ids.clone();
+        entry.extend(nested);
+        Deployment::deserialize(serde_json::Value::Object(entry)).err()
+    };
+    fields.iter().find_map(|(key, value)| {
+        let error = probe(key, value.clone())?;
+        let mut inner = path.to_vec();
+        inner.push(key);
+        if let serde_json::Value::Object(children) = value
+            && let Some(found) = unreadable_field(ids, children, &inner)
+        {
+            return Some(found);
+        }
+        let kind = match value {
+            serde_json::Value::Null => "null",
+            serde_json::Value::Bool(_) => "a boolean",
+            serde_json::Value::Number(_) => "a number",
+            serde_json::Value::String(_) => "a string",
+            serde_json::Value::Array(_) => "an array",
+            serde_json::Value::Object(_) => "an object",
+        };
+        let error = error.to_string();
+        let expected = error
+            .split_once(", expected ")
+            .map(|(_, expected)| format!(", expected {expected}"))
+            .unwrap_or_default();
+        Some(format!("{} is {kind}{expected}", inner.join(".")))
+    })
+}
+
 fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
@@ -471,6 +578,46 @@ mod tests {
         assert_eq!(resources.deployments.len(), 2);
         assert_eq!(resources.deployments[0].values, json!([1, 2]));
         assert_eq!(resources.deployments[1].values, json!({"a": 1}));
+    }
+
+    #[test]
+    fn a_field_of_the_wrong_type_fails_only_its_deployment() {
+        let resources = parse(json!({
+            "deployments": [
+                {"id": "11111111-2222-4333-8444-555555555555", "revisionId": "66666666-7777-4888-9999-aaaaaaaaaaaa",
+                 "releaseName": "numeric-timeout", "chartUrl": "oci://r/c", "chartVersion": "1",
+                 "helmOptions": {"timeout": 300, "waitStrategy": "watcher"}},
+                {"id": "21111111-2222-4333-8444-555555555555", "revisionId": "76666666-7777-4888-9999-aaaaaaaaaaaa",
+                 "releaseName": "fine", "chartUrl": "oci://r/c", "chartVersion": "1", "helmOptions": {"timeout": "90s"}},
+                {"id": "31111111-2222-4333-8444-555555555555", "revisionId": "86666666-7777-4888-9999-aaaaaaaaaaaa",
+                 "releaseName": "secret-flag", "forceRestart": "s3cr3t-value",
+                 "registryAuth": {"r.example.com": {"username": "u", "password": 12345}}}
+            ]
+        }));
+        assert_eq!(resources.deployments.len(), 3, "{resources:?}");
+        let bad = &resources.deployments[0];
+        assert_eq!(bad.release_name, "numeric-timeout");
+        assert_eq!(
+            bad.input_error.as_deref(),
+            Some("invalid deployment from the Hub: helmOptions.timeout is a number, expected a string")
+        );
+        let fine = &resources.deployments[1];
+        assert_eq!(fine.input_error, None);
+        assert_eq!(
+            fine.helm_options.as_ref().and_then(|o| o.timeout.as_deref()),
+            Some("90s")
+        );
+        let error = resources.deployments[2].input_error.as_deref().unwrap_or_default();
+        assert!(error.starts_with("invalid deployment from the Hub: "), "{error}");
+        assert!(!error.contains("s3cr3t") && !error.contains("12345"), "{error}");
+    }
+
+    #[test]
+    fn an_entry_without_readable_ids_still_fails_the_response() {
+        let result = serde_json::from_value::<Resources>(json!({
+            "deployments": [{"id": "not-a-uuid", "revisionId": "66666666-7777-4888-9999-aaaaaaaaaaaa", "releaseName": "x"}]
+        }));
+        assert!(result.is_err());
     }
 
     #[test]

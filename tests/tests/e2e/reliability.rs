@@ -345,6 +345,13 @@ async fn bad_input_from_the_hub_fails_only_that_deployment() -> anyhow::Result<(
         json!({"helmOptions": {"timeout": "forever", "waitStrategy": "watcher", "rollbackOnFailure": true,
                                "cleanupOnFailure": true, "forceConflicts": false}}),
     );
+    // A field of the wrong JSON type (a number of seconds where the Hub sends a Go duration
+    // string): before the fix the poller rejected the whole Hub response.
+    let numeric_timeout = distr_agent_e2e::agent::revise(
+        &deployment("numeric-timeout", &chart, "0.1.0", json!({})),
+        json!({"helmOptions": {"timeout": 300, "waitStrategy": "watcher", "rollbackOnFailure": true,
+                               "cleanupOnFailure": true, "forceConflicts": false}}),
+    );
     let file_url = deployment("file-url", "file:///etc/passwd", "0.1.0", json!({}));
     let script_url = deployment("script-url", "javascript:alert(1)", "0.1.0", json!({}));
     // Several MiB of values (a big embedded file, say).
@@ -356,6 +363,7 @@ async fn bad_input_from_the_hub_fails_only_that_deployment() -> anyhow::Result<(
         bad_name.clone(),
         not_an_object.clone(),
         bad_timeout.clone(),
+        numeric_timeout.clone(),
         file_url.clone(),
         script_url.clone(),
         big.clone(),
@@ -373,6 +381,10 @@ async fn bad_input_from_the_hub_fails_only_that_deployment() -> anyhow::Result<(
         (&bad_name, "invalid release name"),
         (&not_an_object, "values"),
         (&bad_timeout, "forever"),
+        (
+            &numeric_timeout,
+            "invalid deployment from the Hub: helmOptions.timeout is a number, expected a string",
+        ),
         (&file_url, "must start with oci:// or https://"),
         (&script_url, "must start with oci:// or https://"),
     ] {
@@ -590,5 +602,762 @@ async fn a_crash_during_an_upgrade_converges() -> anyhow::Result<()> {
     agent
         .wait_status(&revision(&v3), "healthy", "status check passed", MINUTE)
         .await?;
+    Ok(())
+}
+
+/// `helm <args> -n <ns>` as the cluster's admin (an operator acting by hand); its stdout.
+async fn admin_helm(agent: &Agent, args: &[&str]) -> anyhow::Result<String> {
+    let home = TestEnv::get().test_dir(&agent.test).join("admin-helm");
+    let mut all = args.to_vec();
+    all.extend(["-n", &agent.ns.name]);
+    Ok(distr_agent_e2e::tools::helm(&home, &all)
+        .await?
+        .ok(&format!("helm {}", args.join(" ")))?
+        .stdout)
+}
+
+/// The sample web chart written locally (not pushed), for an operator's `helm install`.
+fn local_web_chart(test: &str, name: &str, version: &str) -> anyhow::Result<String> {
+    let dir = charts::write_web_chart(&TestEnv::get().test_dir(test).join("local-charts"), name, version)?;
+    Ok(dir.display().to_string())
+}
+
+/// Creates an adoption request for `release` as hub-protocol.md describes it: the tracking
+/// Secret of the release, labelled for it, whose record has the nil UUID as its id.
+async fn request_adoption(agent: &Agent, release: &str) -> anyhow::Result<()> {
+    let record = json!({
+        "id": "00000000-0000-0000-0000-000000000000",
+        "revisionId": "00000000-0000-0000-0000-000000000000",
+        "releaseName": release,
+    });
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(tracking_secret(release)),
+            labels: Some(BTreeMap::from([(
+                "agent.distr.sh/deployment".to_owned(),
+                release.to_owned(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            "release".to_owned(),
+            ByteString(serde_json::to_vec(&record)?),
+        )])),
+        ..Secret::default()
+    };
+    agent.ns.api::<Secret>().create(&PostParams::default(), &secret).await?;
+    Ok(())
+}
+
+/// An annotation of the Deployment `name`: on the object itself, or with `template` on its pod
+/// template.
+async fn deployment_annotation(agent: &Agent, name: &str, template: bool, key: &str) -> anyhow::Result<Option<String>> {
+    let deployment = agent
+        .ns
+        .api::<k8s_openapi::api::apps::v1::Deployment>()
+        .get(name)
+        .await?;
+    let annotations = if template {
+        deployment
+            .spec
+            .and_then(|spec| spec.template.metadata)
+            .and_then(|metadata| metadata.annotations)
+    } else {
+        deployment.metadata.annotations
+    };
+    Ok(annotations.unwrap_or_default().get(key).cloned())
+}
+
+/// Waits until the poller fetched the Hub's resources `cycles` more times.
+async fn wait_cycles(agent: &Agent, cycles: usize) -> anyhow::Result<()> {
+    let route = distr_agent_e2e::hubsim::Route::Resources;
+    let seen = agent.hub.requests_on(route).len();
+    wait_for(&format!("{cycles} more poll cycles"), 2 * MINUTE, || async {
+        (agent.hub.requests_on(route).len() >= seen + cycles).then_some(())
+    })
+    .await
+}
+
+/// Releases an operator installed by hand: the Hub's deployments of the same names are refused
+/// with the Go agent's wording and the releases left untouched (issue 7: 2c); once an adoption
+/// request (a nil-id tracking Secret) exists for each, the agent adopts and upgrades them, several
+/// at once, while an adoption request for a release the Hub does not list is left alone (2a).
+#[tokio::test]
+async fn releases_installed_by_hand_are_refused_until_adopted() -> anyhow::Result<()> {
+    let test = "adoption";
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "adopt-web", &["0.2.0"]).await?;
+    let local = local_web_chart(test, "adopt-web", "0.1.0")?;
+    for release in ["a", "b", "c"] {
+        admin_helm(
+            &agent,
+            &["install", release, local.as_str(), "--set", "message=by-hand"],
+        )
+        .await?;
+    }
+    let by_hand = history(&agent, "a").await?;
+    let a = deployment("a", &chart, "0.2.0", json!({"message": "hub"}));
+    let b = deployment("b", &chart, "0.2.0", json!({"message": "hub"}));
+    agent.set_deployments(vec![a.clone(), b.clone()]);
+
+    // 2c: not the agent's; refused, untouched.
+    for (d, release) in [(&a, "a"), (&b, "b")] {
+        let error = agent
+            .wait_status(
+                &revision(d),
+                "error",
+                &format!("helm release {release} already exists but was not created by the agent"),
+                MINUTE,
+            )
+            .await?;
+        assert_eq!(
+            error.message,
+            format!("helm release {release} already exists but was not created by the agent")
+        );
+    }
+    wait_cycles(&agent, 3).await?;
+    for release in ["a", "b", "c"] {
+        assert_eq!(history(&agent, release).await?, by_hand, "{release} untouched");
+        assert_eq!(
+            deployment_annotation(&agent, &format!("{release}-web"), false, "distr.test/message")
+                .await?
+                .as_deref(),
+            Some("by-hand")
+        );
+    }
+    let names = agent.secret_names().await?;
+    assert!(
+        !names.iter().any(|name| name.starts_with("sh.distr.agent.v1.")),
+        "nothing tracked, no pull Secret: {names:?}"
+    );
+
+    // 2a: three adoption requests at once; the Hub lists two of the releases.
+    for release in ["a", "b", "c"] {
+        request_adoption(&agent, release).await?;
+    }
+    let requested = agent.hub.requests_on(distr_agent_e2e::hubsim::Route::Resources).len();
+    for d in [&a, &b] {
+        agent
+            .wait_status(&revision(d), "running", "helm upgrade succeeded", 2 * MINUTE)
+            .await?;
+        agent
+            .wait_status(&revision(d), "healthy", "status check passed", MINUTE)
+            .await?;
+    }
+    for (d, release) in [(&a, "a"), (&b, "b")] {
+        let after = history(&agent, release).await?;
+        assert_eq!(after.len(), 2, "upgraded once from the release by hand: {after:#?}");
+        assert_eq!(after[1].1, "deployed", "{after:#?}");
+        let chart_of = agent.helm_json(&["history", release]).await?;
+        assert_eq!(chart_of[1]["chart"], "adopt-web-0.2.0", "{chart_of}");
+        assert_eq!(
+            deployment_annotation(&agent, &format!("{release}-web"), false, "distr.test/message")
+                .await?
+                .as_deref(),
+            Some("hub")
+        );
+        let record = tracking_record(&agent, release).await?;
+        assert_eq!(record["id"], d["id"], "{record}");
+        assert_eq!(record["revisionId"], d["revisionId"], "{record}");
+        assert_eq!(record["helmRevision"], 2, "{record}");
+        assert_eq!(record["phase"], "ready", "{record}");
+    }
+
+    // c: the Hub does not list it. Its request stays, the release untouched, after more than
+    // two scans for releases to uninstall (one every 15 s) since the requests were made.
+    let route = distr_agent_e2e::hubsim::Route::Resources;
+    wait_for("35 poll cycles since the adoption requests", 2 * MINUTE, || async {
+        (agent.hub.requests_on(route).len() >= requested + 35).then_some(())
+    })
+    .await?;
+    assert_eq!(history(&agent, "c").await?, by_hand, "c untouched");
+    let record = tracking_record(&agent, "c").await?;
+    assert_eq!(record["id"], "00000000-0000-0000-0000-000000000000", "{record}");
+    assert!(helm_releases(&agent).await?.contains(&"c".to_owned()));
+    Ok(())
+}
+
+/// A manual `helm upgrade` of a release the agent deployed is refused with the Go agent's
+/// revision-skew error; a Hub revision with `ignoreRevisionSkew` overwrites it; after another
+/// manual upgrade, the documented reset (the real revision written to `helmRevision` in the
+/// tracking Secret) lets the agent deploy again and report healthy (issue 7: 2b).
+#[tokio::test]
+async fn revision_skew_is_refused_until_ignored_or_reset() -> anyhow::Result<()> {
+    let test = "skew";
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "skew-web", &["0.1.0"]).await?;
+    let local = local_web_chart(test, "skew-web", "0.1.0")?;
+    let message = || async { deployment_annotation(&agent, "web-web", false, "distr.test/message").await };
+    let v1 = deployment("web", &chart, "0.1.0", json!({"message": "one"}));
+    agent.set_deployments(vec![v1.clone()]);
+    agent
+        .wait_status(&revision(&v1), "healthy", "status check passed", 2 * MINUTE)
+        .await?;
+
+    admin_helm(
+        &agent,
+        &[
+            "upgrade",
+            "web",
+            local.as_str(),
+            "--reuse-values",
+            "--set",
+            "message=manual",
+        ],
+    )
+    .await?;
+    let skew = "actual helm revision for web (2) is different from latest deployed by agent (1)";
+    let error = agent.wait_status(&revision(&v1), "error", skew, MINUTE).await?;
+    assert_eq!(error.message, skew);
+    assert_eq!(history(&agent, "web").await?.len(), 2, "the agent did not touch it");
+    assert_eq!(message().await?.as_deref(), Some("manual"));
+
+    // The vendor's next revision ignores the skew: it overwrites the manual change.
+    let v2 = distr_agent_e2e::agent::revise(&v1, json!({"values": {"message": "two"}, "ignoreRevisionSkew": true}));
+    agent.set_deployments(vec![v2.clone()]);
+    agent
+        .wait_status(&revision(&v2), "running", "helm upgrade succeeded", MINUTE)
+        .await?;
+    agent
+        .wait_status(&revision(&v2), "healthy", "status check passed", MINUTE)
+        .await?;
+    assert_eq!(message().await?.as_deref(), Some("two"));
+    assert_eq!(tracking_record(&agent, "web").await?["helmRevision"], 3);
+
+    // Another manual upgrade, and a revision that does not ignore the skew: refused again.
+    admin_helm(
+        &agent,
+        &[
+            "upgrade",
+            "web",
+            local.as_str(),
+            "--reuse-values",
+            "--set",
+            "message=manual",
+        ],
+    )
+    .await?;
+    let v3 = distr_agent_e2e::agent::revise(
+        &v2,
+        json!({"values": {"message": "three"}, "ignoreRevisionSkew": false}),
+    );
+    agent.set_deployments(vec![v3.clone()]);
+    let skew = "actual helm revision for web (4) is different from latest deployed by agent (3)";
+    agent.wait_status(&revision(&v3), "error", skew, MINUTE).await?;
+    assert_eq!(history(&agent, "web").await?.len(), 4, "the agent did not touch it");
+
+    // The reset: the operator records the real revision in the tracking Secret.
+    let mut record = tracking_record(&agent, "web").await?;
+    record["helmRevision"] = json!(4);
+    write_tracking_record(&agent, "web", &record).await?;
+    agent
+        .wait_status(&revision(&v3), "running", "helm upgrade succeeded", MINUTE)
+        .await?;
+    agent
+        .wait_status(&revision(&v3), "healthy", "status check passed", MINUTE)
+        .await?;
+    assert_eq!(message().await?.as_deref(), Some("three"));
+    assert_eq!(tracking_record(&agent, "web").await?["helmRevision"], 5);
+    Ok(())
+}
+
+/// The Hub replaces a deployment by another of the same release name (a new deployment id):
+/// the old release is uninstalled, then the new one installed from scratch (issue 7: 2d).
+#[tokio::test]
+async fn a_replaced_deployment_is_uninstalled_then_installed() -> anyhow::Result<()> {
+    let test = "replaced";
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "replaced-web", &["0.1.0"]).await?;
+    let old = deployment("web", &chart, "0.1.0", json!({"message": "old"}));
+    agent.set_deployments(vec![old.clone()]);
+    agent
+        .wait_status(&revision(&old), "healthy", "status check passed", 2 * MINUTE)
+        .await?;
+    let old_uid = agent
+        .ns
+        .api::<k8s_openapi::api::apps::v1::Deployment>()
+        .get("web-web")
+        .await?
+        .metadata
+        .uid;
+
+    let new = deployment("web", &chart, "0.1.0", json!({"message": "new"}));
+    agent.set_deployments(vec![new.clone()]);
+    agent
+        .wait_status(&revision(&new), "running", "helm install succeeded", 2 * MINUTE)
+        .await?;
+    agent
+        .wait_status(&revision(&new), "healthy", "status check passed", MINUTE)
+        .await?;
+    let after = history(&agent, "web").await?;
+    assert_eq!(after.len(), 1, "a fresh install, not an upgrade: {after:#?}");
+    assert_eq!(after[0].1, "deployed", "{after:#?}");
+    let record = tracking_record(&agent, "web").await?;
+    assert_eq!(record["id"], new["id"], "{record}");
+    assert_eq!(record["helmRevision"], 1, "{record}");
+    let workload = agent
+        .ns
+        .api::<k8s_openapi::api::apps::v1::Deployment>()
+        .get("web-web")
+        .await?;
+    assert_ne!(workload.metadata.uid, old_uid, "the old workload was deleted");
+    assert_eq!(
+        workload.metadata.annotations.unwrap_or_default()["distr.test/message"],
+        "new"
+    );
+    assert!(
+        agent
+            .executor
+            .log_text()
+            .contains("release belongs to a replaced deployment; reinstalling")
+    );
+    Ok(())
+}
+
+/// `forceRestart`: each upgrade restarts the workloads (a new `restartedAt` on the pod
+/// template, as `kubectl rollout restart` sets) and the message says so (issue 7: 2f).
+#[tokio::test]
+async fn force_restart_restarts_the_workloads_on_each_upgrade() -> anyhow::Result<()> {
+    let test = "force-restart";
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "restart-web", &["0.1.0"]).await?;
+    let restarted_at =
+        || async { deployment_annotation(&agent, "web-web", true, "kubectl.kubernetes.io/restartedAt").await };
+    let v1 = deployment("web", &chart, "0.1.0", json!({}));
+    agent.set_deployments(vec![v1.clone()]);
+    agent
+        .wait_status(&revision(&v1), "healthy", "status check passed", 2 * MINUTE)
+        .await?;
+    assert_eq!(restarted_at().await?, None);
+
+    let v2 = distr_agent_e2e::agent::revise(&v1, json!({"forceRestart": true, "values": {"message": "two"}}));
+    agent.set_deployments(vec![v2.clone()]);
+    let running = agent
+        .wait_status(&revision(&v2), "running", "helm upgrade succeeded", MINUTE)
+        .await?;
+    assert_eq!(running.message, "helm upgrade succeeded; force restart succeeded");
+    let first = restarted_at().await?;
+    assert!(first.is_some(), "restarted");
+
+    let v3 = distr_agent_e2e::agent::revise(&v2, json!({"values": {"message": "three"}}));
+    agent.set_deployments(vec![v3.clone()]);
+    let running = agent
+        .wait_status(&revision(&v3), "running", "helm upgrade succeeded", MINUTE)
+        .await?;
+    assert_eq!(running.message, "helm upgrade succeeded; force restart succeeded");
+    let second = restarted_at().await?;
+    assert!(second.is_some() && second != first, "{first:?} then {second:?}");
+    agent
+        .wait_status(&revision(&v3), "healthy", "status check passed", MINUTE)
+        .await?;
+    Ok(())
+}
+
+/// `grpcurl` of an operator API method on the executor with the operator's certificate, as the
+/// README shows it; the reply parsed, or the failure's stderr.
+async fn operator_call(agent: &Agent, method: &str, body: &Value) -> anyhow::Result<Result<Value, String>> {
+    let operator = distr_agent_e2e::install::OperatorCert {
+        dir: agent.tls_dirs["operator"].clone(),
+    };
+    let mut args = operator.grpcurl_flags(&agent.ns.name);
+    args.extend([
+        "-d".to_owned(),
+        body.to_string(),
+        agent.executor_addr.clone(),
+        format!("distr.agent.v1.Executor/{method}"),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = distr_agent_e2e::tools::grpcurl(&args).await?;
+    Ok(if run.success {
+        Ok(serde_json::from_str(&run.stdout)?)
+    } else {
+        Err(run.stderr)
+    })
+}
+
+/// The operator API through `grpcurl`: `GetRelease` shows the Helm history and the health of
+/// each resource; `Rollback` to a chosen revision is recorded, so no revision-skew error follows
+/// and the release stays healthy (issue 7: 2j).
+#[tokio::test]
+async fn the_operator_reads_a_release_and_rolls_it_back_through_grpcurl() -> anyhow::Result<()> {
+    let test = "operator-api";
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "operator-web", &["0.1.0", "0.2.0", "0.3.0"]).await?;
+    let mut current = deployment("web", &chart, "0.1.0", json!({}));
+    for version in ["0.1.0", "0.2.0", "0.3.0"] {
+        if version != "0.1.0" {
+            current = distr_agent_e2e::agent::revise(&current, json!({"chartVersion": version}));
+        }
+        agent.set_deployments(vec![current.clone()]);
+        agent
+            .wait_status(&revision(&current), "healthy", "status check passed", 2 * MINUTE)
+            .await?;
+    }
+
+    let release = operator_call(&agent, "GetRelease", &json!({"releaseName": "web"}))
+        .await?
+        .map_err(|stderr| anyhow::anyhow!("GetRelease failed: {stderr}"))?;
+    eprintln!("GetRelease: {release:#}");
+    assert_eq!(release["release"]["releaseName"], "web", "{release:#}");
+    assert_eq!(release["release"]["revisionId"], current["revisionId"], "{release:#}");
+    let revisions: Vec<(i64, String, String)> = release["history"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|entry| {
+            (
+                entry["revision"].as_i64().unwrap_or_default(),
+                entry["status"].as_str().unwrap_or_default().to_owned(),
+                entry["chart"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let mut sorted = revisions.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [
+            (1, "superseded".to_owned(), "operator-web-0.1.0".to_owned()),
+            (2, "superseded".to_owned(), "operator-web-0.2.0".to_owned()),
+            (3, "deployed".to_owned(), "operator-web-0.3.0".to_owned()),
+        ],
+        "{release:#}"
+    );
+    let resources = release["resources"].as_array().cloned().unwrap_or_default();
+    assert_eq!(resources.len(), 1, "{release:#}");
+    assert_eq!(resources[0]["resource"], "Deployment/web-web", "{release:#}");
+    assert_eq!(resources[0]["healthy"], true, "{release:#}");
+
+    let missing = operator_call(&agent, "GetRelease", &json!({"releaseName": "nope"})).await?;
+    assert!(
+        missing.as_ref().is_err_and(|stderr| stderr.contains("NotFound")),
+        "{missing:?}"
+    );
+
+    // Back to revision 1 (chart 0.1.0), the operator's choice.
+    let rolled_back_at = chrono::Utc::now();
+    let rollback = operator_call(&agent, "Rollback", &json!({"releaseName": "web", "revision": 1}))
+        .await?
+        .map_err(|stderr| anyhow::anyhow!("Rollback failed: {stderr}"))?;
+    assert_eq!(rollback["newRevision"], 4, "{rollback}");
+    let chart_of = agent.helm_json(&["history", "web"]).await?;
+    let latest = chart_of
+        .as_array()
+        .and_then(|history| history.iter().find(|entry| entry["revision"] == 4))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(latest["chart"], "operator-web-0.1.0", "{chart_of}");
+    assert_eq!(latest["status"], "deployed", "{chart_of}");
+    assert_eq!(tracking_record(&agent, "web").await?["helmRevision"], 4);
+
+    // The next checks of the release (one every 10 s): healthy, no revision skew, no upgrade
+    // back. A changed status is posted at once, an unchanged one again every 30 s.
+    let checked = rolled_back_at + chrono::Duration::seconds(12);
+    wait_for("a healthy status 12 s after the rollback", 2 * MINUTE, || async {
+        agent
+            .statuses(&revision(&current))
+            .into_iter()
+            .find(|s| s.received_at > checked && s.status_type == "healthy")
+    })
+    .await?;
+    let since: Vec<_> = agent
+        .statuses(&revision(&current))
+        .into_iter()
+        .filter(|s| s.received_at > rolled_back_at)
+        .collect();
+    assert!(since.iter().all(|s| s.status_type == "healthy"), "{since:#?}");
+    assert_eq!(history(&agent, "web").await?.len(), 4, "no upgrade after the rollback");
+    let release = operator_call(&agent, "GetRelease", &json!({"releaseName": "web"}))
+        .await?
+        .map_err(|stderr| anyhow::anyhow!("GetRelease failed: {stderr}"))?;
+    assert_eq!(release["release"]["trackedRevision"], 4, "{release:#}");
+    // ListReleases agrees: tracked and real revision equal, ready, deployed.
+    let list = operator_call(&agent, "ListReleases", &json!({}))
+        .await?
+        .map_err(|stderr| anyhow::anyhow!("ListReleases failed: {stderr}"))?;
+    let web = list["releases"]
+        .as_array()
+        .and_then(|releases| releases.iter().find(|r| r["releaseName"] == "web"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(web["trackedRevision"], 4, "{list:#}");
+    assert_eq!(web["helmRevision"], 4, "{list:#}");
+    assert_eq!(web["helmStatus"], "deployed", "{list:#}");
+    assert_eq!(web["phase"], "ready", "{list:#}");
+    assert_eq!(web["chart"], "operator-web-0.1.0", "{list:#}");
+    Ok(())
+}
+
+/// The executor dies with its `helm` (SIGKILL of the process group) in the middle of an
+/// install: the next executor takes the pending install over and the release converges to the
+/// Hub's next revision, with nothing left `pending-*` (issue 7: 2e).
+#[tokio::test]
+async fn a_crash_during_an_install_converges() -> anyhow::Result<()> {
+    let test = "crash-install";
+    let mut agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "crash-install-web", &["0.1.0"]).await?;
+    let options = json!({"timeout": "20s", "rollbackOnFailure": true, "waitStrategy": "watcher",
+                         "cleanupOnFailure": true, "forceConflicts": false});
+    // An install that waits (its pods never become ready).
+    let v1 = distr_agent_e2e::agent::revise(
+        &deployment("web", &chart, "0.1.0", json!({"neverReady": true})),
+        json!({"helmOptions": options}),
+    );
+    agent.set_deployments(vec![v1.clone()]);
+    wait_for("helm's pending install", MINUTE, || async {
+        history(&agent, "web")
+            .await
+            .ok()?
+            .into_iter()
+            .find(|(_, status, _)| status == "pending-install")
+    })
+    .await?;
+    agent.executor.kill_group().await?;
+    let crashed = std::time::Instant::now();
+    let left = history(&agent, "web").await?;
+    assert!(
+        left.iter().any(|(_, status, _)| status == "pending-install"),
+        "the crash left the install pending: {left:#?}"
+    );
+    assert_eq!(tracking_record(&agent, "web").await?["phase"], "progressing");
+
+    // Meanwhile the Hub wants a revision that works; the next executor gets there.
+    let v2 = distr_agent_e2e::agent::revise(&v1, json!({"values": {"message": "two"}}));
+    agent.set_deployments(vec![v2.clone()]);
+    agent.start_executor_again().await?;
+    let running = wait_for("the next revision deployed", 5 * MINUTE, || async {
+        agent
+            .statuses(&revision(&v2))
+            .into_iter()
+            .find(|s| s.status_type == "running" && s.message.ends_with("succeeded"))
+    })
+    .await?;
+    eprintln!(
+        "crashed install (helm timeout 20s) converged {:?} after the crash: {}",
+        crashed.elapsed(),
+        running.message
+    );
+    agent
+        .wait_status(&revision(&v2), "healthy", "status check passed", MINUTE)
+        .await?;
+    let end = history(&agent, "web").await?;
+    let latest = end.iter().max_by_key(|(revision, _, _)| *revision).cloned();
+    assert_eq!(
+        latest.map(|(_, status, _)| status).as_deref(),
+        Some("deployed"),
+        "{end:#?}"
+    );
+    let record = tracking_record(&agent, "web").await?;
+    assert_eq!(record["revisionId"], v2["revisionId"], "{record}");
+    assert_eq!(record["phase"], "ready", "{record}");
+    assert_eq!(
+        deployment_annotation(&agent, "web-web", false, "distr.test/message")
+            .await?
+            .as_deref(),
+        Some("two")
+    );
+    Ok(())
+}
+
+/// The executor dies with its `helm` in the middle of an uninstall (held up by a finalizer on
+/// the release's Deployment): the next executor finishes it: the release, its tracking Secret
+/// and its pull Secret are gone (issue 7: 2e).
+#[tokio::test]
+async fn a_crash_during_an_uninstall_converges() -> anyhow::Result<()> {
+    let test = "crash-uninstall";
+    let mut agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "crash-uninstall-web", &["0.1.0"]).await?;
+    let web = deployment("web", &chart, "0.1.0", json!({}));
+    let other = deployment("other", &chart, "0.1.0", json!({}));
+    agent.set_deployments(vec![web.clone(), other.clone()]);
+    for d in [&web, &other] {
+        agent
+            .wait_status(&revision(d), "healthy", "status check passed", 2 * MINUTE)
+            .await?;
+    }
+    let workloads = agent.ns.api::<k8s_openapi::api::apps::v1::Deployment>();
+    let hold = json!({"metadata": {"finalizers": ["distr.test/hold"]}});
+    workloads
+        .patch("web-web", &PatchParams::default(), &Patch::Merge(&hold))
+        .await?;
+
+    agent.set_deployments(vec![other.clone()]);
+    wait_for("helm's uninstall under way", MINUTE, || async {
+        history(&agent, "web")
+            .await
+            .ok()?
+            .into_iter()
+            .find(|(_, status, _)| status == "uninstalling")
+    })
+    .await?;
+    agent.executor.kill_group().await?;
+    let crashed = std::time::Instant::now();
+    assert!(
+        helm_releases(&agent).await?.contains(&"web".to_owned()),
+        "the crash left the uninstall unfinished"
+    );
+    let release = json!({"metadata": {"finalizers": null}});
+    workloads
+        .patch("web-web", &PatchParams::default(), &Patch::Merge(&release))
+        .await?;
+
+    agent.start_executor_again().await?;
+    wait_for("the uninstall finished", 3 * MINUTE, || async {
+        let names = agent.secret_names().await.ok()?;
+        let gone = !helm_releases(&agent).await.ok()?.contains(&"web".to_owned())
+            && !names.contains(&tracking_secret("web"))
+            && !names.contains(&format!("{}.pull", tracking_secret("web")))
+            && !names.iter().any(|name| name.starts_with("sh.helm.release.v1.web."));
+        gone.then_some(())
+    })
+    .await?;
+    eprintln!("crashed uninstall converged {:?} after the crash", crashed.elapsed());
+    assert!(
+        workloads.get_opt("web-web").await?.is_none(),
+        "the release's workload is gone"
+    );
+    // The other release was never touched.
+    assert_eq!(history(&agent, "other").await?.len(), 1);
+    let restarted = chrono::Utc::now();
+    wait_for("a fresh healthy status of other", MINUTE, || async {
+        agent
+            .statuses(&revision(&other))
+            .into_iter()
+            .find(|s| s.received_at > restarted && s.status_type == "healthy")
+    })
+    .await?;
+    Ok(())
+}
+
+/// A SIGTERM during an install stops Helm gracefully: nothing is left `pending-*`, and the next
+/// executor deploys the Hub's revision at once, without waiting out a pending revision (issue
+/// 7: 2e with SIGTERM).
+#[tokio::test]
+async fn a_shutdown_during_an_install_is_redone_by_the_next_executor() -> anyhow::Result<()> {
+    let test = "graceful-install";
+    let mut agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "graceful-install-web", &["0.1.0"]).await?;
+    let options = json!({"timeout": "60s", "rollbackOnFailure": true, "waitStrategy": "watcher",
+                         "cleanupOnFailure": true, "forceConflicts": false});
+    let v1 = distr_agent_e2e::agent::revise(
+        &deployment("web", &chart, "0.1.0", json!({"neverReady": true})),
+        json!({"helmOptions": options}),
+    );
+    agent.set_deployments(vec![v1.clone()]);
+    wait_for("helm's pending install", MINUTE, || async {
+        history(&agent, "web")
+            .await
+            .ok()?
+            .into_iter()
+            .find(|(_, status, _)| status == "pending-install")
+    })
+    .await?;
+    let (code, took) = agent.executor.terminate(MINUTE).await?;
+    eprintln!("executor stopped {took:?} after SIGTERM during an install");
+    assert_eq!(code, Some(0), "{}", agent.executor.log_text());
+    // Helm's `--rollback-on-failure` may have removed the release: `helm ls` shows it in any
+    // other state (Helm 4 lists every status).
+    let after_stop = agent.helm_json(&["ls"]).await?;
+    assert!(
+        after_stop
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|release| !release["status"].as_str().unwrap_or_default().starts_with("pending")),
+        "nothing left pending: {after_stop:#}"
+    );
+
+    let v2 = distr_agent_e2e::agent::revise(&v1, json!({"values": {"message": "two"}}));
+    agent.set_deployments(vec![v2.clone()]);
+    let restarted = std::time::Instant::now();
+    agent.start_executor_again().await?;
+    let running = wait_for("the next revision deployed", 2 * MINUTE, || async {
+        agent
+            .statuses(&revision(&v2))
+            .into_iter()
+            .find(|s| s.status_type == "running" && s.message.ends_with("succeeded"))
+    })
+    .await?;
+    eprintln!(
+        "install redone {:?} after the restart: {}",
+        restarted.elapsed(),
+        running.message
+    );
+    assert!(
+        restarted.elapsed() < Duration::from_secs(45),
+        "{:?}",
+        restarted.elapsed()
+    );
+    agent
+        .wait_status(&revision(&v2), "healthy", "status check passed", MINUTE)
+        .await?;
+    let end = history(&agent, "web").await?;
+    let latest = end.iter().max_by_key(|(revision, _, _)| *revision).cloned();
+    assert_eq!(
+        latest.map(|(_, status, _)| status).as_deref(),
+        Some("deployed"),
+        "{end:#?}"
+    );
+    let errors: Vec<_> = agent
+        .statuses(&revision(&v2))
+        .into_iter()
+        .filter(|s| s.status_type == "error")
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    Ok(())
+}
+
+/// A SIGTERM during an uninstall (held up by a finalizer on the release's Deployment): the
+/// executor stops in time, and the next one finishes the uninstall (issue 7: 2e with SIGTERM).
+#[tokio::test]
+async fn a_shutdown_during_an_uninstall_is_finished_by_the_next_executor() -> anyhow::Result<()> {
+    let test = "graceful-uninstall";
+    let mut agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "graceful-uninstall-web", &["0.1.0"]).await?;
+    let web = deployment("web", &chart, "0.1.0", json!({}));
+    agent.set_deployments(vec![web.clone()]);
+    agent
+        .wait_status(&revision(&web), "healthy", "status check passed", 2 * MINUTE)
+        .await?;
+    let workloads = agent.ns.api::<k8s_openapi::api::apps::v1::Deployment>();
+    let hold = json!({"metadata": {"finalizers": ["distr.test/hold"]}});
+    workloads
+        .patch("web-web", &PatchParams::default(), &Patch::Merge(&hold))
+        .await?;
+    agent.set_deployments(vec![]);
+    wait_for("helm's uninstall under way", MINUTE, || async {
+        history(&agent, "web")
+            .await
+            .ok()?
+            .into_iter()
+            .find(|(_, status, _)| status == "uninstalling")
+    })
+    .await?;
+    let (code, took) = agent.executor.terminate(MINUTE).await?;
+    eprintln!("executor stopped {took:?} after SIGTERM during an uninstall");
+    assert_eq!(code, Some(0), "{}", agent.executor.log_text());
+    assert!(
+        helm_releases(&agent).await?.contains(&"web".to_owned()),
+        "the uninstall was cut short"
+    );
+    let release = json!({"metadata": {"finalizers": null}});
+    workloads
+        .patch("web-web", &PatchParams::default(), &Patch::Merge(&release))
+        .await?;
+
+    let restarted = std::time::Instant::now();
+    agent.start_executor_again().await?;
+    wait_for("the uninstall finished", 2 * MINUTE, || async {
+        let names = agent.secret_names().await.ok()?;
+        let gone = !helm_releases(&agent).await.ok()?.contains(&"web".to_owned())
+            && !names.contains(&tracking_secret("web"))
+            && !names.contains(&format!("{}.pull", tracking_secret("web")))
+            && !names.iter().any(|name| name.starts_with("sh.helm.release.v1.web."));
+        gone.then_some(())
+    })
+    .await?;
+    eprintln!("uninstall finished {:?} after the restart", restarted.elapsed());
+    assert!(workloads.get_opt("web-web").await?.is_none());
     Ok(())
 }
