@@ -143,8 +143,8 @@ metadata:
     kubernetes.io/arch: amd64
     type: kwok
 status:
-  allocatable: {cpu: "32", memory: 256Gi, pods: "110"}
-  capacity: {cpu: "32", memory: 256Gi, pods: "110"}
+  allocatable: {cpu: "32", memory: 256Gi, pods: "1000"}
+  capacity: {cpu: "32", memory: 256Gi, pods: "1000"}
 NODE
 wait_until "kwok node" 60 kubectl wait --for=condition=Ready node/kwok-node-0 --timeout=2s
 wait_until "default ServiceAccount" 60 kubectl get serviceaccount default -n default
