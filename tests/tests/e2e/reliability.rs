@@ -237,6 +237,20 @@ async fn history(agent: &Agent, release: &str) -> anyhow::Result<Vec<(u64, Strin
         .collect())
 }
 
+/// Waits (a minute at most) until Helm's history of `release` shows a revision in `status`,
+/// such as `pending-install` or `uninstalling`: an operation under way.
+async fn helm_reaches(agent: &Agent, release: &str, status: &str) -> anyhow::Result<()> {
+    wait_for(&format!("helm's {release} to show {status}"), MINUTE, || async {
+        history(agent, release)
+            .await
+            .ok()?
+            .into_iter()
+            .find(|(_, found, _)| found == status)
+    })
+    .await?;
+    Ok(())
+}
+
 /// A SIGTERM during an upgrade stops Helm gracefully: Helm records the cut-short revision
 /// (failed, rolled back), nothing is left `pending-*`, and the next executor redoes the
 /// upgrade at once instead of waiting out a pending revision (issue 7: 1h).
@@ -261,14 +275,7 @@ async fn a_shutdown_during_an_upgrade_stops_helm_gracefully_and_the_next_executo
         }),
     );
     agent.set_deployments(vec![v2.clone()]);
-    wait_for("helm's pending upgrade", MINUTE, || async {
-        history(&agent, "web")
-            .await
-            .ok()?
-            .into_iter()
-            .find(|(_, status, _)| status == "pending-upgrade")
-    })
-    .await?;
+    helm_reaches(&agent, "web", "pending-upgrade").await?;
 
     let (code, took) = agent.executor.terminate(MINUTE).await?;
     eprintln!("executor stopped {took:?} after SIGTERM during an upgrade");
@@ -555,14 +562,7 @@ async fn a_crash_during_an_upgrade_converges() -> anyhow::Result<()> {
         json!({"chartVersion": "0.2.0", "values": {"neverReady": true}, "helmOptions": options}),
     );
     agent.set_deployments(vec![v2.clone()]);
-    wait_for("helm's pending upgrade", MINUTE, || async {
-        history(&agent, "web")
-            .await
-            .ok()?
-            .into_iter()
-            .find(|(_, status, _)| status == "pending-upgrade")
-    })
-    .await?;
+    helm_reaches(&agent, "web", "pending-upgrade").await?;
     agent.executor.kill_group().await?;
     let crashed = std::time::Instant::now();
     let left = history(&agent, "web").await?;
@@ -1105,14 +1105,7 @@ async fn a_crash_during_an_install_converges() -> anyhow::Result<()> {
         json!({"helmOptions": options}),
     );
     agent.set_deployments(vec![v1.clone()]);
-    wait_for("helm's pending install", MINUTE, || async {
-        history(&agent, "web")
-            .await
-            .ok()?
-            .into_iter()
-            .find(|(_, status, _)| status == "pending-install")
-    })
-    .await?;
+    helm_reaches(&agent, "web", "pending-install").await?;
     agent.executor.kill_group().await?;
     let crashed = std::time::Instant::now();
     let left = history(&agent, "web").await?;
@@ -1183,14 +1176,7 @@ async fn a_crash_during_an_uninstall_converges() -> anyhow::Result<()> {
         .await?;
 
     agent.set_deployments(vec![other.clone()]);
-    wait_for("helm's uninstall under way", MINUTE, || async {
-        history(&agent, "web")
-            .await
-            .ok()?
-            .into_iter()
-            .find(|(_, status, _)| status == "uninstalling")
-    })
-    .await?;
+    helm_reaches(&agent, "web", "uninstalling").await?;
     agent.executor.kill_group().await?;
     let crashed = std::time::Instant::now();
     assert!(
@@ -1245,14 +1231,7 @@ async fn a_shutdown_during_an_install_is_redone_by_the_next_executor() -> anyhow
         json!({"helmOptions": options}),
     );
     agent.set_deployments(vec![v1.clone()]);
-    wait_for("helm's pending install", MINUTE, || async {
-        history(&agent, "web")
-            .await
-            .ok()?
-            .into_iter()
-            .find(|(_, status, _)| status == "pending-install")
-    })
-    .await?;
+    helm_reaches(&agent, "web", "pending-install").await?;
     let (code, took) = agent.executor.terminate(MINUTE).await?;
     eprintln!("executor stopped {took:?} after SIGTERM during an install");
     assert_eq!(code, Some(0), "{}", agent.executor.log_text());
@@ -1326,14 +1305,7 @@ async fn a_shutdown_during_an_uninstall_is_finished_by_the_next_executor() -> an
         .patch("web-web", &PatchParams::default(), &Patch::Merge(&hold))
         .await?;
     agent.set_deployments(vec![]);
-    wait_for("helm's uninstall under way", MINUTE, || async {
-        history(&agent, "web")
-            .await
-            .ok()?
-            .into_iter()
-            .find(|(_, status, _)| status == "uninstalling")
-    })
-    .await?;
+    helm_reaches(&agent, "web", "uninstalling").await?;
     let (code, took) = agent.executor.terminate(MINUTE).await?;
     eprintln!("executor stopped {took:?} after SIGTERM during an uninstall");
     assert_eq!(code, Some(0), "{}", agent.executor.log_text());
