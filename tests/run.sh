@@ -46,7 +46,7 @@ secrets=$state/all-secrets
 for run in "$state" "$root/target/demo"; do
   if [ -f "$run/secrets" ]; then cat "$run/secrets"; fi
   if [ -f "$run/env" ]; then grep '^DISTR_TESTENV_REGISTRY_PASSWORD=' "$run/env" | cut -d= -f2-; fi
-done | sort -u >"$secrets"
+done | awk 'length($0) >= 12' | sort -u >"$secrets"
 logs=$(find "$state/tests" "$root/target/demo/tests" -name '*.log' 2>/dev/null || true)
 if [ -n "$logs" ] && leaked=$(echo "$logs" | xargs grep -lF -f "$secrets"); then
   echo "these logs hold a secret of the run (not printed):" >&2

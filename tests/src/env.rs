@@ -56,7 +56,10 @@ impl TestEnv {
             .append(true)
             .open(self.state.join("secrets"))
         {
-            let _ = writeln!(file, "{secret}");
+            // One write per line: `writeln!` would write the secret and the newline apart, and
+            // two tests appending at once could interleave them into a blank line, which
+            // `grep -f` reads as a pattern that matches everything.
+            let _ = file.write_all(format!("{secret}\n").as_bytes());
         }
     }
 
