@@ -472,10 +472,11 @@ impl HelmDriver {
             Ok(output.stdout)
         } else {
             // Helm quotes URLs in its errors: never with credentials in them.
-            let message = explain(redact_url_credentials(&summarize_stderr(
-                &String::from_utf8_lossy(&output.stderr),
-                output.status.code(),
-            )));
+            let mut message = summarize_stderr(&String::from_utf8_lossy(&output.stderr), output.status.code());
+            if let Some(cause) = repository_update_failures(&String::from_utf8_lossy(&output.stdout)) {
+                message = format!("{message}: {cause}");
+            }
+            let message = explain(redact_url_credentials(&message));
             tracing::debug!(release, operation, ?elapsed, error = %message, "helm failed");
             Err(HelmError::Failed { operation, message })
         }
@@ -732,6 +733,19 @@ pub fn summarize_stderr(stderr: &str, exit_code: Option<i32>) -> String {
     one_line(message, MAX_ERROR_LEN)
 }
 
+/// Why `helm repo update` could not read a repository: Helm prints the cause on stdout
+/// (`...Unable to get an update from the "x" chart repository (url):` and the error on the next
+/// line) and only the list of failed URLs on stderr.
+fn repository_update_failures(stdout: &str) -> Option<String> {
+    let start = stdout.find("Unable to get an update from")?;
+    let causes: Vec<&str> = stdout[start..]
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with("Update Complete"))
+        .collect();
+    Some(one_line(&causes.join(" "), MAX_ERROR_LEN))
+}
+
 /// Collapses whitespace (newlines included) to single spaces and bounds the length.
 pub fn one_line(text: &str, max: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max + 4));
@@ -943,6 +957,17 @@ mod tests {
                 "web-chart",
             ]
         );
+    }
+
+    #[test]
+    fn a_repository_update_failure_says_why() {
+        let stdout = "Hang tight while we grab the latest from your chart repositories...\n\
+            ...Unable to get an update from the \"repo\" chart repository (https://127.0.0.1:4443):\n\
+            \tfailed to fetch https://127.0.0.1:4443/index.yaml : 401 Unauthorized\n";
+        let cause = repository_update_failures(stdout).expect("a cause");
+        assert!(cause.ends_with("index.yaml : 401 Unauthorized"), "{cause}");
+        assert!(explain(cause).starts_with("the registry refused the credentials"));
+        assert_eq!(repository_update_failures("Update Complete. Happy Helming!"), None);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use distr_agent_e2e::{
     TestEnv,
     agent::{Agent, AgentOptions, deployment, registry_auth, revise, revision},
+    chart_repo::{ChartRepo, Scheme},
     charts::{self, PushTarget, push_web_chart},
     hubsim::{Failure, HubSimOptions},
     registry::Registry,
@@ -468,5 +469,104 @@ async fn steady_state_statuses_token_expiry_and_secret_rotation() -> anyhow::Res
         statuses.iter().all(|s| s.status_type == "healthy" && s.accepted()),
         "{statuses:#?}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn charts_come_from_a_classic_https_repository_with_basic_auth() -> anyhow::Result<()> {
+    let test = "classic-repo";
+    let env = TestEnv::get();
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart_dir = env.test_dir(test).join("charts");
+    let charts = [charts::write_web_chart(&chart_dir, "classic-web", "0.1.0")?];
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let repo = ChartRepo::start(test, &charts, "vendor", &password, Scheme::Https).await?;
+    let plain = ChartRepo::start(test, &charts, "vendor", &password, Scheme::Http).await?;
+
+    let classic = |release: &str, url: &str, auth: serde_json::Value| {
+        revise(
+            &deployment(release, url, "0.1.0", json!({})),
+            json!({"chartName": "classic-web", "registryAuth": auth}),
+        )
+    };
+    let auth = |password: &str| json!({ repo.host.clone(): {"username": "vendor", "password": password} });
+    let with_auth = classic("classic", &repo.url, auth(&password));
+    let in_url = classic(
+        "classic-in-url",
+        &repo.url.replace("https://", &format!("https://vendor:{password}@")),
+        json!(null),
+    );
+    let wrong = classic("classic-wrong", &repo.url, auth("not-the-password"));
+    let plain_http = classic(
+        "classic-http",
+        &plain.url,
+        json!({ plain.host.clone(): {"username": "vendor", "password": password} }),
+    );
+    agent.set_deployments(vec![
+        with_auth.clone(),
+        in_url.clone(),
+        wrong.clone(),
+        plain_http.clone(),
+    ]);
+
+    for ok in [&with_auth, &in_url] {
+        agent
+            .wait_status(&revision(ok), "running", "helm install succeeded", MINUTE)
+            .await?;
+    }
+    let refused = agent.wait_status(&revision(&wrong), "error", "", MINUTE).await?;
+    eprintln!("wrong password: {}", refused.message);
+    assert!(
+        refused.message.contains("401"),
+        "says the repository refused: {}",
+        refused.message
+    );
+    assert!(repo.refused() > 0, "the repository saw the wrong password");
+    let insecure = agent.wait_status(&revision(&plain_http), "error", "", MINUTE).await?;
+    assert!(
+        insecure
+            .message
+            .contains("plain http:// chart repositories are not allowed"),
+        "{}",
+        insecure.message
+    );
+    // The password never reaches the Hub, not even from the URL that carried it.
+    for deployment in [&with_auth, &in_url, &wrong, &plain_http] {
+        for status in agent.statuses(&revision(deployment)) {
+            assert!(!status.message.contains(&password), "{status:?}");
+        }
+    }
+    // The chart from the repository is what got installed.
+    agent.ns.api::<Deployment>().get("classic-in-url-web").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn plain_http_repositories_work_when_the_operator_allows_them() -> anyhow::Result<()> {
+    let test = "classic-http";
+    let env = TestEnv::get();
+    let agent = Agent::start(
+        test,
+        AgentOptions {
+            executor_env: vec![("AGENT_ALLOW_HTTP_CHARTS", "true".into())],
+            ..Default::default()
+        },
+    )
+    .await?;
+    let charts = [charts::write_web_chart(
+        &env.test_dir(test).join("charts"),
+        "plain-web",
+        "0.1.0",
+    )?];
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let plain = ChartRepo::start(test, &charts, "vendor", &password, Scheme::Http).await?;
+    let from_http = revise(
+        &deployment("plain", &plain.url, "0.1.0", json!({})),
+        json!({"chartName": "plain-web", "registryAuth": { plain.host.clone(): {"username": "vendor", "password": password} }}),
+    );
+    agent.set_deployments(vec![from_http.clone()]);
+    agent
+        .wait_status(&revision(&from_http), "running", "helm install succeeded", MINUTE)
+        .await?;
     Ok(())
 }
