@@ -71,6 +71,11 @@ pub struct Args {
     #[arg(long, env = "AGENT_MAX_CONCURRENT_HELM", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_concurrent_helm: u16,
 
+    /// Seconds a Helm operation counts against `--max-concurrent-helm`: after its busy start
+    /// (download, render, apply) it is mostly waiting for resources, and its slot passes on.
+    #[arg(long, env = "AGENT_HELM_ACTIVE_PHASE_SECONDS", default_value_t = reconciler::ACTIVE_PHASE.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    pub helm_active_phase_seconds: u64,
+
     /// Accept chart repositories on plain `http://` URLs.
     #[arg(long, env = "AGENT_ALLOW_HTTP_CHARTS", default_value_t = false)]
     pub allow_http_charts: bool,
@@ -163,7 +168,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         client,
         helm,
         args.namespace.clone(),
-        usize::from(args.max_concurrent_helm),
+        reconciler::HelmLimits {
+            concurrent: usize::from(args.max_concurrent_helm),
+            active_phase: Duration::from_secs(args.helm_active_phase_seconds),
+        },
     );
 
     let mut server = GrpcServer::bind(args.grpc_addr, &[distr_agent_proto::FILE_DESCRIPTOR_SET]).await?;

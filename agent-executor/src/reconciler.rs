@@ -184,8 +184,17 @@ impl HelmSlot {
     }
 }
 
-/// How long a Helm operation holds an active slot at most (see [`HelmSlot`]).
+/// How long a Helm operation holds an active slot at most by default (see [`HelmSlot`]).
 pub const ACTIVE_PHASE: Duration = Duration::from_secs(45);
+
+/// Bounds on Helm operations (see [`HelmSlot`]).
+#[derive(Clone, Copy, Debug)]
+pub struct HelmLimits {
+    /// Operations in their busy start at once.
+    pub concurrent: usize,
+    /// How long an operation counts as busy at most.
+    pub active_phase: Duration,
+}
 /// Helm processes allowed at once per active slot (see [`HelmSlot`]).
 pub const HELM_PROCESSES_PER_SLOT: usize = 4;
 
@@ -377,9 +386,10 @@ impl Inner {
 }
 
 impl Reconciler {
-    /// A reconciler for releases in `namespace` (used when a `sync` names none), running at
-    /// most `max_concurrent_helm` Helm operations at once.
-    pub fn new(client: kube::Client, helm: HelmDriver, namespace: String, max_concurrent_helm: usize) -> Self {
+    /// A reconciler for releases in `namespace` (used when a `sync` names none), running Helm
+    /// within `limits`.
+    pub fn new(client: kube::Client, helm: HelmDriver, namespace: String, limits: HelmLimits) -> Self {
+        let slots = limits.concurrent.max(1);
         Self {
             inner: Arc::new(Inner {
                 health: HealthChecker::new(client.clone()),
@@ -388,11 +398,9 @@ impl Reconciler {
                 statuses: StatusBoard::default(),
                 shutdown: CancellationToken::new(),
                 default_namespace: namespace,
-                helm_slots: Arc::new(Semaphore::new(max_concurrent_helm.max(1))),
-                helm_processes: Arc::new(Semaphore::new(
-                    max_concurrent_helm.max(1).saturating_mul(HELM_PROCESSES_PER_SLOT),
-                )),
-                active_phase: ACTIVE_PHASE,
+                helm_slots: Arc::new(Semaphore::new(slots)),
+                helm_processes: Arc::new(Semaphore::new(slots.saturating_mul(HELM_PROCESSES_PER_SLOT))),
+                active_phase: limits.active_phase,
                 state: Mutex::new(State::default()),
                 op_locks: Mutex::new(HashMap::new()),
                 owners: Mutex::new(HashMap::new()),
@@ -867,7 +875,15 @@ mod tests {
             allow_http_charts: false,
         })
         .unwrap();
-        Reconciler::new(client, helm, "apps".into(), 1)
+        Reconciler::new(
+            client,
+            helm,
+            "apps".into(),
+            HelmLimits {
+                concurrent: 1,
+                active_phase: Duration::from_millis(200),
+            },
+        )
     }
 
     fn deployment(id: &str, release: &str) -> Deployment {
@@ -950,8 +966,7 @@ mod tests {
     #[tokio::test]
     async fn a_release_waiting_in_helm_does_not_hold_back_the_others() {
         let scratch = tempfile::tempdir().unwrap();
-        let mut reconciler = offline_reconciler(scratch.path());
-        Arc::get_mut(&mut reconciler.inner).unwrap().active_phase = Duration::from_millis(200);
+        let reconciler = offline_reconciler(scratch.path());
         let inner = reconciler.inner.clone();
         // One slot, taken by an operation in a one-hour wait.
         let mut slow = inner.helm_slot().await.unwrap();

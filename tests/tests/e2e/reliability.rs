@@ -8,7 +8,8 @@ use base64::Engine as _;
 use distr_agent_e2e::{
     TestEnv,
     agent::{Agent, AgentOptions, deployment, revision},
-    charts, wait_for,
+    charts::{self, push_web_chart},
+    wait_for,
 };
 use distr_agent_proto::v1 as pb;
 use k8s_openapi::{ByteString, api::core::v1::Secret};
@@ -16,16 +17,6 @@ use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-/// Pushes the sample web chart as `<name>` at each version and returns its `oci://` URL.
-async fn push_web_chart(test: &str, name: &str, versions: &[&str]) -> anyhow::Result<String> {
-    let dir = TestEnv::get().test_dir(test).join("charts");
-    let mut url = String::new();
-    for version in versions {
-        url = charts::push_chart(&charts::write_web_chart(&dir, name, version)?).await?;
-    }
-    Ok(url)
-}
 
 fn tracking_secret(release: &str) -> String {
     format!("sh.distr.agent.v1.{release}")
@@ -221,7 +212,7 @@ async fn bad_cluster_state_is_an_error_for_that_release_only() -> anyhow::Result
 }
 
 /// Helm revisions of `release`: (revision, status, description).
-async fn history(agent: &Agent, release: &str) -> anyhow::Result<Vec<(u64, String, String)>> {
+pub(crate) async fn history(agent: &Agent, release: &str) -> anyhow::Result<Vec<(u64, String, String)>> {
     let history = agent.helm_json(&["history", release]).await?;
     Ok(history
         .as_array()
@@ -239,7 +230,7 @@ async fn history(agent: &Agent, release: &str) -> anyhow::Result<Vec<(u64, Strin
 
 /// Waits (a minute at most) until Helm's history of `release` shows a revision in `status`,
 /// such as `pending-install` or `uninstalling`: an operation under way.
-async fn helm_reaches(agent: &Agent, release: &str, status: &str) -> anyhow::Result<()> {
+pub(crate) async fn helm_reaches(agent: &Agent, release: &str, status: &str) -> anyhow::Result<()> {
     wait_for(&format!("helm's {release} to show {status}"), MINUTE, || async {
         history(agent, release)
             .await
@@ -617,7 +608,7 @@ async fn admin_helm(agent: &Agent, args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// The sample web chart written locally (not pushed), for an operator's `helm install`.
-fn local_web_chart(test: &str, name: &str, version: &str) -> anyhow::Result<String> {
+pub(crate) fn local_web_chart(test: &str, name: &str, version: &str) -> anyhow::Result<String> {
     let dir = charts::write_web_chart(&TestEnv::get().test_dir(test).join("local-charts"), name, version)?;
     Ok(dir.display().to_string())
 }
@@ -670,7 +661,7 @@ async fn deployment_annotation(agent: &Agent, name: &str, template: bool, key: &
 }
 
 /// Waits until the poller fetched the Hub's resources `cycles` more times.
-async fn wait_cycles(agent: &Agent, cycles: usize) -> anyhow::Result<()> {
+pub(crate) async fn wait_cycles(agent: &Agent, cycles: usize) -> anyhow::Result<()> {
     let route = distr_agent_e2e::hubsim::Route::Resources;
     let seen = agent.hub.requests_on(route).len();
     wait_for(&format!("{cycles} more poll cycles"), 2 * MINUTE, || async {
