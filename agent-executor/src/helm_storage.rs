@@ -24,7 +24,7 @@ use serde::Deserialize;
 use crate::kube_util::{self, ApiError};
 
 /// Upper bound on a decompressed release (a guard against a gzip bomb in a Secret).
-const MAX_RELEASE_BYTES: u64 = 64 * 1024 * 1024;
+pub const MAX_RELEASE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Errors reading Helm's storage.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,9 @@ pub enum StorageError {
     /// The gzip stream is broken.
     #[error("helm release data is not valid gzip: {0}")]
     Gzip(#[source] std::io::Error),
+    /// The payload unpacks to more than [`MAX_RELEASE_BYTES`] (a gzip bomb, or not Helm's).
+    #[error("helm release data unpacks to more than {} MiB", MAX_RELEASE_BYTES / (1024 * 1024))]
+    TooLarge,
     /// The release JSON does not parse.
     #[error("helm release data is not valid JSON: {0}")]
     Json(#[source] serde_json::Error),
@@ -194,9 +197,12 @@ pub fn decode_release(data: &[u8]) -> Result<StoredRelease, StorageError> {
     let json = if bytes.starts_with(&[0x1f, 0x8b, 0x08]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(bytes.as_slice())
-            .take(MAX_RELEASE_BYTES)
+            .take(MAX_RELEASE_BYTES + 1)
             .read_to_end(&mut out)
             .map_err(StorageError::Gzip)?;
+        if out.len() as u64 > MAX_RELEASE_BYTES {
+            return Err(StorageError::TooLarge);
+        }
         out
     } else {
         bytes
@@ -414,6 +420,18 @@ pub(crate) mod tests {
         let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         gzip.write_all(&serde_json::to_vec(json).unwrap()).unwrap();
         STANDARD.encode(gzip.finish().unwrap()).into_bytes()
+    }
+
+    #[test]
+    fn a_gzip_bomb_is_refused_past_the_bound() {
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let zeros = vec![b' '; 1024 * 1024];
+        for _ in 0..=MAX_RELEASE_BYTES / (1024 * 1024) {
+            gzip.write_all(&zeros).unwrap();
+        }
+        let bomb = STANDARD.encode(gzip.finish().unwrap());
+        assert!(bomb.len() < 1024 * 1024, "a small Secret");
+        assert!(matches!(decode_release(bomb.as_bytes()), Err(StorageError::TooLarge)));
     }
 
     pub(crate) fn release_json(name: &str, version: u32, status: &str) -> serde_json::Value {
