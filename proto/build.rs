@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["distr/agent/v1/executor.proto", "distr/agent/v1/updater.proto"];
+    let files = [
+        "distr/agent/v1/executor.proto",
+        "distr/agent/v1/updater.proto",
+        "distr/agent/v1/agent_logs.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -23,6 +23,16 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
 use serde::Deserialize;
 use tokio::process::Command;
 
@@ -213,6 +223,95 @@ struct DriverInner {
     allow_http_charts: bool,
     /// Process ids of the `helm` processes running now.
     running: std::sync::Mutex<std::collections::HashSet<u32>>,
+    metrics: HelmMetrics,
+}
+
+/// Helm's figures on `/metrics`: operations by kind and outcome, their durations, and those
+/// in flight. Read-only commands (`history`, `status`, `repo update`) count too.
+#[derive(Clone, Debug)]
+pub struct HelmMetrics {
+    operations: Family<OperationLabels, Counter>,
+    durations: Family<OperationKind, Histogram, fn() -> Histogram>,
+    in_flight: Family<OperationKind, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationKind {
+    operation: &'static str,
+}
+
+impl Default for HelmMetrics {
+    fn default() -> Self {
+        fn buckets() -> Histogram {
+            // 0.1 s to about 27 min: queries take tenths of a second, installs with --wait minutes.
+            Histogram::new(exponential_buckets(0.1, 2.5, 12))
+        }
+        Self {
+            operations: Family::default(),
+            durations: Family::new_with_constructor(buckets),
+            in_flight: Family::default(),
+        }
+    }
+}
+
+impl HelmMetrics {
+    /// Registers `distr_agent_helm_operations_total`, `_helm_operation_duration_seconds` and
+    /// `_helm_operations_in_flight`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "helm_operations",
+            "Helm commands run, by operation and outcome (ok, failed, timeout)",
+            self.operations.clone(),
+        );
+        registry.register_with_unit(
+            "helm_operation_duration",
+            "Time Helm commands took, by operation",
+            Unit::Seconds,
+            self.durations.clone(),
+        );
+        registry.register(
+            "helm_operations_in_flight",
+            "Helm commands running now, by operation",
+            self.in_flight.clone(),
+        );
+    }
+
+    fn finished(&self, operation: &'static str, outcome: &'static str, elapsed: Duration) {
+        self.operations
+            .get_or_create(&OperationLabels { operation, outcome })
+            .inc();
+        self.durations
+            .get_or_create(&OperationKind { operation })
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Counts a Helm command in flight while it lives.
+struct InFlight(Gauge);
+
+impl InFlight {
+    fn start(metrics: &HelmMetrics, operation: &'static str) -> Self {
+        let gauge = metrics.in_flight.get_or_create(&OperationKind { operation }).clone();
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Whether an operation changes a release (logged at info with its outcome and duration).
+fn changes_a_release(operation: &str) -> bool {
+    matches!(operation, "install" | "upgrade" | "uninstall" | "rollback")
 }
 
 /// Removes a process from [`DriverInner::running`] when its run ends (or is dropped).
@@ -255,6 +354,7 @@ impl HelmDriver {
                 operations,
                 allow_http_charts: config.allow_http_charts,
                 running: std::sync::Mutex::default(),
+                metrics: HelmMetrics::default(),
             }),
         })
     }
@@ -283,6 +383,11 @@ impl HelmDriver {
             }
         }
         asked
+    }
+
+    /// The driver's figures, to register with the process's metrics.
+    pub fn metrics(&self) -> &HelmMetrics {
+        &self.inner.metrics
     }
 
     /// Whether `http://` chart repositories are accepted.
@@ -428,6 +533,7 @@ impl HelmDriver {
     ) -> Result<Vec<u8>, HelmError> {
         tracing::debug!(release, operation, args = ?redacted(args), "running helm");
         let started = std::time::Instant::now();
+        let _in_flight = InFlight::start(&self.inner.metrics, operation);
         let child = Command::new(&self.inner.bin)
             .args(args)
             .env_clear()
@@ -462,13 +568,20 @@ impl HelmDriver {
                 });
             }
             Err(_) => {
+                self.inner.metrics.finished(operation, "timeout", started.elapsed());
                 tracing::warn!(release, operation, ?limit, "helm did not finish in time; killed");
                 return Err(HelmError::TimedOut { operation, limit });
             }
         };
         let elapsed = started.elapsed();
+        let seconds = (elapsed.as_secs_f64() * 10.0).round() / 10.0;
         if output.status.success() {
-            tracing::debug!(release, operation, ?elapsed, "helm succeeded");
+            self.inner.metrics.finished(operation, "ok", elapsed);
+            if changes_a_release(operation) {
+                tracing::info!(release, operation, seconds, "helm succeeded");
+            } else {
+                tracing::debug!(release, operation, seconds, "helm succeeded");
+            }
             Ok(output.stdout)
         } else {
             // Helm quotes URLs in its errors: never with credentials in them.
@@ -477,7 +590,12 @@ impl HelmDriver {
                 message = format!("{message}: {cause}");
             }
             let message = explain(redact_url_credentials(&message));
-            tracing::debug!(release, operation, ?elapsed, error = %message, "helm failed");
+            self.inner.metrics.finished(operation, "failed", elapsed);
+            if changes_a_release(operation) {
+                tracing::info!(release, operation, seconds, error = %message, "helm failed");
+            } else {
+                tracing::debug!(release, operation, seconds, error = %message, "helm failed");
+            }
             Err(HelmError::Failed { operation, message })
         }
     }

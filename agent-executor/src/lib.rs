@@ -33,6 +33,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use agent_runtime::{
     Runtime, RuntimeArgs,
     grpc::{GrpcServer, MAX_MESSAGE_BYTES, ServerTls},
+    logging::service::AgentLogsService,
     tls::{Role, server::Policy},
 };
 use distr_agent_proto::v1::executor_server::ExecutorServer;
@@ -131,6 +132,7 @@ pub fn policy() -> Policy {
         .allow(SERVICE, "ListReleases", &[Role::Poller, Role::Operator])
         .allow(SERVICE, "GetRelease", &[Role::Poller, Role::Operator])
         .allow(SERVICE, "Rollback", &[Role::Operator])
+        .allow_agent_logs()
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -145,6 +147,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .map_err(|error| anyhow::anyhow!("cannot configure the Kubernetes client: {error}"))?;
     let pki = pki::Pki::new(client.clone(), &args.namespace, pki_config);
     let own_credentials = pki.own_credentials();
+    runtime.watch_certificate(own_credentials.clone());
     let pki_task = tokio::spawn(pki.run(runtime.shutdown.clone()));
     {
         let mut own = own_credentials.clone();
@@ -174,6 +177,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         },
     );
 
+    {
+        let mut registry = runtime.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        reconciler.register_metrics(&mut registry);
+    }
+
     let mut server = GrpcServer::bind(args.grpc_addr, &[distr_agent_proto::FILE_DESCRIPTOR_SET]).await?;
     server
         .add_service(
@@ -181,6 +189,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
+        .await;
+    server
+        .add_service(AgentLogsService::server(runtime.agent_logs.clone()))
         .await;
     tracing::info!(addr = %server.local_addr()?, namespace = %args.namespace, "gRPC server listening");
     grpc_ready.open();

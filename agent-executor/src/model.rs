@@ -244,6 +244,18 @@ pub enum StatusKind {
     Error,
 }
 
+impl StatusKind {
+    /// The Hub's name of the status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatusKind::Progressing => "progressing",
+            StatusKind::Running => "running",
+            StatusKind::Healthy => "healthy",
+            StatusKind::Error => "error",
+        }
+    }
+}
+
 /// The status of one deployment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Status {

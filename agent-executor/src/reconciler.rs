@@ -386,6 +386,14 @@ impl Inner {
 }
 
 impl Reconciler {
+    /// Registers the executor's figures: Helm operations and releases by status.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.inner.helm.metrics().register(registry);
+        registry.register_collector(Box::new(crate::status_board::ReleasesByStatus(
+            self.inner.statuses.clone(),
+        )));
+    }
+
     /// A reconciler for releases in `namespace` (used when a `sync` names none), running Helm
     /// within `limits`.
     pub fn new(client: kube::Client, helm: HelmDriver, namespace: String, limits: HelmLimits) -> Self {

@@ -1,9 +1,18 @@
 //! In-memory statuses of the desired deployments, keyed by release. Workers write them,
 //! `Sync` reads them; `changed_at` moves only when something the Hub sees changes.
 
-use std::{collections::HashMap, fmt, sync::Mutex};
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex},
+};
 
 use chrono::{DateTime, Utc};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, gauge::ConstGauge},
+};
 
 use crate::model::{DeploymentStatus, Status, StatusKind};
 
@@ -36,10 +45,47 @@ struct Entry {
     status: Status,
 }
 
-/// Latest status per release.
-#[derive(Default)]
+/// Latest status per release. Cheap to clone (clones share the board).
+#[derive(Clone, Default)]
 pub struct StatusBoard {
-    entries: Mutex<HashMap<ReleaseKey, Entry>>,
+    entries: Arc<Mutex<HashMap<ReleaseKey, Entry>>>,
+}
+
+/// `distr_agent_releases{status}`: the releases on the board by status, counted at each scrape.
+#[derive(Debug)]
+pub struct ReleasesByStatus(pub StatusBoard);
+
+impl fmt::Debug for StatusBoard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StatusBoard").finish_non_exhaustive()
+    }
+}
+
+impl Collector for ReleasesByStatus {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let mut counts = [
+            (StatusKind::Progressing, 0_i64),
+            (StatusKind::Running, 0),
+            (StatusKind::Healthy, 0),
+            (StatusKind::Error, 0),
+        ];
+        for entry in self.0.entries.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            if let Some(count) = counts.iter_mut().find(|(kind, _)| *kind == entry.status.kind) {
+                count.1 += 1;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "releases",
+            "Releases the executor manages, by the status it reports",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (kind, count) in counts {
+            let labels = [("status", kind.as_str())];
+            ConstGauge::new(count).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 impl StatusBoard {

@@ -2,6 +2,7 @@
 //! credentials and no Kubernetes access at all: every `DISTR_INTERVAL` it fetches the desired
 //! deployments, hands them to the executor over gRPC, and posts the statuses back.
 
+pub mod agent_logs;
 pub mod config;
 pub mod desired;
 pub use agent_runtime::duration;
@@ -21,7 +22,7 @@ use agent_runtime::{
     },
 };
 use anyhow::Context as _;
-use distr_agent_proto::v1::executor_client::ExecutorClient;
+use distr_agent_proto::v1::{agent_logs_client::AgentLogsClient, executor_client::ExecutorClient};
 
 use crate::{
     config::ConfigSource,
@@ -80,7 +81,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.tls.reload_interval(),
         runtime.shutdown.clone(),
     );
+    runtime.watch_certificate(credentials.clone());
 
+    let ship_metrics = agent_logs::ShipMetrics::default();
     let config = Arc::new(ConfigSource::from_process_env());
     let options = ClientOptions {
         request_timeout: Duration::from_secs(args.hub_timeout_seconds),
@@ -88,6 +91,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let hub =
         HubClient::with_options(config.clone(), &args.agent_version, options).context("creating the Hub client")?;
+    let hub_metrics = hub.metrics().clone();
     let updater = MtlsChannel::new(
         &args.updater_url,
         Role::Updater.identity(&args.tls.namespace),
@@ -96,7 +100,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Duration::from_secs(60),
     )
     .context("configuring the updater client")?;
-    let updater = distr_agent_proto::v1::updater_client::UpdaterClient::new(ReloadingChannel::new(updater))
+    let updater_channel = ReloadingChannel::new(updater);
+    let updater = distr_agent_proto::v1::updater_client::UpdaterClient::new(updater_channel.clone())
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let channel = MtlsChannel::new(
         &args.executor_url,
@@ -106,14 +111,34 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Duration::from_secs(args.executor_timeout_seconds),
     )
     .context("configuring the executor client")?;
-    let executor = ExecutorClient::new(ReloadingChannel::new(channel))
+    let channel = ReloadingChannel::new(channel);
+    let shipper = agent_logs::Shipper::new(
+        hub.clone(),
+        vec![
+            agent_logs::Source::Local(runtime.agent_logs.clone()),
+            agent_logs::Source::Remote {
+                component: "executor",
+                client: AgentLogsClient::new(channel.clone()),
+            },
+            agent_logs::Source::Remote {
+                component: "updater",
+                client: AgentLogsClient::new(updater_channel.clone()),
+            },
+        ],
+        ship_metrics.clone(),
+    );
+    let executor = ExecutorClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let mut poller = Poller::new(hub, executor, Duration::from_secs(args.status_refresh_seconds))
         .with_self_update(selfupdate::SelfUpdate::new(updater));
-    poller
-        .metrics()
-        .register(&mut runtime.metrics.lock().unwrap_or_else(|e| e.into_inner()));
+    {
+        let mut registry = runtime.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        poller.metrics().register(&mut registry);
+        ship_metrics.register(&mut registry);
+        hub_metrics.register(&mut registry);
+    }
+    let shipping = tokio::spawn(shipper.run(runtime.shutdown.clone()));
     // Liveness follows the loop: a cycle that never ends gets the container restarted.
     let heartbeat = runtime.readiness.heartbeat("poll loop", poll::MAX_CYCLE);
 
@@ -138,6 +163,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             _ = runtime.shutdown.cancelled() => break,
         }
     }
+    let _ = shipping.await;
     runtime.finish().await;
     Ok(())
 }

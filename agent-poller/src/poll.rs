@@ -15,7 +15,12 @@ use std::time::{Duration, Instant};
 use agent_runtime::tls::client::ReloadingChannel as Channel;
 use distr_agent_proto::v1::{self as pb, executor_client::ExecutorClient};
 use futures::StreamExt as _;
-use prometheus_client::{metrics::counter::Counter, registry::Registry};
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::{Registry, Unit},
+};
 use tonic::Code;
 use uuid::Uuid;
 
@@ -55,6 +60,8 @@ pub struct PollerMetrics {
     pub status_post_failures: Counter,
     /// Cycles whose executor call failed.
     pub executor_failures: Counter,
+    /// Seconds the oldest due status has waited for the Hub to accept it.
+    pub oldest_unposted_status_age: Gauge<f64, AtomicU64>,
 }
 
 impl PollerMetrics {
@@ -74,6 +81,12 @@ impl PollerMetrics {
             "executor_failures",
             "Cycles in which the executor could not be called",
             self.executor_failures.clone(),
+        );
+        registry.register_with_unit(
+            "oldest_unposted_status_age",
+            "How long the oldest status due for the Hub has waited to be accepted",
+            Unit::Seconds,
+            self.oldest_unposted_status_age.clone(),
         );
     }
 }
@@ -187,6 +200,9 @@ impl Poller {
         let due = self.book.due(&statuses, Instant::now());
         let failed = post_due(&self.hub, &mut self.book, due, MAX_CONCURRENT_POSTS, self.post_deadline).await;
         self.metrics.status_post_failures.inc_by(failed as u64);
+        self.metrics
+            .oldest_unposted_status_age
+            .set(self.book.oldest_unposted(Instant::now()).as_secs_f64());
     }
 }
 

@@ -25,6 +25,8 @@ struct Posted {
 pub struct StatusBook {
     refresh: Duration,
     posted: HashMap<Uuid, Posted>,
+    /// Since when each revision has had a report due and not accepted.
+    due_since: HashMap<Uuid, Instant>,
 }
 
 impl StatusBook {
@@ -32,15 +34,17 @@ impl StatusBook {
         Self {
             refresh,
             posted: HashMap::new(),
+            due_since: HashMap::new(),
         }
     }
 
     /// The reports among `current` that are due at `now`: changed, never posted, or older than
     /// the refresh period. Revisions absent from `current` are forgotten.
     pub fn due(&mut self, current: &[StatusReport], now: Instant) -> Vec<StatusReport> {
-        self.posted
-            .retain(|revision, _| current.iter().any(|r| &r.revision_id == revision));
-        current
+        let known = |revision: &Uuid| current.iter().any(|r| &r.revision_id == revision);
+        self.posted.retain(|revision, _| known(revision));
+        self.due_since.retain(|revision, _| known(revision));
+        let due: Vec<StatusReport> = current
             .iter()
             .filter(|report| match self.posted.get(&report.revision_id) {
                 None => true,
@@ -51,11 +55,26 @@ impl StatusBook {
                 }
             })
             .cloned()
-            .collect()
+            .collect();
+        for report in &due {
+            self.due_since.entry(report.revision_id).or_insert(now);
+        }
+        due
+    }
+
+    /// How long the oldest report that is due has waited for the Hub to accept it (zero when
+    /// every due report was accepted).
+    pub fn oldest_unposted(&self, now: Instant) -> Duration {
+        self.due_since
+            .values()
+            .map(|since| now.saturating_duration_since(*since))
+            .max()
+            .unwrap_or_default()
     }
 
     /// Records that the Hub accepted `report` at `now`.
     pub fn accepted(&mut self, report: &StatusReport, now: Instant) {
+        self.due_since.remove(&report.revision_id);
         self.posted.insert(
             report.revision_id,
             Posted {
@@ -70,6 +89,23 @@ impl StatusBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_oldest_unposted_report_ages_until_accepted() {
+        let mut book = StatusBook::new(Duration::from_secs(30));
+        let start = Instant::now();
+        let current = [
+            report(1, StatusType::Healthy, "ok"),
+            report(2, StatusType::Running, "done"),
+        ];
+        assert_eq!(book.due(&current, start).len(), 2);
+        book.accepted(&current[1], start);
+        let later = start + Duration::from_secs(7);
+        assert_eq!(book.due(&current, later).len(), 1, "the first is still due");
+        assert_eq!(book.oldest_unposted(later), Duration::from_secs(7));
+        book.accepted(&current[0], later);
+        assert_eq!(book.oldest_unposted(later), Duration::ZERO);
+    }
 
     fn report(revision: u128, kind: StatusType, message: &str) -> StatusReport {
         StatusReport {

@@ -34,17 +34,25 @@ pub struct Runtime {
     pub readiness: Readiness,
     /// Metrics served on `/metrics`.
     pub metrics: Arc<Mutex<Registry>>,
+    /// The process's own log lines (info and above), for the Hub's agent-logs view.
+    pub agent_logs: logging::LogBuffer,
     admin: tokio::task::JoinHandle<()>,
 }
 
 impl Runtime {
     /// Sets up logging, installs the signal handler and binds the admin server.
     pub async fn start(args: &RuntimeArgs, component: &'static str) -> anyhow::Result<Self> {
-        logging::init(args.log_format, &args.log_filter)?;
+        let agent_logs = logging::LogBuffer::new(component.strip_prefix("agent-").unwrap_or(component));
+        logging::init(args.log_format, &args.log_filter, agent_logs.clone())?;
         let shutdown = shutdown::on_signals();
         let readiness = Readiness::new(shutdown.clone());
         let mut registry = Registry::with_prefix("distr_agent");
         admin::register_build_info(&mut registry, component);
+        registry.register(
+            "agent_log_lines_dropped",
+            "Own log lines dropped before the Hub took them (the buffer was full)",
+            agent_logs.dropped_total.clone(),
+        );
         let metrics = Arc::new(Mutex::new(registry));
         let admin = admin::serve(args.admin_addr, readiness.clone(), metrics.clone(), shutdown.clone()).await?;
         tracing::info!(component, version = env!("CARGO_PKG_VERSION"), admin = %args.admin_addr, "starting");
@@ -52,8 +60,17 @@ impl Runtime {
             shutdown,
             readiness,
             metrics,
+            agent_logs,
             admin,
         })
+    }
+
+    /// Serves the expiry of the process's own certificate on `/metrics`.
+    pub fn watch_certificate(&self, credentials: tls::CredentialsWatch) {
+        self.metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register_collector(Box::new(tls::reload::CertificateExpiry(credentials)));
     }
 
     /// Waits for the admin server to stop after shutdown.

@@ -53,6 +53,7 @@ pub fn policy() -> Policy {
     Policy::new()
         .allow(SERVICE, "ApplyAgentManifest", &[Role::Poller])
         .allow(SERVICE, "UpdateStatus", &[Role::Poller, Role::Operator])
+        .allow_agent_logs()
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -65,6 +66,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.tls.reload_interval(),
         runtime.shutdown.clone(),
     );
+    runtime.watch_certificate(credentials.clone());
     {
         let mut credentials = credentials.clone();
         let shutdown = runtime.shutdown.clone();
@@ -99,6 +101,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             UpdaterServer::new(grpc::UpdaterService::new(engine))
                 .max_decoding_message_size(agent_runtime::grpc::MAX_MESSAGE_BYTES),
         )
+        .await;
+    server
+        .add_service(agent_runtime::logging::service::AgentLogsService::server(
+            runtime.agent_logs.clone(),
+        ))
         .await;
     tracing::info!(addr = %server.local_addr()?, "gRPC server listening");
     grpc_ready.open();

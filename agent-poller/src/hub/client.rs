@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::error::{HubError, excerpt};
+use super::metrics::HubMetrics;
 use super::token::{LoginIdentity, Token, jwt_expiry};
 use super::types::{AgentLogEntry, AgentMetrics, LogEntry, LoginResponse, Resources, StatusReport};
 use crate::config::{
@@ -78,6 +79,18 @@ enum Endpoint {
 }
 
 impl Endpoint {
+    /// The route's name in metrics.
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::Resources => "resources",
+            Endpoint::Status => "status",
+            Endpoint::Manifest => "manifest",
+            Endpoint::Metrics => "metrics",
+            Endpoint::Logs => "logs",
+            Endpoint::AgentLogs => "agent_logs",
+        }
+    }
+
     fn url(self, config: &HubConfig) -> Result<Url, ConfigError> {
         let optional = |url: &Option<Url>, name| url.clone().ok_or(ConfigError::Missing(name));
         match self {
@@ -104,6 +117,7 @@ struct Inner {
     user_agent: String,
     /// Held across a login, so concurrent calls wait for one login instead of each doing one.
     token: tokio::sync::Mutex<TokenSlot>,
+    metrics: HubMetrics,
 }
 
 #[derive(Default)]
@@ -168,6 +182,7 @@ impl HubClient {
                 options,
                 user_agent,
                 token: tokio::sync::Mutex::new(TokenSlot::default()),
+                metrics: HubMetrics::default(),
             }),
         })
     }
@@ -244,9 +259,28 @@ impl HubClient {
             .map(drop)
     }
 
+    /// The client's figures, to register with the process's metrics.
+    pub fn metrics(&self) -> &HubMetrics {
+        &self.inner.metrics
+    }
+
     /// One authenticated call, with one re-login and retry on a 401. Returns the endpoint's
     /// path (for messages) and the body of the 2xx answer.
     async fn call(
+        &self,
+        endpoint: Endpoint,
+        method: Method,
+        body: Option<Vec<u8>>,
+        accept: &'static str,
+        limit: usize,
+    ) -> Result<(String, Vec<u8>), HubError> {
+        let started = Instant::now();
+        let result = self.call_unmeasured(endpoint, method, body, accept, limit).await;
+        self.inner.metrics.observe(endpoint.name(), &result, started.elapsed());
+        result
+    }
+
+    async fn call_unmeasured(
         &self,
         endpoint: Endpoint,
         method: Method,
@@ -399,6 +433,13 @@ impl HubClient {
 
     /// `POST DISTR_LOGIN_ENDPOINT` with Basic auth and no body.
     async fn login(&self, config: &HubConfig, identity: LoginIdentity) -> Result<Token, HubError> {
+        let started = Instant::now();
+        let result = self.login_unmeasured(config, identity).await;
+        self.inner.metrics.observe("login", &result, started.elapsed());
+        result
+    }
+
+    async fn login_unmeasured(&self, config: &HubConfig, identity: LoginIdentity) -> Result<Token, HubError> {
         let method = Method::POST;
         let path = config.login_endpoint.path().to_owned();
         tracing::debug!(target_id = %config.target_id, "logging in to the hub");

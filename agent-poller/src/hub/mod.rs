@@ -3,6 +3,7 @@
 
 mod client;
 mod error;
+mod metrics;
 mod token;
 pub mod types;
 
@@ -13,6 +14,7 @@ mod tests;
 
 pub use client::{ClientOptions, HubClient};
 pub use error::HubError;
+pub use metrics::HubMetrics;
 pub use token::{TokenError, jwt_expiry};
 pub use types::{
     AgentLogEntry, AgentMetrics, AgentVersion, Deployment, DiskMetric, EffectiveHelmOptions, HelmOptions, LogEntry,

@@ -62,3 +62,25 @@ pub async fn first(credentials: &mut CredentialsWatch, shutdown: &CancellationTo
         _ = shutdown.cancelled() => None,
     }
 }
+
+/// `distr_agent_tls_certificate_expiry_timestamp_seconds`: when the process's own certificate
+/// expires (Unix time), read from the credentials in use at each scrape.
+#[derive(Debug)]
+pub struct CertificateExpiry(pub CredentialsWatch);
+
+impl prometheus_client::collector::Collector for CertificateExpiry {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        let Some(expiry) = self.0.borrow().as_ref().map(|c| c.not_after_unix()) else {
+            return Ok(());
+        };
+        let metric = prometheus_client::metrics::gauge::ConstGauge::new(i64::try_from(expiry).unwrap_or(i64::MAX));
+        let unit = prometheus_client::registry::Unit::Other("timestamp_seconds".into());
+        metric.encode(encoder.encode_descriptor(
+            "tls_certificate_expiry",
+            "When the process's own TLS certificate expires, as Unix time",
+            Some(&unit),
+            prometheus_client::metrics::MetricType::Gauge,
+        )?)
+    }
+}

@@ -166,6 +166,14 @@ impl Policy {
         self
     }
 
+    /// Lets the poller collect and acknowledge this process's own log lines (the `AgentLogs`
+    /// service, see [`crate::logging::service`]).
+    pub fn allow_agent_logs(self) -> Self {
+        const SERVICE: &str = "distr.agent.v1.AgentLogs";
+        self.allow(SERVICE, "Collect", &[Role::Poller])
+            .allow(SERVICE, "Ack", &[Role::Poller])
+    }
+
     /// Decides a call to `path` from `peer`.
     pub fn check(&self, path: &str, peer: Option<&PeerInfo>) -> Result<(), Status> {
         let Some(peer) = peer else {

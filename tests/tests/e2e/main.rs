@@ -6,6 +6,7 @@ mod demo;
 mod deploy;
 mod environment;
 mod hub_to_helm;
+mod logs_and_metrics;
 mod long_operations;
 mod mtls;
 mod reliability;

@@ -1,15 +1,27 @@
 //! `tracing` subscriber set-up.
 
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+pub mod capture;
+pub mod service;
+
+use tracing_subscriber::{EnvFilter, Layer as _, filter::LevelFilter, fmt, prelude::*};
+
+pub use capture::LogBuffer;
 
 use crate::LogFormat;
 
 /// Installs the global subscriber. Logs go to stderr, coloured only when it is a terminal
-/// (never in a file or `kubectl logs`).
-pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+/// (never in a file or `kubectl logs`); lines at info and above also go to `capture`, for the
+/// Hub (debug output never leaves the process).
+pub fn init(format: LogFormat, filter: &str, capture: LogBuffer) -> anyhow::Result<()> {
     let filter =
         EnvFilter::try_new(filter).map_err(|error| anyhow::anyhow!("invalid log filter {filter:?}: {error}"))?;
-    let registry = tracing_subscriber::registry().with(filter);
+    let captured = fmt::layer()
+        .with_ansi(false)
+        .without_time()
+        .with_level(false)
+        .with_writer(capture)
+        .with_filter(LevelFilter::INFO);
+    let registry = tracing_subscriber::registry().with(filter).with(captured);
     let result = match format {
         LogFormat::Plain => registry
             .with(
