@@ -1,36 +1,49 @@
 //! The `distr.agent.v1.Executor` gRPC service: converts protocol messages to domain types,
-//! calls the [`Reconciler`] and maps its errors to `tonic::Status`. No Kubernetes or Helm
-//! here.
+//! calls the [`Reconciler`], the log collector and the cluster metrics, and maps their errors
+//! to `tonic::Status`.
 //!
 //! Bad input in one deployment (values that are not a JSON object, a bad Helm option) is not
 //! a failed RPC: the deployment is handed on with an `input_error` and gets an `error`
 //! status of its own. Only a request that is malformed as a whole is `INVALID_ARGUMENT`.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use chrono::{DateTime, Utc};
 use distr_agent_proto::v1::{self as pb, executor_server::Executor};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    logs::{Ack, LogCollector},
     model::{
         self, DeploymentStatus, DesiredState, HelmOptions, RegistryCredentials, RegistryLogin, SecretString,
         StatusKind, Values,
     },
     reconciler::{ReconcileError, Reconciler, ReleaseDetail, ReleaseInfo},
+    status_board::ReleaseKey,
     tracking::TrackingError,
     validate,
 };
+
+/// Lines per `CollectLogs` reply when the caller sets no bound, and at most.
+const DEFAULT_LOG_LINES: u32 = 1000;
+const MAX_LOG_LINES: u32 = 5000;
 
 /// The Executor service.
 #[derive(Clone)]
 pub struct ExecutorService {
     reconciler: Reconciler,
+    logs: Arc<LogCollector>,
+    /// For the cluster metrics.
+    client: kube::Client,
 }
 
 impl ExecutorService {
-    pub fn new(reconciler: Reconciler) -> Self {
-        Self { reconciler }
+    pub fn new(reconciler: Reconciler, logs: Arc<LogCollector>, client: kube::Client) -> Self {
+        Self {
+            reconciler,
+            logs,
+            client,
+        }
     }
 }
 
@@ -96,20 +109,82 @@ impl Executor for ExecutorService {
 
     async fn collect_logs(
         &self,
-        _: Request<pb::CollectLogsRequest>,
+        request: Request<pb::CollectLogsRequest>,
     ) -> Result<Response<pb::CollectLogsResponse>, Status> {
-        Err(Status::unimplemented("CollectLogs is not implemented yet"))
+        let request = request.into_inner();
+        let max_lines = match request.max_lines {
+            0 => DEFAULT_LOG_LINES,
+            n => n.min(MAX_LOG_LINES),
+        };
+        let after = request.logs_after.and_then(|t| from_timestamp(&t));
+        let collection = self
+            .logs
+            .collect(self.reconciler.log_targets(), after, max_lines as usize)
+            .await;
+        Ok(Response::new(pb::CollectLogsResponse {
+            records: collection
+                .records
+                .into_iter()
+                .map(|record| pb::LogRecord {
+                    deployment_id: record.deployment_id,
+                    deployment_revision_id: record.revision_id,
+                    resource: record.resource,
+                    timestamp: Some(timestamp(record.timestamp)),
+                    severity: record.severity.to_owned(),
+                    body: record.body,
+                })
+                .collect(),
+            cursors: collection
+                .cursors
+                .into_iter()
+                .map(|ack| pb::LogCursor {
+                    release_name: ack.key.release,
+                    last_timestamp: Some(timestamp(ack.time)),
+                    namespace: ack.key.namespace,
+                    empty: ack.empty,
+                })
+                .collect(),
+        }))
     }
 
-    async fn ack_logs(&self, _: Request<pb::AckLogsRequest>) -> Result<Response<pb::AckLogsResponse>, Status> {
-        Err(Status::unimplemented("AckLogs is not implemented yet"))
+    async fn ack_logs(&self, request: Request<pb::AckLogsRequest>) -> Result<Response<pb::AckLogsResponse>, Status> {
+        let mut cursors = Vec::new();
+        for cursor in request.into_inner().cursors {
+            let time = cursor
+                .last_timestamp
+                .and_then(|t| from_timestamp(&t))
+                .ok_or_else(|| Status::invalid_argument("a log cursor without a valid time"))?;
+            validate::release_name(&cursor.release_name)
+                .map_err(|error| Status::invalid_argument(error.to_string()))?;
+            validate::namespace(&cursor.namespace).map_err(|error| Status::invalid_argument(error.to_string()))?;
+            cursors.push(Ack {
+                key: ReleaseKey::new(&cursor.namespace, &cursor.release_name),
+                time,
+                empty: cursor.empty,
+            });
+        }
+        self.logs.ack(cursors).await.map_err(Status::unavailable)?;
+        Ok(Response::new(pb::AckLogsResponse {}))
     }
 
     async fn cluster_metrics(
         &self,
         _: Request<pb::ClusterMetricsRequest>,
     ) -> Result<Response<pb::ClusterMetricsResponse>, Status> {
-        Err(Status::unimplemented("ClusterMetrics is not implemented yet"))
+        use crate::cluster_metrics::MetricsError;
+        match crate::cluster_metrics::read(&self.client).await {
+            Ok(metrics) => Ok(Response::new(pb::ClusterMetricsResponse {
+                cpu_cores_millis: metrics.cpu_cores_millis,
+                cpu_usage: metrics.cpu_usage,
+                memory_bytes: metrics.memory_bytes,
+                memory_usage: metrics.memory_usage,
+                disk_metrics: Vec::new(),
+            })),
+            Err(error @ (MetricsError::Forbidden(_) | MetricsError::NoMetricsApi)) => {
+                Err(Status::failed_precondition(error.to_string()))
+            }
+            Err(error) => Err(Status::unavailable(error.to_string())),
+        }
     }
 }
 
@@ -251,6 +326,10 @@ fn status_type(kind: StatusKind) -> pb::StatusType {
         StatusKind::Healthy => pb::StatusType::Healthy,
         StatusKind::Error => pb::StatusType::Error,
     }
+}
+
+fn from_timestamp(time: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(time.seconds, u32::try_from(time.nanos).ok()?)
 }
 
 fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {

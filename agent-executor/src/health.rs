@@ -444,6 +444,7 @@ mod tests {
             name: "web".into(),
             namespace: None,
             spec_type: None,
+            selector: None,
         };
         let results = vec![
             ResourceHealth::new(&object("ConfigMap"), Ok(())),

@@ -9,12 +9,14 @@
 //! - [`plan`], [`recovery`], [`status_board`], [`reconciler`] (with its per-release
 //!   workers): the reconciliation; [`kube_util`]: timeouts and messages of API calls.
 
+pub mod cluster_metrics;
 pub mod docker_config;
 pub mod grpc;
 pub mod health;
 pub mod helm;
 pub mod helm_storage;
 pub mod kube_util;
+pub mod logs;
 pub mod manifest;
 pub mod model;
 pub mod pki;
@@ -167,6 +169,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         scratch_dir,
         allow_http_charts: args.allow_http_charts,
     })?;
+    let log_collector = std::sync::Arc::new(logs::LogCollector::new(client.clone()));
+    let metrics_client = client.clone();
     let reconciler = reconciler::Reconciler::new(
         client,
         helm,
@@ -185,9 +189,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut server = GrpcServer::bind(args.grpc_addr, &[distr_agent_proto::FILE_DESCRIPTOR_SET]).await?;
     server
         .add_service(
-            ExecutorServer::new(grpc::ExecutorService::new(reconciler.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            ExecutorServer::new(grpc::ExecutorService::new(
+                reconciler.clone(),
+                log_collector,
+                metrics_client,
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .await;
     server

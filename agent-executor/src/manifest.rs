@@ -19,6 +19,9 @@ pub struct ManifestObject {
     pub namespace: Option<String>,
     /// `spec.type` (for Services).
     pub spec_type: Option<String>,
+    /// `spec.selector` when it is a label selector object (workloads; a Service's selector
+    /// is a plain map and not kept).
+    pub selector: Option<serde_json::Value>,
 }
 
 impl ManifestObject {
@@ -71,6 +74,10 @@ fn collect(value: &serde_json::Value, objects: &mut Vec<ManifestObject>) {
         name,
         namespace: text("/metadata/namespace").filter(|namespace| !namespace.is_empty()),
         spec_type: text("/spec/type"),
+        selector: value
+            .pointer("/spec/selector")
+            .filter(|selector| selector.get("matchLabels").is_some() || selector.get("matchExpressions").is_some())
+            .cloned(),
     });
 }
 

@@ -538,6 +538,25 @@ impl Reconciler {
         replies
     }
 
+    /// The desired releases whose deployment has logs enabled.
+    pub fn log_targets(&self) -> Vec<crate::logs::LogTarget> {
+        let state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut targets: Vec<crate::logs::LogTarget> = state
+            .workers
+            .iter()
+            .filter_map(|(key, sender)| {
+                let item = sender.borrow().clone()?;
+                item.deployment.logs_enabled.then(|| crate::logs::LogTarget {
+                    key: key.clone(),
+                    deployment_id: item.deployment.id.clone(),
+                    revision_id: item.deployment.revision_id.clone(),
+                })
+            })
+            .collect();
+        targets.sort_by(|a, b| a.key.cmp(&b.key));
+        targets
+    }
+
     /// The current status of every deployment of the last `sync` that has one, with no new
     /// desired state (what the poller reports while the Hub cannot be read).
     pub fn statuses(&self) -> Vec<DeploymentStatus> {

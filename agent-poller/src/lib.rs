@@ -3,7 +3,9 @@
 //! deployments, hands them to the executor over gRPC, and posts the statuses back.
 
 pub mod agent_logs;
+pub mod cluster_metrics;
 pub mod config;
+pub mod deployment_logs;
 pub mod desired;
 pub use agent_runtime::duration;
 pub mod hub;
@@ -134,7 +136,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_self_update(selfupdate::SelfUpdate::new(updater));
     {
         let mut registry = runtime.metrics.lock().unwrap_or_else(|e| e.into_inner());
-        poller.metrics().register(&mut registry);
+        poller.register_metrics(&mut registry);
         ship_metrics.register(&mut registry);
         hub_metrics.register(&mut registry);
     }

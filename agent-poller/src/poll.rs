@@ -49,6 +49,8 @@ pub struct Poller {
     post_deadline: Duration,
     metrics: PollerMetrics,
     self_update: Option<crate::selfupdate::SelfUpdate>,
+    logs: crate::deployment_logs::LogShipping,
+    cluster_metrics: crate::cluster_metrics::MetricsReporting,
 }
 
 /// Counters of the poll loop, served on `/metrics` once registered.
@@ -101,6 +103,8 @@ impl Poller {
             post_deadline: POST_DEADLINE,
             metrics: PollerMetrics::default(),
             self_update: None,
+            logs: crate::deployment_logs::LogShipping::default(),
+            cluster_metrics: crate::cluster_metrics::MetricsReporting::default(),
         }
     }
 
@@ -110,9 +114,19 @@ impl Poller {
         self
     }
 
-    /// The loop's counters, to register with the process's metrics.
-    pub fn metrics(&self) -> &PollerMetrics {
-        &self.metrics
+    /// Registers the loop's figures with the process's metrics.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        self.metrics.register(registry);
+        registry.register(
+            "deployment_log_lines_shipped",
+            "Pod log lines of deployments the Hub accepted",
+            self.logs.metrics.shipped.clone(),
+        );
+        registry.register(
+            "deployment_log_lines_dropped",
+            "Pod log lines of deployments the Hub refused for good",
+            self.logs.metrics.dropped.clone(),
+        );
     }
 
     /// One cycle: fetch, sync, report.
@@ -130,6 +144,18 @@ impl Poller {
             }
         };
         self.post(statuses).await;
+        if let Ok(resources) = &fetched
+            && resources.deployment_logs_enabled
+        {
+            self.logs
+                .step(&mut self.executor, &self.hub, resources.deployment_logs_after)
+                .await;
+        }
+        if let Ok(resources) = &fetched
+            && resources.metrics_enabled
+        {
+            self.cluster_metrics.step(&mut self.executor, &self.hub).await;
+        }
         // After the statuses: an update never delays the releases.
         if let (Ok(resources), Some(update)) = (&fetched, self.self_update.as_mut()) {
             let running = self.hub.config().ok().and_then(|c| c.agent_version_id);
