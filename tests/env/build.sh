@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the test environment from the package registries: Kubernetes, etcd, kwok, helm and
-# grpcurl from the Go module proxy, the OCI registry from Debian. Each component is cached by
-# version under $DISTR_TESTENV_CACHE; a second run is a no-op. Prints the bin directory.
+# Builds the test environment from the package registries: Kubernetes, etcd, kwok,
+# metrics-server, helm and grpcurl from the Go module proxy, the OCI registry from Debian. Each
+# component is cached by version under $DISTR_TESTENV_CACHE; a second run is a no-op. Prints the
+# bin directory.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -114,6 +115,17 @@ build_kwok() {
   done
   mv "$out.tmp" "$out"
   ln -sf "$(basename "$out")" "$cache/kwok/stages.yaml"
+  # The CRDs of kwok's Logs and ClusterLogs: start.sh applies them and runs kwok with
+  # --enable-crds, so a test configures a pod's logs by creating an object.
+  local crds="$(go env GOMODCACHE)/sigs.k8s.io/kwok@$KWOK_VERSION/kustomize/crd/bases"
+  out="$cache/kwok/crds-$KWOK_VERSION.yaml"
+  : >"$out.tmp"
+  for f in kwok.x-k8s.io_logs.yaml kwok.x-k8s.io_clusterlogs.yaml; do
+    [ -f "$crds/$f" ] || { log "kwok $KWOK_VERSION has no CRD $f"; exit 1; }
+    { echo "---"; cat "$crds/$f"; } >>"$out.tmp"
+  done
+  mv "$out.tmp" "$out"
+  ln -sf "$(basename "$out")" "$cache/kwok/crds.yaml"
 }
 
 install_registry() {
@@ -146,6 +158,7 @@ build_etcd
 go_install helm "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
 go_install grpcurl "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
 build_kwok
+go_install metrics-server "sigs.k8s.io/metrics-server/cmd/metrics-server@$METRICS_SERVER_VERSION"
 build_kubernetes
 log "test environment ready in $bin ($(du -sh "$cache" | cut -f1) cached)"
 echo "$bin"

@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # Starts the local control plane on loopback: etcd, kube-apiserver (RBAC enforced),
-# kube-controller-manager, kube-scheduler, kwok with one Ready node, and an OCI registry with
-# TLS (certificate from the environment's CA) and htpasswd authentication. Writes "$state/env" (KEY=value lines for the harness) and returns
-# once everything is ready. Stop it with tests/env/stop.sh "$state".
+# kube-controller-manager, kube-scheduler, kwok with one Ready node, metrics-server behind the
+# aggregation layer, and an OCI registry with TLS (certificate from the environment's CA) and
+# htpasswd authentication. Writes "$state/env" (KEY=value lines for the harness) and returns once
+# everything is ready. Stop it with tests/env/stop.sh "$state".
+#
+# kwok plays the node's kubelet: kube-apiserver reaches it at the node's InternalIP (127.0.0.1)
+# and kubelet port (kwok's server address) for pods/log, and metrics-server scrapes it there.
+# - Pod logs: kwok serves a container's log from a file named by a Logs (per pod) or
+#   ClusterLogs (by namespace/name) object, which tests create (CRDs applied below). The file is
+#   in the CRI log format and is re-read on every request. See tests/src/kwok.rs.
+# - Metrics: tests/env/kwok-metrics.yaml; kwok-node-0 reports the constant usage below.
 #
 # usage: start.sh <state-dir> <bin-dir>
 set -euo pipefail
@@ -12,7 +20,7 @@ bin=${2:?usage: start.sh <state-dir> <bin-dir>}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache=$(cd "$bin/.." && pwd)
 
-mkdir -p "$state"/{pki,logs,registry}
+mkdir -p "$state"/{pki,logs,registry,kwok-logs,metrics-server}
 state=$(cd "$state" && pwd)
 : >"$state/pids"
 
@@ -56,6 +64,25 @@ openssl req -newkey rsa:2048 -nodes -subj "/CN=registry" \
 printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >"$pki/registry.ext"
 openssl x509 -req -in "$pki/registry.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
   -days 2 -extfile "$pki/registry.ext" -out "$pki/registry.crt" 2>/dev/null
+# Serving certificates for kwok (the "kubelet") and metrics-server, checked by kube-apiserver and
+# metrics-server against the CA. EC keys: they are made in milliseconds.
+# ec_cert <name> <CN> <subjectAltName> <extendedKeyUsage> [<ca name>]
+ec_cert() {
+  local ca=${5:-ca}
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=$2" \
+    -keyout "$pki/$1.key" -out "$pki/$1.csr" 2>/dev/null
+  printf '%s\nextendedKeyUsage=%s\n' "$3" "$4" >"$pki/$1.ext"
+  openssl x509 -req -in "$pki/$1.csr" -CA "$pki/$ca.crt" -CAkey "$pki/$ca.key" -CAcreateserial \
+    -days 2 -extfile "$pki/$1.ext" -out "$pki/$1.crt" 2>/dev/null
+}
+ec_cert kwok kwok-node-0 subjectAltName=IP:127.0.0.1,DNS:kwok-node-0 serverAuth
+ec_cert metrics-server metrics-server \
+  subjectAltName=IP:127.0.0.1,DNS:metrics-server.kube-system.svc serverAuth
+# The aggregation layer's own CA: kube-apiserver proxies to metrics-server with a client
+# certificate of it, and metrics-server trusts the user named in the request headers only then.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj "/CN=distr-testenv-front-proxy-ca" -keyout "$pki/front-proxy-ca.key" -out "$pki/front-proxy-ca.crt" 2>/dev/null
+ec_cert front-proxy-client front-proxy-client subjectAltName=DNS:front-proxy-client clientAuth front-proxy-ca
 openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
 openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
 admin_token=$(openssl rand -hex 24)
@@ -69,6 +96,7 @@ api_port=$(free_port)
 kcm_port=$(free_port)
 sched_port=$(free_port)
 kwok_port=$(free_port)
+metrics_port=$(free_port)
 registry_port=$(free_port)
 
 etcd_data=$state/etcd
@@ -92,7 +120,12 @@ run kube-apiserver "$bin/kube-apiserver" \
   --service-account-issuer https://kubernetes.default.svc \
   --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
   --service-cluster-ip-range 10.0.0.0/24 --authorization-mode RBAC \
-  --endpoint-reconciler-type none --enable-priority-and-fairness=false --allow-privileged=true
+  --endpoint-reconciler-type none --enable-priority-and-fairness=false --allow-privileged=true \
+  --kubelet-preferred-address-types InternalIP --kubelet-certificate-authority "$pki/ca.crt" \
+  --requestheader-client-ca-file "$pki/front-proxy-ca.crt" --requestheader-allowed-names front-proxy-client \
+  --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+  --requestheader-extra-headers-prefix X-Remote-Extra- \
+  --proxy-client-cert-file "$pki/front-proxy-client.crt" --proxy-client-key-file "$pki/front-proxy-client.key"
 api="https://127.0.0.1:$api_port"
 wait_until kube-apiserver 90 curl -fsS --cacert "$pki/ca.crt" -H "Authorization: Bearer $admin_token" "$api/readyz"
 
@@ -116,8 +149,12 @@ current-context: testenv
 KUBECONFIG
 chmod 600 "$kubeconfig"
 
+kubectl() { "$bin/kubectl" --kubeconfig "$kubeconfig" "$@"; }
+# kwok watches Logs and ClusterLogs objects (--enable-crds); its informers need the CRDs first.
+kubectl apply -f "$cache/kwok/crds.yaml" >/dev/null
+
 always_allow=/healthz,/readyz,/livez,/metrics
-log "starting kube-controller-manager, kube-scheduler and kwok"
+log "starting kube-controller-manager, kube-scheduler, kwok (kubelet on 127.0.0.1:$kwok_port) and metrics-server"
 run kube-controller-manager "$bin/kube-controller-manager" --kubeconfig "$kubeconfig" \
   --authentication-kubeconfig "$kubeconfig" --authorization-kubeconfig "$kubeconfig" \
   --leader-elect=false --bind-address 127.0.0.1 --secure-port "$kcm_port" \
@@ -127,16 +164,38 @@ run kube-scheduler "$bin/kube-scheduler" --kubeconfig "$kubeconfig" \
   --authentication-kubeconfig "$kubeconfig" --authorization-kubeconfig "$kubeconfig" \
   --leader-elect=false --bind-address 127.0.0.1 --secure-port "$sched_port" \
   --authorization-always-allow-paths "$always_allow"
-run kwok "$bin/kwok" --kubeconfig "$kubeconfig" --config "$cache/kwok/stages.yaml" \
+# --node-ip and --node-port make kwok's node-initialize stage publish 127.0.0.1 as the node's
+# InternalIP and kwok's port as its kubelet port, where kube-apiserver asks for logs.
+wait_until "kwok CRDs" 30 kubectl wait --for condition=Established --timeout=2s \
+  crd/logs.kwok.x-k8s.io crd/clusterlogs.kwok.x-k8s.io
+run kwok "$bin/kwok" --kubeconfig "$kubeconfig" \
+  --config "$cache/kwok/stages.yaml" --config "$here/kwok-metrics.yaml" --enable-crds Logs,ClusterLogs \
   --manage-all-nodes=true --cidr 10.244.0.0/16 --server-address "127.0.0.1:$kwok_port" \
+  --node-ip 127.0.0.1 --node-port "$kwok_port" \
+  --tls-cert-file "$pki/kwok.crt" --tls-private-key-file "$pki/kwok.key" \
   --node-lease-duration-seconds 40
+# metrics-server scrapes every node's kubelet port (kwok) every 10 s, its minimum; a figure needs
+# two scrapes, so the first NodeMetrics appear 10-20 s after the node.
+run metrics-server "$bin/metrics-server" --kubeconfig "$kubeconfig" \
+  --authentication-kubeconfig "$kubeconfig" --authorization-kubeconfig "$kubeconfig" \
+  --bind-address 127.0.0.1 --secure-port "$metrics_port" --cert-dir "$state/metrics-server" \
+  --tls-cert-file "$pki/metrics-server.crt" --tls-private-key-file "$pki/metrics-server.key" \
+  --kubelet-preferred-address-types InternalIP --kubelet-use-node-status-port \
+  --kubelet-certificate-authority "$pki/ca.crt" --metric-resolution 10s --kubelet-request-timeout 5s \
+  --authorization-always-allow-paths "$always_allow"
 
-kubectl() { "$bin/kubectl" --kubeconfig "$kubeconfig" "$@"; }
-kubectl apply -f - >/dev/null <<'NODE'
+# The node's constant usage (see tests/env/kwok-metrics.yaml), also written to $state/env.
+node_cpu_usage=1500m
+node_memory_usage=3Gi
+kubectl apply -f - >/dev/null <<NODE
 apiVersion: v1
 kind: Node
 metadata:
   name: kwok-node-0
+  annotations:
+    metrics.k8s.io/resource-metrics-path: /metrics/nodes/kwok-node-0/metrics/resource
+    kwok.x-k8s.io/usage-cpu: "$node_cpu_usage"
+    kwok.x-k8s.io/usage-memory: "$node_memory_usage"
   labels:
     kubernetes.io/hostname: kwok-node-0
     kubernetes.io/os: linux
@@ -146,8 +205,36 @@ status:
   allocatable: {cpu: "32", memory: 256Gi, pods: "1000"}
   capacity: {cpu: "32", memory: 256Gi, pods: "1000"}
 NODE
+
+# metrics.k8s.io through the aggregation layer. There is no kube-proxy: an ExternalName Service
+# names 127.0.0.1 and kube-apiserver dials it directly (an Endpoints or EndpointSlice address may
+# not be a loopback address, so --enable-aggregator-routing cannot reach a host process).
+# kube-apiserver checks metrics-server's certificate for metrics-server.kube-system.svc.
+kubectl apply -f - >/dev/null <<METRICS
+apiVersion: v1
+kind: Service
+metadata: {name: metrics-server, namespace: kube-system}
+spec: {type: ExternalName, externalName: 127.0.0.1}
+---
+apiVersion: apiregistration.k8s.io/v1
+kind: APIService
+metadata: {name: v1beta1.metrics.k8s.io}
+spec:
+  group: metrics.k8s.io
+  version: v1beta1
+  groupPriorityMinimum: 100
+  versionPriority: 100
+  service: {namespace: kube-system, name: metrics-server, port: $metrics_port}
+  caBundle: $(base64 -w0 "$pki/ca.crt")
+METRICS
+
 wait_until "kwok node" 60 kubectl wait --for=condition=Ready node/kwok-node-0 --timeout=2s
 wait_until "default ServiceAccount" 60 kubectl get serviceaccount default -n default
+
+# Available once kube-apiserver has reached metrics-server (applied above, so that this overlaps
+# with the waits before).
+wait_until "metrics-server APIService" 60 kubectl wait --for condition=Available --timeout=2s \
+  apiservice/v1beta1.metrics.k8s.io
 
 log "starting the OCI registry on https://127.0.0.1:$registry_port"
 registry_user=distr-test
@@ -179,5 +266,8 @@ DISTR_TESTENV_CA=$pki/ca.crt
 DISTR_TESTENV_REGISTRY=127.0.0.1:$registry_port
 DISTR_TESTENV_REGISTRY_USER=$registry_user
 DISTR_TESTENV_REGISTRY_PASSWORD=$registry_password
+DISTR_TESTENV_KWOK_LOGS_DIR=$state/kwok-logs
+DISTR_TESTENV_NODE_CPU_USAGE=$node_cpu_usage
+DISTR_TESTENV_NODE_MEMORY_USAGE=$node_memory_usage
 ENV
 log "control plane ready: $api (kubeconfig $kubeconfig), registry https://127.0.0.1:$registry_port"

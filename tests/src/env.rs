@@ -23,6 +23,11 @@ pub struct TestEnv {
     pub registry: String,
     pub registry_user: String,
     pub registry_password: String,
+    /// Directory for the log files kwok serves as container logs (see `kwok::LogFile`).
+    pub kwok_logs_dir: PathBuf,
+    /// The constant usage of the node `kwok-node-0` in `metrics.k8s.io`, as quantities.
+    pub node_cpu_usage: String,
+    pub node_memory_usage: String,
     /// Directory of the agent binaries (target/debug).
     pub agent_bin: PathBuf,
 }
@@ -85,6 +90,9 @@ impl TestEnv {
             registry: get("DISTR_TESTENV_REGISTRY")?,
             registry_user: get("DISTR_TESTENV_REGISTRY_USER")?,
             registry_password: get("DISTR_TESTENV_REGISTRY_PASSWORD")?,
+            kwok_logs_dir: get("DISTR_TESTENV_KWOK_LOGS_DIR")?.into(),
+            node_cpu_usage: get("DISTR_TESTENV_NODE_CPU_USAGE")?,
+            node_memory_usage: get("DISTR_TESTENV_NODE_MEMORY_USAGE")?,
             agent_bin,
         })
     }

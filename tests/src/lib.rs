@@ -1,7 +1,7 @@
 //! End-to-end test harness for the Distr agent.
 //!
 //! `tests/run.sh` builds and starts the real test environment (etcd, kube-apiserver with RBAC,
-//! controller manager, scheduler, kwok, an authenticated OCI registry) once per run and points
+//! controller manager, scheduler, kwok, metrics-server, an authenticated OCI registry) once per run and points
 //! `DISTR_TESTENV` at its description. Each test then takes what it needs from here: an admin
 //! client for the harness itself, a fresh namespace, ServiceAccount tokens with exact RBAC,
 //! the registry, helm/kubectl, the agent binaries, and the Hub simulator.
@@ -15,6 +15,7 @@ pub mod demo;
 pub mod env;
 pub mod hubsim;
 pub mod install;
+pub mod kwok;
 pub mod process;
 pub mod registry;
 pub mod tools;
