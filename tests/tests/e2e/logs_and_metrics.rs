@@ -1,15 +1,17 @@
-//! Logs and metrics (issue 10): the agent's own log lines of all three processes reach the
-//! Hub once, after the Hub failed them; every process serves Prometheus metrics that move
+//! Logs and metrics (issue 10): the agent's own log lines of all three processes and the pod
+//! logs of releases reach the Hub once, through Hub failures and restarts; cluster metrics
+//! are posted under cluster scope only; every process serves Prometheus metrics that move
 //! when the agent works.
 
 use std::{collections::HashSet, time::Duration};
 
 use distr_agent_e2e::{
     AgentProcess,
-    agent::{Agent, AgentOptions, deployment, revision},
+    agent::{Agent, AgentOptions, deployment, revise, revision},
     charts::push_web_chart,
     hubsim::{Failure, Route},
-    wait_for,
+    install::Scope,
+    kwok, wait_for,
 };
 use serde_json::{Value, json};
 
@@ -145,5 +147,184 @@ async fn the_agents_own_logs_reach_the_hub_once_and_metrics_move() -> anyhow::Re
         ) >= Some(1.0)
     );
     assert!(sample(&poller, "distr_agent_oldest_unposted_status_age_seconds").is_some());
+    Ok(())
+}
+
+/// How often each body appears among the Hub's accepted deployment log entries.
+fn deployment_log_counts(agent: &Agent) -> std::collections::HashMap<String, usize> {
+    let mut counts = std::collections::HashMap::new();
+    for body in bodies(&agent.hub.logs()) {
+        *counts.entry(body).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Waits until every line of `lines` reached the Hub.
+async fn hub_has_lines(agent: &Agent, lines: &[&str]) -> anyhow::Result<()> {
+    wait_for(&format!("the Hub to have {lines:?}"), MINUTE, || async {
+        let counts = deployment_log_counts(agent);
+        lines.iter().all(|line| counts.contains_key(*line)).then_some(())
+    })
+    .await
+}
+
+/// Pod logs of a release reach the Hub with the workload's name and the lines' own times;
+/// a batch the Hub fails with 500 arrives later, once; one it refuses with 400 is dropped;
+/// an executor restart neither repeats nor loses lines.
+#[tokio::test]
+async fn pod_logs_reach_the_hub_once_through_failures_and_restarts() -> anyhow::Result<()> {
+    let test = "deployment-logs";
+    let mut agent = Agent::start(test, AgentOptions::default()).await?;
+    let file = kwok::LogFile::serve_namespace(&agent.ns, "web").await?;
+    agent.hub.set_deployment_logs(agent.target, true, None);
+    let chart = push_web_chart(test, "logs-web", &["0.1.0"]).await?;
+    let web = revise(
+        &deployment("web", &chart, "0.1.0", json!({})),
+        json!({"logsEnabled": true}),
+    );
+    agent.set_deployments(vec![web.clone()]);
+    let first_at = file.append_lines(&["first line", "second line"])?;
+    agent
+        .wait_status(&revision(&web), "healthy", "status check passed", 2 * MINUTE)
+        .await?;
+    hub_has_lines(&agent, &["first line", "second line"]).await?;
+    let entry = agent
+        .hub
+        .logs()
+        .into_iter()
+        .find(|e| e["body"] == "first line")
+        .unwrap_or_default();
+    assert_eq!(entry["resource"], "deployments/web-web", "{entry}");
+    assert_eq!(entry["deploymentId"], web["id"], "{entry}");
+    assert_eq!(entry["deploymentRevisionId"], web["revisionId"], "{entry}");
+    let stamped: chrono::DateTime<chrono::Utc> = serde_json::from_value(entry["timestamp"].clone())?;
+    assert_eq!(stamped, first_at, "the line's own time");
+
+    // A Hub failing with 500: the lines wait, then arrive once.
+    agent.hub.fail(Route::Logs, Failure::Status(500));
+    file.append("during the outage")?;
+    wait_for("the Hub to fail a batch of logs", MINUTE, || async {
+        let failed = agent.hub.requests_on(Route::Logs);
+        failed.iter().any(|r| r.status == Some(500)).then_some(())
+    })
+    .await?;
+    agent.hub.clear_failure(Route::Logs);
+    hub_has_lines(&agent, &["during the outage"]).await?;
+
+    // A 400 drops the batch for good; the next lines flow.
+    agent.hub.fail(Route::Logs, Failure::Status(400));
+    file.append("refused for good")?;
+    wait_for("the Hub to refuse a batch of logs", MINUTE, || async {
+        let refused = agent.hub.requests_on(Route::Logs);
+        refused.iter().any(|r| r.status == Some(400)).then_some(())
+    })
+    .await?;
+    agent.hub.clear_failure(Route::Logs);
+    file.append("after the refusal")?;
+    hub_has_lines(&agent, &["after the refusal"]).await?;
+
+    // An executor restart: the watermark comes back from the tracking Secret.
+    file.append("before the restart")?;
+    hub_has_lines(&agent, &["before the restart"]).await?;
+    agent.restart_executor().await?;
+    file.append("after the restart")?;
+    hub_has_lines(&agent, &["after the restart"]).await?;
+    wait_cycles_on(&agent, 3).await?;
+
+    let counts = deployment_log_counts(&agent);
+    assert!(!counts.contains_key("refused for good"), "{counts:?}");
+    for (body, count) in &counts {
+        assert_eq!(*count, 1, "{body:?} arrived {count} times");
+    }
+    let secret = agent
+        .ns
+        .api::<k8s_openapi::api::core::v1::Secret>()
+        .get("sh.distr.agent.v1.web")
+        .await?;
+    let managers: Vec<String> = secret
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.manager)
+        .collect();
+    assert!(managers.iter().any(|m| m == "distr-agent-logs"), "{managers:?}");
+    assert!(secret.data.unwrap_or_default().contains_key("lastLogTimestamp"));
+    Ok(())
+}
+
+async fn wait_cycles_on(agent: &Agent, cycles: usize) -> anyhow::Result<()> {
+    let seen = agent.hub.requests_on(Route::Resources).len();
+    wait_for(&format!("{cycles} more poll cycles"), MINUTE, || async {
+        (agent.hub.requests_on(Route::Resources).len() >= seen + cycles).then_some(())
+    })
+    .await
+}
+
+/// Cluster metrics: a cluster-scoped agent posts the node figures of the cluster (capacity
+/// from the Node, usage from metrics-server); a namespace-scoped one posts none and says why
+/// once.
+#[tokio::test]
+async fn cluster_metrics_are_posted_under_cluster_scope_only() -> anyhow::Result<()> {
+    let test = "cluster-metrics";
+    let cluster = Agent::start(
+        test,
+        AgentOptions {
+            scope: Scope::Cluster,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let namespaced = Agent::start("namespace-metrics", AgentOptions::default()).await?;
+    cluster.hub.set_metrics_enabled(cluster.target, true);
+    namespaced.hub.set_metrics_enabled(namespaced.target, true);
+
+    let nodes = kube::Api::<k8s_openapi::api::core::v1::Node>::all(distr_agent_e2e::cluster::admin_client().await?)
+        .list(&Default::default())
+        .await?;
+    let (mut cpu, mut memory) = (0.0, 0.0);
+    for node in &nodes.items {
+        let capacity = node.status.clone().and_then(|s| s.capacity).unwrap_or_default();
+        cpu += capacity
+            .get("cpu")
+            .and_then(|q| kwok::parse_quantity(&q.0))
+            .unwrap_or_default();
+        memory += capacity
+            .get("memory")
+            .and_then(|q| kwok::parse_quantity(&q.0))
+            .unwrap_or_default();
+    }
+    let usage = kwok::NodeUsage::get()?;
+    let posted = wait_for("cluster metrics on the Hub", 2 * MINUTE, || async {
+        cluster.hub.metrics().into_iter().next()
+    })
+    .await?;
+    eprintln!("posted: {posted}");
+    assert_eq!(posted["cpuCoresMillis"].as_f64(), Some((cpu * 1000.0).round()));
+    assert_eq!(posted["memoryBytes"].as_f64(), Some(memory.round()));
+    let expected_memory = usage.memory_bytes * nodes.items.len() as f64 / memory;
+    let memory_usage = posted["memoryUsage"].as_f64().unwrap_or_default();
+    assert!(
+        (memory_usage - expected_memory).abs() < 1e-9,
+        "{memory_usage} vs {expected_memory}"
+    );
+    let cpu_usage = posted["cpuUsage"].as_f64().unwrap_or_default();
+    let expected_cpu = usage.cpu_cores * nodes.items.len() as f64 / cpu;
+    assert!(
+        (cpu_usage - expected_cpu).abs() <= expected_cpu * 0.05,
+        "{cpu_usage} vs {expected_cpu}"
+    );
+
+    wait_cycles_on(&namespaced, 3).await?;
+    assert!(
+        namespaced.hub.metrics().is_empty(),
+        "nothing posted under namespace scope"
+    );
+    let said = namespaced
+        .poller
+        .log_text()
+        .matches("no cluster metrics are posted")
+        .count();
+    assert_eq!(said, 1, "said once, not every cycle");
     Ok(())
 }
