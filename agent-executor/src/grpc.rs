@@ -6,7 +6,7 @@
 //! a failed RPC: the deployment is handed on with an `input_error` and gets an `error`
 //! status of its own. Only a request that is malformed as a whole is `INVALID_ARGUMENT`.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use distr_agent_proto::v1::{self as pb, executor_server::Executor};
@@ -23,6 +23,11 @@ use crate::{
     tracking::TrackingError,
     validate,
 };
+
+/// `WatchStatuses` sends everything again at least this often.
+const STATUS_STREAM_REFRESH: Duration = Duration::from_secs(30);
+/// Pause after a change before `WatchStatuses` sends, so a burst makes one message.
+const STATUS_STREAM_SETTLE: Duration = Duration::from_millis(50);
 
 /// Lines per `CollectLogs` reply when the caller sets no bound, and at most.
 const DEFAULT_LOG_LINES: u32 = 1000;
@@ -61,6 +66,36 @@ impl Executor for ExecutorService {
         Ok(Response::new(pb::StatusesResponse {
             statuses: self.reconciler.statuses().into_iter().map(deployment_status).collect(),
         }))
+    }
+
+    type WatchStatusesStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::StatusesResponse, Status>> + Send + 'static>>;
+
+    async fn watch_statuses(
+        &self,
+        _: Request<pb::StatusesRequest>,
+    ) -> Result<Response<Self::WatchStatusesStream>, Status> {
+        let reconciler = self.reconciler.clone();
+        let changes = reconciler.follow_statuses();
+        let stream = futures::stream::unfold(
+            (reconciler, changes, true),
+            |(reconciler, mut changes, first)| async move {
+                if !first {
+                    tokio::select! {
+                        changed = changes.changed() => if changed.is_err() { return None },
+                        () = tokio::time::sleep(STATUS_STREAM_REFRESH) => {}
+                    }
+                    // Let a burst of changes settle into one message.
+                    tokio::time::sleep(STATUS_STREAM_SETTLE).await;
+                }
+                changes.borrow_and_update();
+                let message = pb::StatusesResponse {
+                    statuses: reconciler.statuses().into_iter().map(deployment_status).collect(),
+                };
+                Some((Ok(message), (reconciler, changes, false)))
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_releases(

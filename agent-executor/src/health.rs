@@ -1,8 +1,9 @@
 //! Health of a release's resources, judged from the live objects named in its manifest.
 //!
 //! The judgements are pure functions over k8s-openapi objects (unit-tested without an API
-//! server); [`HealthChecker`] fetches the objects. Kinds that carry no runtime state
-//! (ConfigMap, RBAC, ...) count as healthy without a request.
+//! server); [`HealthChecker`] takes them from the object watches ([`crate::cluster::objects`])
+//! and reads an object directly only when its watch cannot say. Kinds that carry no runtime
+//! state (ConfigMap, RBAC, ...) count as healthy without a request.
 
 use std::{collections::HashMap, sync::Mutex};
 
@@ -19,7 +20,12 @@ use kube::{
     discovery::{ApiCapabilities, Scope},
 };
 
-use crate::{kube_util, manifest::ManifestObject, model::StatusKind};
+use crate::{
+    cluster::{Cluster, objects::Lookup},
+    kube_util,
+    manifest::ManifestObject,
+    model::StatusKind,
+};
 
 /// Requests in flight per health check.
 const CONCURRENT_FETCHES: usize = 8;
@@ -119,9 +125,58 @@ fn generation_observed(generation: Option<i64>, observed: Option<i64>) -> Result
     }
 }
 
+/// Why a pod does not run as it should, from its status, for a message a user can act on
+/// without `kubectl`: a container waiting in `CrashLoopBackOff`, `ImagePullBackOff`,
+/// `ErrImagePull`, `CreateContainerConfigError` (and the like), a container last killed by
+/// `OOMKilled`, or a pod the scheduler cannot place. `None` for a pod without such a problem.
+pub fn pod_problem(object: &Pod) -> Option<String> {
+    let status = object.status.as_ref()?;
+    let containers = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten());
+    for container in containers {
+        let state = container.state.as_ref();
+        if let Some(waiting) = state.and_then(|state| state.waiting.as_ref())
+            && let Some(reason) = waiting.reason.as_deref()
+            && !matches!(reason, "ContainerCreating" | "PodInitializing")
+        {
+            let oom = container
+                .last_state
+                .as_ref()
+                .and_then(|last| last.terminated.as_ref())
+                .is_some_and(|terminated| terminated.reason.as_deref() == Some("OOMKilled"));
+            let detail = reason_and_message(Some(reason), waiting.message.as_deref());
+            return Some(if oom {
+                format!("{detail} (container {} was OOMKilled)", container.name)
+            } else {
+                format!("{detail} (container {})", container.name)
+            });
+        }
+        if let Some(terminated) = state.and_then(|state| state.terminated.as_ref())
+            && terminated.reason.as_deref() == Some("OOMKilled")
+        {
+            return Some(format!("OOMKilled (container {})", container.name));
+        }
+    }
+    let unschedulable = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+    Some(format!(
+        "is unschedulable: {}",
+        unschedulable.message.as_deref().unwrap_or("no node fits it")
+    ))
+}
+
 /// A Deployment is healthy when all desired replicas are ready and updated and the
-/// controller has seen its latest spec.
+/// controller has seen its latest spec; a paused one never progresses.
 pub fn deployment(object: &Deployment) -> Result<(), String> {
+    if object.spec.as_ref().and_then(|spec| spec.paused) == Some(true) {
+        return Err("Deployment is paused".to_owned());
+    }
     let desired = i64::from(object.spec.as_ref().and_then(|spec| spec.replicas).unwrap_or(1));
     let status = object.status.clone().unwrap_or_default();
     behind("ReadyReplicas", status.ready_replicas.unwrap_or(0).into(), desired)?;
@@ -200,7 +255,10 @@ pub fn pod(object: &Pod) -> Result<(), String> {
                 Err("Pod is running but not ready".to_owned())
             }
         }
-        other => Err(format!("Pod phase is {other}")),
+        other => Err(match pod_problem(object) {
+            Some(problem) => format!("Pod phase is {other}: {problem}"),
+            None => format!("Pod phase is {other}"),
+        }),
     }
 }
 
@@ -271,13 +329,15 @@ fn reason_and_message(reason: Option<&str>, message: Option<&str>) -> String {
 /// Fetches the objects of a release and judges them. Remembers resolved kinds.
 pub struct HealthChecker {
     client: kube::Client,
+    cluster: Cluster,
     kinds: Mutex<HashMap<GroupVersionKind, (ApiResource, ApiCapabilities)>>,
 }
 
 impl HealthChecker {
-    pub fn new(client: kube::Client) -> Self {
+    pub fn new(client: kube::Client, cluster: Cluster) -> Self {
         Self {
             client,
+            cluster,
             kinds: Mutex::new(HashMap::new()),
         }
     }
@@ -291,7 +351,30 @@ impl HealthChecker {
 
     async fn check_one(&self, release_namespace: &str, object: &ManifestObject) -> ResourceHealth {
         let namespace = object.namespace.as_deref().unwrap_or(release_namespace);
-        ResourceHealth::new(object, self.judge(namespace, object).await)
+        let kind = object.kind.as_str();
+        // Only a LoadBalancer Service has something to wait for.
+        let nothing_to_wait_for = STATELESS_KINDS.contains(&kind)
+            || (object.group().is_empty() && kind == "Service" && object.spec_type.as_deref() != Some("LoadBalancer"));
+        if nothing_to_wait_for {
+            return ResourceHealth::new(object, Ok(()));
+        }
+        let verdict = match self.cluster.objects().lookup(namespace, object).await {
+            Lookup::Known(verdict) => verdict,
+            Lookup::Unknown => self.judge(namespace, object).await,
+        };
+        // A workload that is not ready: name a pod of it with a problem, if one has.
+        let verdict = verdict.map_err(|error| {
+            let labels = object.selector.as_ref().and_then(|selector| {
+                serde_json::from_value::<std::collections::BTreeMap<String, String>>(selector["matchLabels"].clone())
+                    .ok()
+                    .filter(|labels| !labels.is_empty())
+            });
+            match labels.and_then(|labels| self.cluster.objects().pod_problem(namespace, &labels)) {
+                Some((pod, problem)) => format!("pod {pod} {problem}"),
+                None => error,
+            }
+        });
+        ResourceHealth::new(object, verdict)
     }
 
     async fn judge(&self, namespace: &str, object: &ManifestObject) -> Result<(), String> {
@@ -434,6 +517,81 @@ mod tests {
             ..web(1, 0, 0, 1, 1)
         };
         assert!(deployment(&default_replicas).is_err(), "replicas default to 1");
+    }
+
+    #[test]
+    fn pod_problems_are_named_for_the_user() {
+        use k8s_openapi::api::core::v1::{
+            ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus,
+        };
+        let pod_with = |status: PodStatus| Pod {
+            status: Some(status),
+            ..Default::default()
+        };
+        let container = |state: ContainerState, last: Option<ContainerState>| ContainerStatus {
+            name: "web".into(),
+            state: Some(state),
+            last_state: last,
+            ..Default::default()
+        };
+        let waiting = |reason: &str, message: &str| ContainerState {
+            waiting: Some(ContainerStateWaiting {
+                reason: Some(reason.into()),
+                message: Some(message.into()),
+            }),
+            ..Default::default()
+        };
+        let oom = ContainerState {
+            terminated: Some(ContainerStateTerminated {
+                reason: Some("OOMKilled".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let pulling = pod_with(PodStatus {
+            container_statuses: Some(vec![container(
+                waiting("ImagePullBackOff", "Back-off pulling image \"web:2\""),
+                None,
+            )]),
+            ..Default::default()
+        });
+        assert_eq!(
+            pod_problem(&pulling).as_deref(),
+            Some("ImagePullBackOff: Back-off pulling image \"web:2\" (container web)")
+        );
+        let crashing = pod_with(PodStatus {
+            container_statuses: Some(vec![container(waiting("CrashLoopBackOff", "back-off 5m0s"), Some(oom))]),
+            ..Default::default()
+        });
+        assert_eq!(
+            pod_problem(&crashing).as_deref(),
+            Some("CrashLoopBackOff: back-off 5m0s (container web was OOMKilled)")
+        );
+        let unschedulable = pod_with(PodStatus {
+            conditions: Some(vec![PodCondition {
+                type_: "PodScheduled".into(),
+                status: "False".into(),
+                message: Some("0/1 nodes are available".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        assert_eq!(
+            pod_problem(&unschedulable).as_deref(),
+            Some("is unschedulable: 0/1 nodes are available")
+        );
+        let creating = pod_with(PodStatus {
+            container_statuses: Some(vec![container(waiting("ContainerCreating", ""), None)]),
+            ..Default::default()
+        });
+        assert_eq!(pod_problem(&creating), None, "starting is not a problem");
+    }
+
+    #[test]
+    fn a_paused_deployment_says_so() {
+        let mut paused = web(1, 0, 0, 1, 1);
+        paused.spec.as_mut().unwrap().paused = Some(true);
+        assert_eq!(deployment(&paused), Err("Deployment is paused".to_owned()));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`plan`], [`recovery`], [`status_board`], [`reconciler`] (with its per-release
 //!   workers): the reconciliation; [`kube_util`]: timeouts and messages of API calls.
 
+pub mod cluster;
 pub mod cluster_metrics;
 pub mod docker_config;
 pub mod grpc;
@@ -128,6 +129,7 @@ pub fn policy() -> Policy {
     Policy::new()
         .allow(SERVICE, "Sync", &[Role::Poller])
         .allow(SERVICE, "Statuses", &[Role::Poller, Role::Operator])
+        .allow(SERVICE, "WatchStatuses", &[Role::Poller, Role::Operator])
         .allow(SERVICE, "CollectLogs", &[Role::Poller])
         .allow(SERVICE, "AckLogs", &[Role::Poller])
         .allow(SERVICE, "ClusterMetrics", &[Role::Poller])

@@ -132,6 +132,8 @@ pub struct Reconciler {
 /// State shared by the reconciler, its workers and the scan.
 pub(crate) struct Inner {
     pub(crate) client: kube::Client,
+    /// Watch-fed state: what moved since a worker last looked.
+    pub(crate) cluster: crate::cluster::Cluster,
     pub(crate) helm: HelmDriver,
     pub(crate) statuses: StatusBoard,
     pub(crate) health: HealthChecker,
@@ -199,7 +201,7 @@ pub struct HelmLimits {
 pub const HELM_PROCESSES_PER_SLOT: usize = 4;
 
 /// The releases a `sync` wants, by name, in its namespace.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct DesiredSet {
     namespace: String,
     releases: HashSet<String>,
@@ -303,7 +305,7 @@ impl Inner {
 
     /// Looks for tracking Secrets of releases that are neither desired nor handled by a
     /// worker, and starts a worker that uninstalls each.
-    async fn scan_orphans(self: &Arc<Self>, desired: &DesiredSet) {
+    async fn scan_orphans(self: &Arc<Self>, desired: &DesiredSet) -> bool {
         let DesiredSet {
             namespace,
             releases: desired,
@@ -313,7 +315,7 @@ impl Inner {
             Ok(entries) => entries,
             Err(error) => {
                 tracing::warn!(%namespace, %error, "cannot look for releases to uninstall");
-                return;
+                return false;
             }
         };
         for entry in entries {
@@ -344,16 +346,25 @@ impl Inner {
                 self.spawn_worker(&mut state, key, None);
             }
         }
+        true
     }
 
     async fn scan_loop(self: Arc<Self>, mut requests: watch::Receiver<DesiredSet>) {
+        // What the last scan saw: the desired set and the tracking Secrets (as the watch
+        // fingerprints them). While neither moves, a scan would find nothing new.
+        let mut last: Option<(DesiredSet, u64)> = None;
         loop {
             tokio::select! {
                 changed = requests.changed() => if changed.is_err() { return },
                 () = self.shutdown.cancelled() => return,
             }
             let request = requests.borrow_and_update().clone();
-            self.scan_orphans(&request).await;
+            let tracking = self.cluster.secrets(&request.namespace).tracking_fingerprint();
+            let unchanged =
+                matches!((&last, tracking), (Some((desired, seen)), Some(now)) if *desired == request && *seen == now);
+            if !unchanged && self.scan_orphans(&request).await {
+                last = tracking.map(|now| (request, now));
+            }
             tokio::select! {
                 () = tokio::time::sleep(SCAN_INTERVAL) => {},
                 () = self.shutdown.cancelled() => return,
@@ -389,6 +400,7 @@ impl Reconciler {
     /// Registers the executor's figures: Helm operations and releases by status.
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.inner.helm.metrics().register(registry);
+        self.inner.cluster.register_metrics(registry);
         registry.register_collector(Box::new(crate::status_board::ReleasesByStatus(
             self.inner.statuses.clone(),
         )));
@@ -398,13 +410,16 @@ impl Reconciler {
     /// within `limits`.
     pub fn new(client: kube::Client, helm: HelmDriver, namespace: String, limits: HelmLimits) -> Self {
         let slots = limits.concurrent.max(1);
+        let shutdown = CancellationToken::new();
+        let cluster = crate::cluster::Cluster::new(client.clone(), shutdown.clone());
         Self {
             inner: Arc::new(Inner {
-                health: HealthChecker::new(client.clone()),
+                health: HealthChecker::new(client.clone(), cluster.clone()),
+                cluster,
                 client,
                 helm,
                 statuses: StatusBoard::default(),
-                shutdown: CancellationToken::new(),
+                shutdown,
                 default_namespace: namespace,
                 helm_slots: Arc::new(Semaphore::new(slots)),
                 helm_processes: Arc::new(Semaphore::new(slots.saturating_mul(HELM_PROCESSES_PER_SLOT))),
@@ -536,6 +551,11 @@ impl Reconciler {
             }
         }
         replies
+    }
+
+    /// Wakes on every status change.
+    pub fn follow_statuses(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.statuses.follow()
     }
 
     /// The desired releases whose deployment has logs enabled.

@@ -46,9 +46,20 @@ struct Entry {
 }
 
 /// Latest status per release. Cheap to clone (clones share the board).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct StatusBoard {
     entries: Arc<Mutex<HashMap<ReleaseKey, Entry>>>,
+    /// Bumped whenever a status changes, for those who follow the board.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for StatusBoard {
+    fn default() -> Self {
+        Self {
+            entries: Arc::default(),
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
 }
 
 /// `distr_agent_releases{status}`: the releases on the board by status, counted at each scrape.
@@ -106,6 +117,9 @@ impl StatusBoard {
             .filter(|entry| entry.deployment_id == deployment_id && entry.revision_id == revision_id)
             .map(|entry| &entry.status);
         let status = Status::observe(previous, kind, message, now);
+        if status.changed_at == now {
+            self.changes.send_modify(|generation| *generation += 1);
+        }
         entries.insert(
             key.clone(),
             Entry {
@@ -172,6 +186,11 @@ impl StatusBoard {
     /// Forgets a release (it is no longer desired).
     pub fn remove(&self, key: &ReleaseKey) {
         self.entries.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+
+    /// Wakes on every status change (the value is a counter of changes).
+    pub fn follow(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 }
 

@@ -26,6 +26,7 @@ use chrono::Utc;
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
+    cluster::Change,
     docker_config, health,
     helm::{ChartRequest, one_line},
     helm_storage::{ReleaseStatus, StorageError, StoredRelease},
@@ -41,8 +42,11 @@ use crate::{
     validate,
 };
 
-/// Time between two passes over a release while nothing changes (status checks).
+/// Time between two passes over a release while nothing changes (status checks from the
+/// watches' verdicts: no API request unless something moved).
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// Pause after a watch event before the pass it triggers, so a burst makes one pass.
+const CHANGE_SETTLE: Duration = Duration::from_millis(100);
 /// Longest failure message taken from Helm's history.
 const MAX_MESSAGE_LEN: usize = 512;
 /// Pause after a recovery before the next pass.
@@ -96,6 +100,28 @@ pub(crate) struct Worker {
     failure: Option<Failure>,
     /// Digest of the docker config last written to the pull Secret.
     pull_secret_digest: Option<u64>,
+    /// What the last full pass read, while the Secret watches say nothing moved.
+    memo: Option<Memo>,
+}
+
+/// The state of a release in steady state (tracked, deployed, only health to check), valid
+/// while the release's Secrets keep the fingerprint they had when it was read.
+struct Memo {
+    fingerprint: u64,
+    /// The deployment it was read for (id, revision, skew setting, rivals).
+    deployment: (String, String, bool, Vec<String>),
+    tracked: Tracked,
+    objects: Vec<manifest::ManifestObject>,
+}
+
+fn memo_key(item: &WorkItem) -> (String, String, bool, Vec<String>) {
+    let deployment = &item.deployment;
+    (
+        deployment.id.clone(),
+        deployment.revision_id.clone(),
+        deployment.ignore_revision_skew,
+        item.rivals.clone(),
+    )
 }
 
 impl Worker {
@@ -109,11 +135,13 @@ impl Worker {
             retry: None,
             failure: None,
             pull_secret_digest: None,
+            memo: None,
         }
     }
 
     pub(crate) async fn run(mut self) {
         tracing::debug!("worker started");
+        let mut changes = self.inner.cluster.changes();
         loop {
             let item = self.receiver.borrow_and_update().clone();
             let wait = match item {
@@ -127,11 +155,37 @@ impl Worker {
                     Err(delay) => delay,
                 },
             };
-            tokio::select! {
-                changed = self.receiver.changed() => if changed.is_err() { return },
-                () = tokio::time::sleep(wait) => {},
-                () = self.inner.shutdown.cancelled() => return,
+            let deadline = Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    changed = self.receiver.changed() => if changed.is_err() { return } else { break },
+                    () = tokio::time::sleep_until(deadline) => break,
+                    () = self.inner.shutdown.cancelled() => return,
+                    change = changes.recv() => match change {
+                        Ok(change) if !self.concerns(&change) => {}
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            // Let a burst of events settle into one pass.
+                            tokio::time::sleep(CHANGE_SETTLE).await;
+                            break;
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                }
             }
+        }
+    }
+
+    /// Whether a change in the cluster touches this release.
+    fn concerns(&self, change: &Change) -> bool {
+        match change {
+            Change::Release { namespace, release } => *namespace == self.key.namespace && *release == self.key.release,
+            Change::Object { namespace, kind, name } => self.memo.as_ref().is_some_and(|memo| {
+                memo.objects.iter().any(|object| {
+                    object.kind == *kind
+                        && object.name == *name
+                        && object.namespace.as_deref().unwrap_or(&self.key.namespace) == namespace
+                })
+            }),
         }
     }
 
@@ -158,6 +212,19 @@ impl Worker {
         };
         let lock = self.inner.op_lock(&self.key);
         let _guard = lock.lock().await;
+        // In steady state the watches say whether anything moved: nothing to read then.
+        let fingerprint = self
+            .inner
+            .cluster
+            .secrets(&self.key.namespace)
+            .fingerprint(&deployment.release_name);
+        if let Some(memo) = self
+            .memo
+            .take()
+            .filter(|memo| Some(memo.fingerprint) == fingerprint && memo.deployment == memo_key(item))
+        {
+            return self.check_memo(item, memo).await;
+        }
         let mut tracked = match self.stores.tracking.find(&deployment.release_name).await {
             Ok(tracked) => tracked,
             Err(error) => return self.report_error(deployment, &error.to_string()),
@@ -208,7 +275,24 @@ impl Worker {
         match (plan, tracked, latest) {
             (Plan::Install, tracked, latest) => self.deploy(item, &source, Operation::Install, tracked, latest).await,
             (Plan::Upgrade, tracked, latest) => self.deploy(item, &source, Operation::Upgrade, tracked, latest).await,
-            (Plan::CheckHealth, Some(tracked), Some(latest)) => self.check(item, &tracked, &latest).await,
+            (Plan::CheckHealth, Some(tracked), Some(latest)) => match manifest::parse(&latest.manifest) {
+                // Helm's payload is read once per revision: the objects are kept in the memo.
+                Ok(objects) => {
+                    let memo = Memo {
+                        // Unknown until the watches have listed: the next pass reads again.
+                        fingerprint: fingerprint.unwrap_or_default(),
+                        deployment: memo_key(item),
+                        tracked,
+                        objects,
+                    };
+                    let wait = self.check_memo(item, memo).await;
+                    if fingerprint.is_none() {
+                        self.memo = None;
+                    }
+                    wait
+                }
+                Err(error) => self.report_error(deployment, &format!("resource status error: {error}")),
+            },
             (Plan::KeepFailed, _, _) => self.keep_failed(deployment).await,
             (Plan::Recover, Some(tracked), latest) => self.recover(deployment, &tracked, latest).await,
             (Plan::Refuse(message), _, _) => {
@@ -416,13 +500,15 @@ impl Worker {
     }
 
     /// Nothing to deploy: keep the record and pull Secret in step and check the resources.
-    async fn check(&mut self, item: &WorkItem, tracked: &Tracked, latest: &StoredRelease) -> Duration {
+    /// Keeps `memo` for the next pass unless something was written.
+    async fn check_memo(&mut self, item: &WorkItem, memo: Memo) -> Duration {
         let deployment = &item.deployment;
-        if tracked.record.logs_enabled != deployment.logs_enabled {
+        if memo.tracked.record.logs_enabled != deployment.logs_enabled {
             let record = TrackingRecord {
                 logs_enabled: deployment.logs_enabled,
-                ..tracked.record.clone()
+                ..memo.tracked.record.clone()
             };
+            // A write moves the fingerprint: the next pass reads everything again.
             if let Err(error) = self.stores.tracking.save(&record).await {
                 return self.report_error(deployment, &error.to_string());
             }
@@ -431,13 +517,10 @@ impl Worker {
         if let Err(error) = self.refresh_pull_secret(item, false).await {
             return self.report_error(deployment, &error.to_string());
         }
-        let objects = match manifest::parse(&latest.manifest) {
-            Ok(objects) => objects,
-            Err(error) => return self.report_error(deployment, &format!("resource status error: {error}")),
-        };
-        let results = self.inner.health.check(&item.namespace, &objects).await;
+        let results = self.inner.health.check(&item.namespace, &memo.objects).await;
         let (kind, message) = health::summarize(&results);
         self.report(deployment, kind, &message);
+        self.memo = Some(memo);
         CHECK_INTERVAL
     }
 

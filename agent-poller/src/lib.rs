@@ -105,15 +105,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let updater_channel = ReloadingChannel::new(updater);
     let updater = distr_agent_proto::v1::updater_client::UpdaterClient::new(updater_channel.clone())
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let channel = MtlsChannel::new(
-        &args.executor_url,
-        Role::Executor.identity(&args.tls.namespace),
-        credentials,
-        Duration::from_secs(5),
-        Duration::from_secs(args.executor_timeout_seconds),
-    )
-    .context("configuring the executor client")?;
-    let channel = ReloadingChannel::new(channel);
+    let executor_channel = |timeout| {
+        MtlsChannel::new(
+            &args.executor_url,
+            Role::Executor.identity(&args.tls.namespace),
+            credentials.clone(),
+            Duration::from_secs(5),
+            timeout,
+        )
+        .map(ReloadingChannel::new)
+        .context("configuring the executor client")
+    };
+    let channel = executor_channel(Duration::from_secs(args.executor_timeout_seconds))?;
+    // The status stream lives long: its calls get no short deadline.
+    let stream_channel = executor_channel(Duration::from_secs(86_400))?;
     let shipper = agent_logs::Shipper::new(
         hub.clone(),
         vec![
@@ -129,6 +134,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ],
         ship_metrics.clone(),
     );
+    let follower_client = ExecutorClient::new(stream_channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let executor = ExecutorClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -141,6 +147,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         hub_metrics.register(&mut registry);
     }
     let shipping = tokio::spawn(shipper.run(runtime.shutdown.clone()));
+    let following = tokio::spawn(poller.status_follower(follower_client).run(runtime.shutdown.clone()));
     // Liveness follows the loop: a cycle that never ends gets the container restarted.
     let heartbeat = runtime.readiness.heartbeat("poll loop", poll::MAX_CYCLE);
 
@@ -166,6 +173,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let _ = shipping.await;
+    let _ = following.await;
     runtime.finish().await;
     Ok(())
 }

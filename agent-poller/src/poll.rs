@@ -10,7 +10,10 @@
 //! Statuses are posted a few at a time and within a deadline per cycle, so one slow status
 //! endpoint cannot stall the cycle (and make every other status stale on the Hub).
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use agent_runtime::tls::client::ReloadingChannel as Channel;
 use distr_agent_proto::v1::{self as pb, executor_client::ExecutorClient};
@@ -43,9 +46,9 @@ pub const MAX_CYCLE: Duration = Duration::from_secs(300);
 pub struct Poller {
     hub: HubClient,
     executor: ExecutorClient<Channel>,
-    book: StatusBook,
+    book: Arc<tokio::sync::Mutex<StatusBook>>,
     /// Revisions of the last complete Hub response.
-    last_known: Vec<Uuid>,
+    last_known: Arc<std::sync::Mutex<Vec<Uuid>>>,
     post_deadline: Duration,
     metrics: PollerMetrics,
     self_update: Option<crate::selfupdate::SelfUpdate>,
@@ -98,8 +101,8 @@ impl Poller {
         Self {
             hub,
             executor,
-            book: StatusBook::new(status_refresh),
-            last_known: Vec::new(),
+            book: Arc::new(tokio::sync::Mutex::new(StatusBook::new(status_refresh))),
+            last_known: Arc::default(),
             post_deadline: POST_DEADLINE,
             metrics: PollerMetrics::default(),
             self_update: None,
@@ -134,7 +137,7 @@ impl Poller {
         let fetched = self.hub.resources().await;
         let statuses = match &fetched {
             Ok(resources) => {
-                self.last_known = resources.deployments.iter().map(|d| d.revision_id).collect();
+                *lock(&self.last_known) = resources.deployments.iter().map(|d| d.revision_id).collect();
                 self.sync(resources).await
             }
             Err(error) => {
@@ -179,7 +182,7 @@ impl Poller {
                 .statuses
                 .iter()
                 .filter_map(report)
-                .filter(|status| self.last_known.contains(&status.revision_id))
+                .filter(|status| lock(&self.last_known).contains(&status.revision_id))
                 .collect(),
             Err(status) => self.executor_failed(&status),
         }
@@ -212,7 +215,7 @@ impl Poller {
     }
 
     fn errors_for_all(&self, message: &str) -> Vec<StatusReport> {
-        self.last_known
+        lock(&self.last_known)
             .iter()
             .map(|revision_id| StatusReport {
                 revision_id: *revision_id,
@@ -223,14 +226,98 @@ impl Poller {
     }
 
     async fn post(&mut self, statuses: Vec<StatusReport>) {
-        let due = self.book.due(&statuses, Instant::now());
-        let failed = post_due(&self.hub, &mut self.book, due, MAX_CONCURRENT_POSTS, self.post_deadline).await;
-        self.metrics.status_post_failures.inc_by(failed as u64);
-        self.metrics
-            .oldest_unposted_status_age
-            .set(self.book.oldest_unposted(Instant::now()).as_secs_f64());
+        post_current(&self.hub, &self.book, &statuses, self.post_deadline, &self.metrics).await;
+    }
+
+    /// A follower of the executor's status stream that posts changes as they come, sharing
+    /// this loop's record of what the Hub has.
+    pub fn status_follower(&self, executor: ExecutorClient<Channel>) -> StatusFollower {
+        StatusFollower {
+            executor,
+            hub: self.hub.clone(),
+            book: self.book.clone(),
+            last_known: self.last_known.clone(),
+            metrics: self.metrics.clone(),
+        }
     }
 }
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Posts what is due among `statuses` (the full current list) and records the outcome.
+async fn post_current(
+    hub: &HubClient,
+    book: &tokio::sync::Mutex<StatusBook>,
+    statuses: &[StatusReport],
+    deadline: Duration,
+    metrics: &PollerMetrics,
+) {
+    let mut book = book.lock().await;
+    let due = book.due(statuses, Instant::now());
+    let failed = post_due(hub, &mut book, due, MAX_CONCURRENT_POSTS, deadline).await;
+    metrics.status_post_failures.inc_by(failed as u64);
+    metrics
+        .oldest_unposted_status_age
+        .set(book.oldest_unposted(Instant::now()).as_secs_f64());
+}
+
+/// Follows the executor's `WatchStatuses` stream and posts each change at once, so a new
+/// status reaches the Hub within a second instead of at the next cycle. Reconnects (and
+/// so gets the full list again) after any failure.
+pub struct StatusFollower {
+    executor: ExecutorClient<Channel>,
+    hub: HubClient,
+    book: Arc<tokio::sync::Mutex<StatusBook>>,
+    last_known: Arc<std::sync::Mutex<Vec<Uuid>>>,
+    metrics: PollerMetrics,
+}
+
+impl StatusFollower {
+    pub async fn run(mut self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut pause = FOLLOW_RETRY;
+        loop {
+            let followed = tokio::select! {
+                result = self.follow() => result,
+                () = shutdown.cancelled() => return,
+            };
+            if let Err(status) = followed {
+                tracing::debug!(code = ?status.code(), message = status.message(), "the status stream ended; following it again");
+                pause = (pause * 2).min(FOLLOW_RETRY_MAX);
+            } else {
+                pause = FOLLOW_RETRY;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn follow(&mut self) -> Result<(), tonic::Status> {
+        let mut stream = self.executor.watch_statuses(pb::StatusesRequest {}).await?.into_inner();
+        while let Some(message) = stream.message().await? {
+            let known = lock(&self.last_known).clone();
+            // Only the deployments of the Hub's last complete answer; none before the first.
+            if known.is_empty() {
+                continue;
+            }
+            let statuses: Vec<StatusReport> = message
+                .statuses
+                .iter()
+                .filter_map(report)
+                .filter(|status| known.contains(&status.revision_id))
+                .collect();
+            post_current(&self.hub, &self.book, &statuses, POST_DEADLINE, &self.metrics).await;
+        }
+        Ok(())
+    }
+}
+
+/// First pause before following the status stream again; doubles up to the maximum.
+const FOLLOW_RETRY: Duration = Duration::from_millis(500);
+const FOLLOW_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Posts `due` with at most `concurrency` posts in flight, until `deadline`; records each
 /// accepted post in `book`. Returns how many were not accepted (failed or cut off by the

@@ -1,0 +1,205 @@
+//! The metadata of a namespace's tracking Secrets and Helm release Secrets, from two
+//! metadata-only watches (no payload is ever held here). A worker takes a release's
+//! [`SecretIndex::fingerprint`] after a full pass; while it has not moved, nothing of the
+//! release changed in the cluster and the worker need not read the Secrets again.
+
+use std::{
+    collections::{BTreeMap, hash_map::DefaultHasher},
+    hash::{Hash as _, Hasher as _},
+    sync::{Arc, Mutex},
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api,
+    core::PartialObjectMeta,
+    runtime::{
+        WatchStreamExt as _,
+        watcher::{self, Event, watcher},
+    },
+};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::Change;
+use crate::tracking::DEPLOYMENT_LABEL;
+
+/// Labels Helm puts on its release Secrets.
+const HELM_OWNER: &str = "owner=helm";
+const HELM_NAME_LABEL: &str = "name";
+
+/// What the watches hold of one Secret.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Meta {
+    /// The release it belongs to (its deployment label or Helm's `name` label).
+    release: String,
+    resource_version: String,
+}
+
+#[derive(Default)]
+struct Store {
+    secrets: BTreeMap<String, Meta>,
+    synced: bool,
+}
+
+/// The Secret metadata of one namespace. Cheap to clone.
+#[derive(Clone)]
+pub struct SecretIndex {
+    tracking: Arc<Mutex<Store>>,
+    helm: Arc<Mutex<Store>>,
+}
+
+impl SecretIndex {
+    /// Starts both watches of `namespace`; they run until `shutdown`.
+    pub fn start(
+        client: kube::Client,
+        namespace: &str,
+        changes: broadcast::Sender<Change>,
+        restarts: Counter,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let index = Self {
+            tracking: Arc::default(),
+            helm: Arc::default(),
+        };
+        // An API of `PartialObjectMeta` lists and watches metadata only.
+        let api: Api<PartialObjectMeta<Secret>> = Api::namespaced(client, namespace);
+        let watches = [
+            (index.tracking.clone(), DEPLOYMENT_LABEL.to_owned(), DEPLOYMENT_LABEL),
+            (index.helm.clone(), HELM_OWNER.to_owned(), HELM_NAME_LABEL),
+        ];
+        for (store, selector, release_label) in watches {
+            let stream = watcher(api.clone(), watcher::Config::default().labels(&selector)).default_backoff();
+            let feed = Feed {
+                store,
+                namespace: namespace.to_owned(),
+                release_label,
+                changes: changes.clone(),
+                restarts: restarts.clone(),
+            };
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = feed.run(stream) => {}
+                    () = shutdown.cancelled() => {}
+                }
+            });
+        }
+        index
+    }
+
+    /// A digest of the release's tracking and Helm Secrets (names and resource versions);
+    /// `None` until both watches have listed the namespace once.
+    pub fn fingerprint(&self, release: &str) -> Option<u64> {
+        let mut hasher = DefaultHasher::new();
+        for store in [&self.tracking, &self.helm] {
+            let store = store.lock().unwrap_or_else(|e| e.into_inner());
+            if !store.synced {
+                return None;
+            }
+            for (name, meta) in store.secrets.iter().filter(|(_, meta)| meta.release == release) {
+                name.hash(&mut hasher);
+                meta.resource_version.hash(&mut hasher);
+            }
+        }
+        Some(hasher.finish())
+    }
+
+    /// A digest of every tracking Secret of the namespace (which releases the agent tracks);
+    /// `None` until the watch has listed the namespace once.
+    pub fn tracking_fingerprint(&self) -> Option<u64> {
+        let store = self.tracking.lock().unwrap_or_else(|e| e.into_inner());
+        store.synced.then(|| {
+            let mut hasher = DefaultHasher::new();
+            store.secrets.hash(&mut hasher);
+            hasher.finish()
+        })
+    }
+}
+
+/// Feeds one store from one watch and announces the releases whose Secrets changed.
+struct Feed {
+    store: Arc<Mutex<Store>>,
+    namespace: String,
+    release_label: &'static str,
+    changes: broadcast::Sender<Change>,
+    restarts: Counter,
+}
+
+impl Feed {
+    async fn run(self, stream: impl futures::Stream<Item = Result<Event<PartialObjectMeta<Secret>>, watcher::Error>>) {
+        futures::pin_mut!(stream);
+        let mut listing: Option<BTreeMap<String, Meta>> = None;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(Event::Init) => listing = Some(BTreeMap::new()),
+                Ok(Event::InitApply(secret)) => {
+                    if let (Some(listing), Some((name, meta))) = (listing.as_mut(), self.meta(&secret)) {
+                        listing.insert(name, meta);
+                    }
+                }
+                Ok(Event::InitDone) => {
+                    let fresh = listing.take().unwrap_or_default();
+                    let old = {
+                        let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+                        store.synced = true;
+                        std::mem::replace(&mut store.secrets, fresh.clone())
+                    };
+                    // After a restart, whatever moved meanwhile is announced.
+                    for (name, meta) in old.iter().chain(fresh.iter()) {
+                        if old.get(name) != fresh.get(name) {
+                            self.announce(&meta.release);
+                        }
+                    }
+                }
+                Ok(Event::Apply(secret)) => {
+                    if let Some((name, meta)) = self.meta(&secret) {
+                        let release = meta.release.clone();
+                        let old = self.lock().secrets.insert(name, meta);
+                        if let Some(old) = old.filter(|old| old.release != release) {
+                            self.announce(&old.release);
+                        }
+                        self.announce(&release);
+                    }
+                }
+                Ok(Event::Delete(secret)) => {
+                    if let Some(name) = secret.metadata.name.as_deref()
+                        && let Some(old) = self.lock().secrets.remove(name)
+                    {
+                        self.announce(&old.release);
+                    }
+                }
+                Err(error) => {
+                    self.restarts.inc();
+                    tracing::warn!(namespace = %self.namespace, %error, "the Secret watch failed; it restarts");
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn meta(&self, secret: &PartialObjectMeta<Secret>) -> Option<(String, Meta)> {
+        let name = secret.metadata.name.clone()?;
+        let release = secret.metadata.labels.as_ref()?.get(self.release_label)?.clone();
+        Some((
+            name,
+            Meta {
+                release,
+                resource_version: secret.metadata.resource_version.clone().unwrap_or_default(),
+            },
+        ))
+    }
+
+    fn announce(&self, release: &str) {
+        // No receiver is fine: no worker is waiting.
+        let _ = self.changes.send(Change::Release {
+            namespace: self.namespace.clone(),
+            release: release.to_owned(),
+        });
+    }
+}
