@@ -40,14 +40,22 @@ pub struct ExecutorService {
     logs: Arc<LogCollector>,
     /// For the cluster metrics.
     client: kube::Client,
+    /// Ends the status streams, so a graceful shutdown of the server does not wait for them.
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl ExecutorService {
-    pub fn new(reconciler: Reconciler, logs: Arc<LogCollector>, client: kube::Client) -> Self {
+    pub fn new(
+        reconciler: Reconciler,
+        logs: Arc<LogCollector>,
+        client: kube::Client,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
         Self {
             reconciler,
             logs,
             client,
+            shutdown,
         }
     }
 }
@@ -77,13 +85,15 @@ impl Executor for ExecutorService {
     ) -> Result<Response<Self::WatchStatusesStream>, Status> {
         let reconciler = self.reconciler.clone();
         let changes = reconciler.follow_statuses();
+        let state = (reconciler, changes, self.shutdown.clone(), true);
         let stream = futures::stream::unfold(
-            (reconciler, changes, true),
-            |(reconciler, mut changes, first)| async move {
+            state,
+            |(reconciler, mut changes, shutdown, first)| async move {
                 if !first {
                     tokio::select! {
                         changed = changes.changed() => if changed.is_err() { return None },
                         () = tokio::time::sleep(STATUS_STREAM_REFRESH) => {}
+                        () = shutdown.cancelled() => return None,
                     }
                     // Let a burst of changes settle into one message.
                     tokio::time::sleep(STATUS_STREAM_SETTLE).await;
@@ -92,7 +102,10 @@ impl Executor for ExecutorService {
                 let message = pb::StatusesResponse {
                     statuses: reconciler.statuses().into_iter().map(deployment_status).collect(),
                 };
-                Some((Ok(message), (reconciler, changes, false)))
+                if shutdown.is_cancelled() {
+                    return None;
+                }
+                Some((Ok(message), (reconciler, changes, shutdown, false)))
             },
         );
         Ok(Response::new(Box::pin(stream)))

@@ -195,6 +195,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 reconciler.clone(),
                 log_collector,
                 metrics_client,
+                runtime.shutdown.clone(),
             ))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),

@@ -269,6 +269,9 @@ impl Processes {
             auth_dir.clone(),
         )?);
         let config_dir = dir.join("config");
+        // A config file left by an earlier run of the same test (a rotated secret) must not
+        // reach this one.
+        let _ = std::fs::remove_dir_all(&config_dir);
         std::fs::create_dir_all(&config_dir)?;
         let mut poller_env = own_env(ns, "distr-agent").await?;
         poller_env.extend([

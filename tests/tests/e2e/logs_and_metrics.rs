@@ -328,3 +328,64 @@ async fn cluster_metrics_are_posted_under_cluster_scope_only() -> anyhow::Result
     assert_eq!(said, 1, "said once, not every cycle");
     Ok(())
 }
+
+/// Resident memory of a process, in KiB (Linux).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Not a test: figures for a pod that floods its log (run with `--ignored --nocapture`).
+/// Prints the lines per second the pipeline ships and the executor's and poller's memory.
+#[tokio::test]
+#[ignore = "a benchmark: prints figures, asserts nothing about time"]
+async fn flood_figures() -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let test = "log-flood";
+    let lines: usize = std::env::var("FLOOD_LINES").ok().and_then(|n| n.parse().ok()).unwrap_or(30_000);
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let file = kwok::LogFile::serve_namespace(&agent.ns, "flood").await?;
+    agent.hub.set_deployment_logs(agent.target, true, None);
+    let chart = push_web_chart(test, "flood-web", &["0.1.0"]).await?;
+    let web = revise(&deployment("web", &chart, "0.1.0", json!({})), json!({"logsEnabled": true}));
+    agent.set_deployments(vec![web.clone()]);
+    agent
+        .wait_status(&revision(&web), "healthy", "status check passed", 2 * MINUTE)
+        .await?;
+    let rss_before = (rss_kib(agent.executor.pid()), rss_kib(agent.poller.pid()));
+    let base = chrono::Utc::now();
+    let mut out = std::io::BufWriter::new(std::fs::OpenOptions::new().append(true).open(file.path())?);
+    for n in 0..lines {
+        let time = base + chrono::Duration::microseconds(n as i64);
+        writeln!(
+            out,
+            "{} stdout F flood line {n} with some text to make it about a hundred bytes long, as log lines are",
+            time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+        )?;
+    }
+    out.flush()?;
+    let started = std::time::Instant::now();
+    let peak = (
+        std::sync::atomic::AtomicU64::new(0),
+        std::sync::atomic::AtomicU64::new(0),
+    );
+    wait_for("every flood line on the Hub", 10 * MINUTE, || async {
+        let ordering = std::sync::atomic::Ordering::Relaxed;
+        peak.0.fetch_max(rss_kib(agent.executor.pid()).unwrap_or(0), ordering);
+        peak.1.fetch_max(rss_kib(agent.poller.pid()).unwrap_or(0), ordering);
+        (agent.hub.logs().len() >= lines).then_some(())
+    })
+    .await?;
+    let peak = (peak.0.into_inner(), peak.1.into_inner());
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "flood: {lines} lines shipped in {seconds:.1} s = {:.0} lines/s; executor RSS {:?} KiB before, {} KiB peak; poller RSS {:?} KiB before, {} KiB peak",
+        lines as f64 / seconds,
+        rss_before.0,
+        peak.0,
+        rss_before.1,
+        peak.1
+    );
+    Ok(())
+}
