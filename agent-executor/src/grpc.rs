@@ -86,28 +86,25 @@ impl Executor for ExecutorService {
         let reconciler = self.reconciler.clone();
         let changes = reconciler.follow_statuses();
         let state = (reconciler, changes, self.shutdown.clone(), true);
-        let stream = futures::stream::unfold(
-            state,
-            |(reconciler, mut changes, shutdown, first)| async move {
-                if !first {
-                    tokio::select! {
-                        changed = changes.changed() => if changed.is_err() { return None },
-                        () = tokio::time::sleep(STATUS_STREAM_REFRESH) => {}
-                        () = shutdown.cancelled() => return None,
-                    }
-                    // Let a burst of changes settle into one message.
-                    tokio::time::sleep(STATUS_STREAM_SETTLE).await;
+        let stream = futures::stream::unfold(state, |(reconciler, mut changes, shutdown, first)| async move {
+            if !first {
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return None },
+                    () = tokio::time::sleep(STATUS_STREAM_REFRESH) => {}
+                    () = shutdown.cancelled() => return None,
                 }
-                changes.borrow_and_update();
-                let message = pb::StatusesResponse {
-                    statuses: reconciler.statuses().into_iter().map(deployment_status).collect(),
-                };
-                if shutdown.is_cancelled() {
-                    return None;
-                }
-                Some((Ok(message), (reconciler, changes, shutdown, false)))
-            },
-        );
+                // Let a burst of changes settle into one message.
+                tokio::time::sleep(STATUS_STREAM_SETTLE).await;
+            }
+            changes.borrow_and_update();
+            let message = pb::StatusesResponse {
+                statuses: reconciler.statuses().into_iter().map(deployment_status).collect(),
+            };
+            if shutdown.is_cancelled() {
+                return None;
+            }
+            Some((Ok(message), (reconciler, changes, shutdown, false)))
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -158,9 +158,16 @@ impl ObjectWatches {
                 .clone()
         };
         if !store.synced.load(Ordering::Acquire) {
+            tracing::debug!(namespace, "the pod watch has not listed yet");
             return None;
         }
         let problems = store.problems.lock().unwrap_or_else(|e| e.into_inner());
+        tracing::debug!(
+            namespace,
+            problems = problems.len(),
+            ?labels,
+            "looking for a pod with a problem"
+        );
         problems
             .iter()
             .filter(|(_, (pod_labels, _))| labels.iter().all(|(k, v)| pod_labels.get(k) == Some(v)))

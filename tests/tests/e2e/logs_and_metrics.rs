@@ -343,12 +343,18 @@ fn rss_kib(pid: u32) -> Option<u64> {
 async fn flood_figures() -> anyhow::Result<()> {
     use std::io::Write as _;
     let test = "log-flood";
-    let lines: usize = std::env::var("FLOOD_LINES").ok().and_then(|n| n.parse().ok()).unwrap_or(30_000);
+    let lines: usize = std::env::var("FLOOD_LINES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(30_000);
     let agent = Agent::start(test, AgentOptions::default()).await?;
     let file = kwok::LogFile::serve_namespace(&agent.ns, "flood").await?;
     agent.hub.set_deployment_logs(agent.target, true, None);
     let chart = push_web_chart(test, "flood-web", &["0.1.0"]).await?;
-    let web = revise(&deployment("web", &chart, "0.1.0", json!({})), json!({"logsEnabled": true}));
+    let web = revise(
+        &deployment("web", &chart, "0.1.0", json!({})),
+        json!({"logsEnabled": true}),
+    );
     agent.set_deployments(vec![web.clone()]);
     agent
         .wait_status(&revision(&web), "healthy", "status check passed", 2 * MINUTE)

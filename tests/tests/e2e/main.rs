@@ -11,3 +11,4 @@ mod long_operations;
 mod mtls;
 mod reliability;
 mod selfupdate;
+mod watches;
