@@ -385,7 +385,7 @@ async fn flood_figures() -> anyhow::Result<()> {
     .await?;
     let peak = (peak.0.into_inner(), peak.1.into_inner());
     let seconds = started.elapsed().as_secs_f64();
-    println!(
+    eprintln!(
         "flood: {lines} lines shipped in {seconds:.1} s = {:.0} lines/s; executor RSS {:?} KiB before, {} KiB peak; poller RSS {:?} KiB before, {} KiB peak",
         lines as f64 / seconds,
         rss_before.0,
