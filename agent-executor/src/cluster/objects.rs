@@ -402,3 +402,82 @@ async fn follow_pods(api: Api<Pod>, store: Arc<PodProblems>, restarts: Counter, 
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use k8s_openapi::{
+        api::apps::v1::{DeploymentSpec, DeploymentStatus},
+        apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
+
+    use super::*;
+
+    fn web(ready: i32) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                generation: Some(1),
+                ..Default::default()
+            },
+            spec: Some(DeploymentSpec {
+                replicas: Some(1),
+                ..Default::default()
+            }),
+            status: Some(DeploymentStatus {
+                ready_replicas: Some(ready),
+                updated_replicas: Some(1),
+                observed_generation: Some(1),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// The index is fed events directly, with no API server: verdicts follow the objects,
+    /// and only a verdict that changes is announced.
+    #[tokio::test]
+    async fn verdicts_follow_the_events_and_only_changes_are_announced() {
+        let (changes, mut announced) = broadcast::channel(16);
+        let (synced_tx, synced) = watch::channel(false);
+        let kind_watch = Arc::new(KindWatch {
+            verdicts: Mutex::default(),
+            synced,
+            last_used: Mutex::new(Instant::now()),
+            stop: CancellationToken::new(),
+        });
+        let feed = Feed {
+            key: WatchKey {
+                group: "apps".into(),
+                version: "v1".into(),
+                kind: "Deployment".into(),
+                namespace: "apps".into(),
+            },
+            watch: kind_watch.clone(),
+            synced: synced_tx,
+            changes,
+            restarts: Counter::default(),
+        };
+        let verdict = || kind_watch.verdicts.lock().unwrap().get("web").cloned();
+        let events: Vec<Result<Event<Deployment>, watcher::Error>> = vec![
+            Ok(Event::Init),
+            Ok(Event::InitApply(web(0))),
+            Ok(Event::InitDone),
+            // A status update that does not change the verdict is not announced.
+            Ok(Event::Apply(web(0))),
+            Ok(Event::Apply(web(1))),
+        ];
+        feed.follow(futures::stream::iter(events), health::deployment).await;
+        assert!(*kind_watch.synced.borrow());
+        assert_eq!(verdict(), Some(Ok(())));
+        let mut names = Vec::new();
+        while let Ok(Change::Object { name, .. }) = announced.try_recv() {
+            names.push(name);
+        }
+        assert_eq!(names, ["web", "web"], "listed, then ready");
+
+        feed.follow(futures::stream::iter(vec![Ok(Event::Delete(web(1)))]), health::deployment)
+            .await;
+        assert_eq!(verdict(), None);
+        assert!(matches!(announced.try_recv(), Ok(Change::Object { .. })));
+    }
+}
