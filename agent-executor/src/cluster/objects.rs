@@ -475,8 +475,11 @@ mod tests {
         }
         assert_eq!(names, ["web", "web"], "listed, then ready");
 
-        feed.follow(futures::stream::iter(vec![Ok(Event::Delete(web(1)))]), health::deployment)
-            .await;
+        feed.follow(
+            futures::stream::iter(vec![Ok(Event::Delete(web(1)))]),
+            health::deployment,
+        )
+        .await;
         assert_eq!(verdict(), None);
         assert!(matches!(announced.try_recv(), Ok(Change::Object { .. })));
     }
