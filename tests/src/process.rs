@@ -66,6 +66,11 @@ impl AgentProcess {
         })
     }
 
+    /// The process id (also its process group id: see [`AgentProcess::start`]), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.admin_port)
     }
