@@ -137,7 +137,7 @@ rules:
   - level: Metadata
 POLICY
   audit_flags=(--audit-policy-file "$state/audit-policy.yaml" --audit-log-path "$state/logs/audit.log"
-    --audit-log-format json --audit-log-maxsize 0)
+    --audit-log-format json --audit-log-maxsize 100000)
   log "kube-apiserver audit log: $state/logs/audit.log"
 fi
 client_qps_flags=()

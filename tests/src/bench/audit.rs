@@ -85,11 +85,24 @@ impl Event {
 }
 
 /// The events of the ServiceAccounts of the agent in `namespace` (`distr-agent-executor`,
-/// `distr-agent-updater`, ...), in log order.
-pub fn agent_events(log: &Path, namespace: &str) -> anyhow::Result<Vec<Event>> {
+/// `distr-agent-updater`, ...) in the audit logs of `dir` (`audit.log`, and any file
+/// kube-apiserver rotated it to, `audit-<time>.log`), in time order.
+pub fn agent_events(dir: &Path, namespace: &str) -> anyhow::Result<Vec<Event>> {
+    let mut events = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with("audit") && name.ends_with(".log") {
+            read_events(&path, namespace, &mut events)?;
+        }
+    }
+    events.sort_by_key(|e| e.request_received_timestamp);
+    Ok(events)
+}
+
+fn read_events(log: &Path, namespace: &str, events: &mut Vec<Event>) -> anyhow::Result<()> {
     let prefix = format!("system:serviceaccount:{namespace}:");
     let file = std::fs::File::open(log).with_context(|| format!("opening {}", log.display()))?;
-    let mut events = Vec::new();
     for line in std::io::BufReader::new(file).lines() {
         let line = line?;
         // Cheap filter first: most of the log is the control plane's own traffic.
@@ -101,7 +114,7 @@ pub fn agent_events(log: &Path, namespace: &str) -> anyhow::Result<Vec<Event>> {
             events.push(event);
         }
     }
-    Ok(events)
+    Ok(())
 }
 
 /// The agent component an event's user is: `distr-agent-executor` → `executor`.
@@ -168,9 +181,12 @@ mod tests {
     #[test]
     fn counts_each_request_once_and_watches_apart() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let log = dir.path().join("audit.log");
-        std::fs::write(&log, LINES)?;
-        let events = agent_events(&log, "b")?;
+        // Rotated in the middle, as kube-apiserver does at its maximum size.
+        let (older, newer) = LINES.split_at(LINES.find("{\"kind\":\"Event\",\"level\":\"Metadata\",\"stage\":\"ResponseComplete\",\"requestURI\":\"/api/v1/namespaces/b/secrets\"").expect("a line"));
+        std::fs::write(dir.path().join("audit-2026-01-01T00-00-03.000.log"), older)?;
+        std::fs::write(dir.path().join("audit.log"), newer)?;
+        std::fs::write(dir.path().join("kwok.log"), "not an audit log")?;
+        let events = agent_events(dir.path(), "b")?;
         assert_eq!(events.len(), 5, "namespace c is another agent's");
         let counts = count_requests(&events, time("2026-01-01T00:00:00Z"), time("2026-01-01T00:01:00Z"));
         let key = |c: &str, v: &str, r: &str| (c.to_owned(), v.to_owned(), r.to_owned());

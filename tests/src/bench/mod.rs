@@ -138,7 +138,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Results> {
     let cpu_after = cpu_readings(&pids);
     let minutes = (to - from).as_seconds_f64() / 60.0;
 
-    let events = audit::agent_events(&TestEnv::get().state.join("logs/audit.log"), &agent.ns.name)?;
+    let events = audit::agent_events(&TestEnv::get().state.join("logs"), &agent.ns.name)?;
     let helm_secret = audit::created_at(&events, "secrets", &format!("sh.helm.release.v1.{upgraded_release}.v2"));
     let window_samples = sampler.between(window_started, window_ended);
     let all_samples = sampler.between(run_started, Instant::now());
