@@ -12,6 +12,15 @@
 #   in the CRI log format and is re-read on every request. See tests/src/kwok.rs.
 # - Metrics: tests/env/kwok-metrics.yaml; kwok-node-0 reports the constant usage below.
 #
+# Opt-ins for the benchmark (bench/run.sh); unset, nothing changes:
+# - DISTR_TESTENV_AUDIT=1: kube-apiserver writes an audit log, one JSON event per line, to
+#   $state/logs/audit.log (Metadata level; node leases, health probes and the API server's own
+#   loopback requests left out; no RequestReceived stage, so a request is one ResponseComplete
+#   event, and a watch also one ResponseStarted event when it opens).
+# - DISTR_TESTENV_KUBE_API_QPS=<n>: kube-controller-manager and kube-scheduler may make n
+#   requests per second (burst 2n) instead of their defaults (20 and 50), so that the control
+#   plane, not its client rate limits, sets the pace of large installs.
+#
 # usage: start.sh <state-dir> <bin-dir>
 set -euo pipefail
 
@@ -111,8 +120,33 @@ run etcd "$bin/etcd" --name testenv --data-dir "$etcd_data" --unsafe-no-fsync \
   --initial-cluster "testenv=http://127.0.0.1:$etcd_peer_port" --log-level warn
 wait_until etcd 30 curl -fsS "http://127.0.0.1:$etcd_port/readyz"
 
+audit_flags=()
+if [ "${DISTR_TESTENV_AUDIT:-}" = 1 ]; then
+  cat >"$state/audit-policy.yaml" <<'POLICY'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: None
+    users: [system:apiserver]
+  - level: None
+    resources: [{group: coordination.k8s.io, resources: [leases]}]
+    namespaces: [kube-node-lease]
+  - level: None
+    nonResourceURLs: [/healthz*, /livez*, /readyz*]
+  - level: Metadata
+POLICY
+  audit_flags=(--audit-policy-file "$state/audit-policy.yaml" --audit-log-path "$state/logs/audit.log"
+    --audit-log-format json --audit-log-maxsize 100000)
+  log "kube-apiserver audit log: $state/logs/audit.log"
+fi
+client_qps_flags=()
+if [ -n "${DISTR_TESTENV_KUBE_API_QPS:-}" ]; then
+  client_qps_flags=(--kube-api-qps "$DISTR_TESTENV_KUBE_API_QPS" --kube-api-burst "$((2 * DISTR_TESTENV_KUBE_API_QPS))")
+fi
+
 log "starting kube-apiserver on https://127.0.0.1:$api_port"
-run kube-apiserver "$bin/kube-apiserver" \
+run kube-apiserver "$bin/kube-apiserver" "${audit_flags[@]}" \
   --etcd-servers "http://127.0.0.1:$etcd_port" \
   --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
   --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
@@ -155,12 +189,12 @@ kubectl apply -f "$cache/kwok/crds.yaml" >/dev/null
 
 always_allow=/healthz,/readyz,/livez,/metrics
 log "starting kube-controller-manager, kube-scheduler, kwok (kubelet on 127.0.0.1:$kwok_port) and metrics-server"
-run kube-controller-manager "$bin/kube-controller-manager" --kubeconfig "$kubeconfig" \
+run kube-controller-manager "$bin/kube-controller-manager" --kubeconfig "$kubeconfig" "${client_qps_flags[@]}" \
   --authentication-kubeconfig "$kubeconfig" --authorization-kubeconfig "$kubeconfig" \
   --leader-elect=false --bind-address 127.0.0.1 --secure-port "$kcm_port" \
   --root-ca-file "$pki/ca.crt" --service-account-private-key-file "$pki/sa.key" \
   --use-service-account-credentials=true --authorization-always-allow-paths "$always_allow"
-run kube-scheduler "$bin/kube-scheduler" --kubeconfig "$kubeconfig" \
+run kube-scheduler "$bin/kube-scheduler" --kubeconfig "$kubeconfig" "${client_qps_flags[@]}" \
   --authentication-kubeconfig "$kubeconfig" --authorization-kubeconfig "$kubeconfig" \
   --leader-elect=false --bind-address 127.0.0.1 --secure-port "$sched_port" \
   --authorization-always-allow-paths "$always_allow"

@@ -127,3 +127,48 @@ pub async fn push_web_chart(test: &str, name: &str, versions: &[&str]) -> anyhow
     }
     Ok(url)
 }
+
+/// A chart with one single-replica Deployment per name in `workloads` (`<release>-<workload>`),
+/// each with the pod template of [`write_web_chart`] (Ready on a kwok node at once).
+pub fn write_workloads_chart(dir: &Path, name: &str, version: &str, workloads: &[&str]) -> anyhow::Result<PathBuf> {
+    let chart = dir.join(format!("{name}-{version}"));
+    std::fs::create_dir_all(chart.join("templates"))?;
+    std::fs::write(
+        chart.join("Chart.yaml"),
+        format!("apiVersion: v2\nname: {name}\nversion: {version}\nappVersion: \"{version}\"\ntype: application\n"),
+    )?;
+    std::fs::write(
+        chart.join("values.yaml"),
+        "image: registry.example/app:1\nmessage: hello\nimagePullSecrets: []\n",
+    )?;
+    for workload in workloads {
+        std::fs::write(
+            chart.join(format!("templates/{workload}.yaml")),
+            format!(
+                r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{{{ .Release.Name }}}}-{workload}
+  labels: {{app: {{{{ .Release.Name }}}}-{workload}}}
+  annotations:
+    distr.test/message: {{{{ .Values.message | quote }}}}
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {{app: {{{{ .Release.Name }}}}-{workload}}}
+  template:
+    metadata:
+      labels: {{app: {{{{ .Release.Name }}}}-{workload}}}
+    spec:
+      {{{{- with .Values.imagePullSecrets }}}}
+      imagePullSecrets: {{{{ toJson . }}}}
+      {{{{- end }}}}
+      containers:
+        - name: {workload}
+          image: {{{{ .Values.image }}}}
+"#
+            ),
+        )?;
+    }
+    Ok(chart)
+}

@@ -8,6 +8,7 @@
 
 pub mod access;
 pub mod agent;
+pub mod bench;
 pub mod chart_repo;
 pub mod charts;
 pub mod cluster;

@@ -66,9 +66,9 @@ impl AgentProcess {
         })
     }
 
-    /// The process id (0 once it has exited).
-    pub fn pid(&self) -> u32 {
-        self.child.id().unwrap_or(0)
+    /// The process id (also its process group id: see [`AgentProcess::start`]), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     pub fn admin_url(&self, path: &str) -> String {

@@ -572,6 +572,12 @@ impl HubSim {
             .collect()
     }
 
+    /// Computes something from the request log without copying it (it grows long in the
+    /// benchmark).
+    pub fn with_requests<T>(&self, f: impl FnOnce(&[RecordedRequest]) -> T) -> T {
+        f(&self.shared.lock().requests)
+    }
+
     /// Waits until `check` holds for the request log, polling.
     pub async fn wait_until(
         &self,

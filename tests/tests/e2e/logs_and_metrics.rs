@@ -359,7 +359,10 @@ async fn flood_figures() -> anyhow::Result<()> {
     agent
         .wait_status(&revision(&web), "healthy", "status check passed", 2 * MINUTE)
         .await?;
-    let rss_before = (rss_kib(agent.executor.pid()), rss_kib(agent.poller.pid()));
+    let rss_before = (
+        agent.executor.pid().and_then(rss_kib),
+        agent.poller.pid().and_then(rss_kib),
+    );
     let base = chrono::Utc::now();
     let mut out = std::io::BufWriter::new(std::fs::OpenOptions::new().append(true).open(file.path())?);
     for n in 0..lines {
@@ -378,8 +381,10 @@ async fn flood_figures() -> anyhow::Result<()> {
     );
     wait_for("every flood line on the Hub", 10 * MINUTE, || async {
         let ordering = std::sync::atomic::Ordering::Relaxed;
-        peak.0.fetch_max(rss_kib(agent.executor.pid()).unwrap_or(0), ordering);
-        peak.1.fetch_max(rss_kib(agent.poller.pid()).unwrap_or(0), ordering);
+        peak.0
+            .fetch_max(agent.executor.pid().and_then(rss_kib).unwrap_or(0), ordering);
+        peak.1
+            .fetch_max(agent.poller.pid().and_then(rss_kib).unwrap_or(0), ordering);
         (agent.hub.logs().len() >= lines).then_some(())
     })
     .await?;
