@@ -88,6 +88,12 @@ pub fn split_line(line: &str) -> Option<(DateTime<Utc>, &str)> {
     Some((time, text))
 }
 
+/// The start of the second after `time`.
+pub fn next_second(time: DateTime<Utc>) -> DateTime<Utc> {
+    let whole = time.timestamp();
+    DateTime::from_timestamp(whole + 1, 0).unwrap_or(time)
+}
+
 /// One collected line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Line {
@@ -242,6 +248,12 @@ mod tests {
         let third = take(lines, second.cursor.unwrap(), cutoff, 2);
         assert_eq!(third.lines, [line("2026-11-25T10:00:03Z", "c")]);
         assert_eq!(third.cursor, Some(cutoff));
+    }
+
+    #[test]
+    fn the_next_second_starts_at_a_whole_second() {
+        assert_eq!(next_second(at("2026-11-25T10:00:00.700Z")), at("2026-11-25T10:00:01Z"));
+        assert_eq!(next_second(at("2026-11-25T10:00:01Z")), at("2026-11-25T10:00:02Z"));
     }
 
     #[test]

@@ -242,12 +242,29 @@ impl LogCollector {
                         continue;
                     }
                 };
-                let read = lines::parse_lines(&text, &workload.resource);
+                let mut read = lines::parse_lines(&text, &workload.resource);
                 if text.len() as i64 >= CONTAINER_BYTES
-                    && let Some(last) = read.last()
+                    && let Some(last) = read.last().map(|line| line.timestamp)
                 {
-                    // The rest of this container's log waits for the next collection.
-                    complete_until = Some(complete_until.map_or(last.timestamp, |t| t.min(last.timestamp)));
+                    // The rest of this container's log waits for the next collection. A read
+                    // starts at a whole second: when the byte bound fills up before passing the
+                    // watermark, the rest of that second cannot be read at all, so it is
+                    // skipped, and a line says so.
+                    let until = if last > watermark {
+                        last
+                    } else {
+                        let next_second = lines::next_second(watermark);
+                        read.push(lines::Line {
+                            timestamp: next_second - chrono::Duration::nanoseconds(1),
+                            resource: workload.resource.clone(),
+                            body: format!(
+                                "[distr agent] lines of pod {name} container {container} past the first {} KiB logged within one second were skipped",
+                                CONTAINER_BYTES / 1024
+                            ),
+                        });
+                        next_second
+                    };
+                    complete_until = Some(complete_until.map_or(until, |t| t.min(until)));
                 }
                 lines.extend(read);
             }
