@@ -282,11 +282,22 @@ impl StatusFollower {
                 result = self.follow() => result,
                 () = shutdown.cancelled() => return,
             };
-            if let Err(status) = followed {
-                tracing::debug!(code = ?status.code(), message = status.message(), "the status stream ended; following it again");
-                pause = (pause * 2).min(FOLLOW_RETRY_MAX);
-            } else {
-                pause = FOLLOW_RETRY;
+            match followed {
+                // The stream ran (the server ends connections past their age, for certificate
+                // rotation): follow again at once.
+                (true, result) => {
+                    if let Err(status) = result {
+                        tracing::debug!(code = ?status.code(), message = status.message(), "the status stream ended; following it again");
+                    }
+                    pause = FOLLOW_RETRY;
+                }
+                // It could not even start: back off.
+                (false, result) => {
+                    if let Err(status) = result {
+                        tracing::debug!(code = ?status.code(), message = status.message(), "cannot follow the status stream");
+                    }
+                    pause = (pause * 2).min(FOLLOW_RETRY_MAX);
+                }
             }
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
@@ -295,9 +306,17 @@ impl StatusFollower {
         }
     }
 
-    async fn follow(&mut self) -> Result<(), tonic::Status> {
+    /// Follows the stream until it ends; says whether it delivered anything, and how it ended.
+    async fn follow(&mut self) -> (bool, Result<(), tonic::Status>) {
+        let mut delivered = false;
+        let result = self.follow_messages(&mut delivered).await;
+        (delivered, result)
+    }
+
+    async fn follow_messages(&mut self, delivered: &mut bool) -> Result<(), tonic::Status> {
         let mut stream = self.executor.watch_statuses(pb::StatusesRequest {}).await?.into_inner();
         while let Some(message) = stream.message().await? {
+            *delivered = true;
             let known = lock(&self.last_known).clone();
             // Only the deployments of the Hub's last complete answer; none before the first.
             if known.is_empty() {
