@@ -12,7 +12,8 @@
 //! - **pods Ready → healthy**: one Deployment of one release is scaled to 2 replicas while every
 //!   node is cordoned, so its new pod cannot start; once the Hub heard that the release is not
 //!   healthy, the nodes are uncordoned; from the moment the Deployment reports 2 ready replicas
-//!   (read every 250 ms) to the next `healthy` status the Hub receives;
+//!   (read every 250 ms) to the first `healthy` status the Hub received after the unready one
+//!   (negative when the Hub heard it before the 250 ms read did);
 //! - **steady state**, once everything is healthy and no status but `healthy` came for a while,
 //!   over a fixed window: kube-apiserver requests per minute of the agent's ServiceAccounts by
 //!   verb and resource (audit log), Hub requests per minute by route (the simulator's record),
@@ -407,8 +408,11 @@ async fn ready_to_healthy(agent: &Agent, release: &Value) -> anyhow::Result<Read
         (status.ready_replicas.unwrap_or(0) >= 2).then(Utc::now)
     })
     .await?;
+    // The first `healthy` after the unready status: it may reach the Hub before this loop,
+    // reading every 250 ms, sees the Deployment ready (the figure is then negative, i.e. below
+    // the read granularity); looking only after `ready_at` would find the next 30 s refresh.
     let (_, healthy_at) = wait_for("healthy again on the Hub", timeout, || {
-        let status = first_statuses(&agent.hub, ready_at, |kind| kind == "healthy").remove(&rev);
+        let status = first_statuses(&agent.hub, unhealthy_at, |kind| kind == "healthy").remove(&rev);
         async move { status }
     })
     .await?;
