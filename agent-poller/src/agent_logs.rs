@@ -9,7 +9,10 @@
 
 use std::time::Duration;
 
-use agent_runtime::{logging::LogBuffer, tls::client::ReloadingChannel as Channel};
+use agent_runtime::{
+    logging::{LogBuffer, service::collect_reply},
+    tls::client::ReloadingChannel as Channel,
+};
 use chrono::{DateTime, Utc};
 use distr_agent_proto::v1::{self as pb, agent_logs_client::AgentLogsClient};
 use prometheus_client::{
@@ -47,23 +50,7 @@ impl Source {
 
     async fn collect(&mut self, after: u64) -> Result<pb::CollectAgentLogsResponse, tonic::Status> {
         match self {
-            Source::Local(buffer) => {
-                let collected = buffer.collect(after, BATCH_LINES as usize);
-                Ok(pb::CollectAgentLogsResponse {
-                    lines: collected
-                        .lines
-                        .into_iter()
-                        .map(|line| pb::AgentLogLine {
-                            sequence: line.sequence,
-                            timestamp: Some(line.timestamp.into()),
-                            severity: line.severity.to_owned(),
-                            body: line.body,
-                        })
-                        .collect(),
-                    dropped: collected.dropped,
-                    instance: buffer.instance().to_owned(),
-                })
-            }
+            Source::Local(buffer) => Ok(collect_reply(buffer, after, BATCH_LINES as usize)),
             Source::Remote { client, .. } => Ok(client
                 .collect(pb::CollectAgentLogsRequest {
                     after,

@@ -23,6 +23,26 @@ impl AgentLogsService {
     }
 }
 
+/// Up to `max` lines of `buffer` after `after`, as the `Collect` reply carries them (also what
+/// the poller reads from its own buffer).
+pub fn collect_reply(buffer: &LogBuffer, after: u64, max: usize) -> pb::CollectAgentLogsResponse {
+    let collected = buffer.collect(after, max);
+    pb::CollectAgentLogsResponse {
+        lines: collected
+            .lines
+            .into_iter()
+            .map(|line| pb::AgentLogLine {
+                sequence: line.sequence,
+                timestamp: Some(prost_types::Timestamp::from(line.timestamp)),
+                severity: line.severity.to_owned(),
+                body: line.body,
+            })
+            .collect(),
+        dropped: collected.dropped,
+        instance: buffer.instance().to_owned(),
+    }
+}
+
 #[tonic::async_trait]
 impl AgentLogs for AgentLogsService {
     async fn collect(
@@ -33,21 +53,7 @@ impl AgentLogs for AgentLogsService {
         let max = usize::try_from(request.max_lines)
             .unwrap_or(MAX_LINES)
             .clamp(1, MAX_LINES);
-        let collected = self.buffer.collect(request.after, max);
-        Ok(Response::new(pb::CollectAgentLogsResponse {
-            lines: collected
-                .lines
-                .into_iter()
-                .map(|line| pb::AgentLogLine {
-                    sequence: line.sequence,
-                    timestamp: Some(prost_types::Timestamp::from(line.timestamp)),
-                    severity: line.severity.to_owned(),
-                    body: line.body,
-                })
-                .collect(),
-            dropped: collected.dropped,
-            instance: self.buffer.instance().to_owned(),
-        }))
+        Ok(Response::new(collect_reply(&self.buffer, request.after, max)))
     }
 
     async fn ack(
