@@ -11,14 +11,10 @@ use crate::{TestEnv, tools};
 /// them a node selector no node matches (a workload that never becomes ready; kwok marks every
 /// scheduled pod Ready, readiness gates included).
 pub fn write_web_chart(dir: &Path, name: &str, version: &str) -> anyhow::Result<PathBuf> {
-    let chart = dir.join(format!("{name}-{version}"));
-    std::fs::create_dir_all(chart.join("templates"))?;
-    std::fs::write(
-        chart.join("Chart.yaml"),
-        format!("apiVersion: v2\nname: {name}\nversion: {version}\nappVersion: \"{version}\"\ntype: application\n"),
-    )?;
-    std::fs::write(
-        chart.join("values.yaml"),
+    let chart = chart_dir(
+        dir,
+        name,
+        version,
         "replicas: 1\nimage: registry.example/web:1\nmessage: hello\nneverReady: false\nimagePullSecrets: []\n",
     )?;
     std::fs::write(
@@ -131,14 +127,10 @@ pub async fn push_web_chart(test: &str, name: &str, versions: &[&str]) -> anyhow
 /// A chart with one single-replica Deployment per name in `workloads` (`<release>-<workload>`),
 /// each with the pod template of [`write_web_chart`] (Ready on a kwok node at once).
 pub fn write_workloads_chart(dir: &Path, name: &str, version: &str, workloads: &[&str]) -> anyhow::Result<PathBuf> {
-    let chart = dir.join(format!("{name}-{version}"));
-    std::fs::create_dir_all(chart.join("templates"))?;
-    std::fs::write(
-        chart.join("Chart.yaml"),
-        format!("apiVersion: v2\nname: {name}\nversion: {version}\nappVersion: \"{version}\"\ntype: application\n"),
-    )?;
-    std::fs::write(
-        chart.join("values.yaml"),
+    let chart = chart_dir(
+        dir,
+        name,
+        version,
         "image: registry.example/app:1\nmessage: hello\nimagePullSecrets: []\n",
     )?;
     for workload in workloads {
@@ -170,5 +162,18 @@ spec:
             ),
         )?;
     }
+    Ok(chart)
+}
+
+/// Creates `<dir>/<name>-<version>/` with its `Chart.yaml`, `values.yaml` and an empty
+/// `templates/`; returns the chart directory.
+pub fn chart_dir(dir: &Path, name: &str, version: &str, values: &str) -> anyhow::Result<PathBuf> {
+    let chart = dir.join(format!("{name}-{version}"));
+    std::fs::create_dir_all(chart.join("templates"))?;
+    std::fs::write(
+        chart.join("Chart.yaml"),
+        format!("apiVersion: v2\nname: {name}\nversion: {version}\nappVersion: \"{version}\"\ntype: application\n"),
+    )?;
+    std::fs::write(chart.join("values.yaml"), values)?;
     Ok(chart)
 }

@@ -169,13 +169,12 @@ async fn backdate(agent: &Agent, secret: &str, age: chrono::Duration) -> anyhow:
 /// A chart whose only object is a ConfigMap with a finalizer nobody removes but the test:
 /// deleting it leaves it terminating until the test lets it go.
 fn held_chart(test: &str) -> anyhow::Result<std::path::PathBuf> {
-    let chart = TestEnv::get().test_dir(test).join("charts/held-0.1.0");
-    std::fs::create_dir_all(chart.join("templates"))?;
-    std::fs::write(
-        chart.join("Chart.yaml"),
-        "apiVersion: v2\nname: held\nversion: 0.1.0\ntype: application\n",
+    let chart = charts::chart_dir(
+        &TestEnv::get().test_dir(test).join("charts"),
+        "held",
+        "0.1.0",
+        "message: hello\n",
     )?;
-    std::fs::write(chart.join("values.yaml"), "message: hello\n")?;
     std::fs::write(
         chart.join("templates/configmap.yaml"),
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-data\n  finalizers: [distr.test/hold]\ndata:\n  message: {{ .Values.message | quote }}\n",
