@@ -13,14 +13,14 @@ use distr_agent_proto::v1::{self as pb, executor_server::Executor};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    cluster::tracking::TrackingError,
     logs::{Ack, LogCollector},
     model::{
         self, DeploymentStatus, DesiredState, HelmOptions, RegistryCredentials, RegistryLogin, SecretString,
         StatusKind, Values,
     },
-    reconciler::{ReconcileError, Reconciler, ReleaseDetail, ReleaseInfo},
-    status_board::ReleaseKey,
-    tracking::TrackingError,
+    release::reconciler::{ReconcileError, Reconciler, ReleaseDetail, ReleaseInfo},
+    release::status_board::ReleaseKey,
     validate,
 };
 

@@ -1,35 +1,27 @@
 //! agent-executor: holds the cluster RBAC, reconciles Helm releases and reports their status.
 //! The gRPC service in [`grpc`] only validates and converts; the domain code knows no tonic.
 //!
-//! Modules, from the inside out:
+//! Modules, grouped by what they do:
 //! - [`model`]: desired state, Helm options, statuses; [`validate`]: checks on Hub input.
-//! - [`helm`]: the `helm` subprocess driver; [`helm_storage`]: Helm's release Secrets.
-//! - [`tracking`], [`pull_secret`], [`docker_config`]: the cluster state the agent keeps.
-//! - [`manifest`], [`health`], [`restart`]: the resources of a release.
-//! - [`plan`], [`recovery`], [`status_board`], [`reconciler`] (with its per-release
-//!   workers): the reconciliation; [`kube_util`]: timeouts and messages of API calls.
+//! - [`helm`]: the `helm` subprocess driver, its arguments, Helm's release storage and the
+//!   docker configs it reads.
+//! - [`cluster`]: what the executor knows of the cluster: the watch-fed index, tracking and
+//!   pull Secrets, API call helpers.
+//! - [`resources`]: the objects of a release: manifest, health, restart.
+//! - [`release`]: the reconciliation: plan, recovery, the per-release workers, the status
+//!   board, and the reconciler that drives them.
+//! - [`grpc`]: the gRPC service (transport only); [`logs`], [`cluster_metrics`], [`pki`].
 
 pub mod cluster;
 pub mod cluster_metrics;
-pub mod docker_config;
 pub mod grpc;
-pub mod health;
 pub mod helm;
-pub mod helm_storage;
-pub mod kube_util;
 pub mod logs;
-pub mod manifest;
 pub mod model;
 pub mod pki;
-pub mod plan;
-pub mod pull_secret;
-pub mod reconciler;
-pub mod recovery;
-pub mod restart;
-pub mod status_board;
-pub mod tracking;
+pub mod release;
+pub mod resources;
 pub mod validate;
-mod worker;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -77,7 +69,7 @@ pub struct Args {
 
     /// Seconds a Helm operation counts against `--max-concurrent-helm`: after its busy start
     /// (download, render, apply) it is mostly waiting for resources, and its slot passes on.
-    #[arg(long, env = "AGENT_HELM_ACTIVE_PHASE_SECONDS", default_value_t = reconciler::ACTIVE_PHASE.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "AGENT_HELM_ACTIVE_PHASE_SECONDS", default_value_t = release::reconciler::ACTIVE_PHASE.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     pub helm_active_phase_seconds: u64,
 
     /// Accept chart repositories on plain `http://` URLs.
@@ -173,11 +165,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     })?;
     let log_collector = std::sync::Arc::new(logs::LogCollector::new(client.clone()));
     let metrics_client = client.clone();
-    let reconciler = reconciler::Reconciler::new(
+    let reconciler = release::reconciler::Reconciler::new(
         client,
         helm,
         args.namespace.clone(),
-        reconciler::HelmLimits {
+        release::reconciler::HelmLimits {
             concurrent: usize::from(args.max_concurrent_helm),
             active_phase: Duration::from_secs(args.helm_active_phase_seconds),
         },

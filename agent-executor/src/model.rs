@@ -280,7 +280,7 @@ impl Status {
     }
 }
 
-/// The status of one desired deployment, as [`crate::reconciler::Reconciler::sync`] returns it.
+/// The status of one desired deployment, as [`crate::release::reconciler::Reconciler::sync`] returns it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeploymentStatus {
     pub deployment_id: String,

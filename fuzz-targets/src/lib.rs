@@ -8,9 +8,10 @@
 use std::collections::BTreeMap;
 
 use agent_executor::{
-    docker_config, helm_storage, manifest,
+    cluster::{pull_secret, tracking},
+    helm::{docker_config, storage as helm_storage},
     model::{RegistryCredentials, RegistryLogin, SecretString},
-    pull_secret, tracking,
+    resources::manifest,
 };
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 

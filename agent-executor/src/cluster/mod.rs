@@ -8,11 +8,17 @@
 //!   a watch event arrives (the objects themselves are not kept), shared by every release
 //!   whose manifest has objects of that kind, started on first use and stopped once unused.
 //!
+//! - [`tracking`], [`pull_secret`]: the Secrets the agent itself keeps per release;
+//!   [`kube_util`]: timeouts and messages of API calls.
+//!
 //! Every change that matters is announced on [`Cluster::changes`], so the worker of the
 //! affected release (and only that one) looks again at once.
 
+pub mod kube_util;
 pub mod objects;
+pub mod pull_secret;
 pub mod secrets;
+pub mod tracking;
 
 use std::{
     collections::HashMap,

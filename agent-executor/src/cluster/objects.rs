@@ -2,7 +2,7 @@
 //!
 //! A watch starts the first time a release needs a kind in a namespace, is shared by every
 //! release that needs it, and stops after [`IDLE_STOP`] without use. It keeps no object:
-//! each event is judged at once (the same rules as a GET would get, [`crate::health`]) and
+//! each event is judged at once (the same rules as a GET would get, [`crate::resources::health`]) and
 //! only the verdict is stored, so memory follows the number of objects, not their size. A
 //! verdict that changes is announced, so only the releases holding that object look again.
 //! Until a watch has listed its objects once (or when it cannot run, e.g. a kind the
@@ -41,7 +41,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::Change;
-use crate::{health, manifest::ManifestObject};
+use crate::{resources::health, resources::manifest::ManifestObject};
 
 /// A watch unused this long is stopped.
 pub const IDLE_STOP: Duration = Duration::from_secs(300);

@@ -24,7 +24,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::Change;
-use crate::tracking::DEPLOYMENT_LABEL;
+use crate::cluster::tracking::DEPLOYMENT_LABEL;
 
 /// Labels Helm puts on its release Secrets.
 const HELM_OWNER: &str = "owner=helm";

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::manifest::ManifestObject;
+use crate::resources::manifest::ManifestObject;
 
 /// A workload whose pods' logs are collected, named as the Go agent names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,7 +155,7 @@ pub fn parse_lines(text: &str, resource: &str) -> Vec<Line> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::manifest;
+    use crate::resources::manifest;
 
     fn at(text: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)

@@ -25,10 +25,10 @@ use kube::{
 };
 
 use crate::{
-    helm_storage::HelmStorage,
-    manifest,
-    status_board::ReleaseKey,
-    tracking::{self, LAST_LOG_TIMESTAMP_KEY},
+    cluster::tracking::{self, LAST_LOG_TIMESTAMP_KEY},
+    helm::storage::HelmStorage,
+    release::status_board::ReleaseKey,
+    resources::manifest,
 };
 use lines::{Line, PodSelector, Workload};
 

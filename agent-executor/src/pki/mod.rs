@@ -34,7 +34,7 @@ pub use self::{
     authority::{Authority, CertError, Issued, LeafSpec, Validity},
     ca_secret::{CA_SECRET, CaPlan, CaSecret, plan_ca},
 };
-use crate::kube_util::{self, ApiError};
+use crate::cluster::kube_util::{self, ApiError};
 
 /// Lifetimes and timings of the agent's certificates.
 #[derive(Clone, Copy, Debug)]

@@ -11,17 +11,17 @@
 //!   install follows); an older `pending-upgrade`/`pending-rollback` is rolled back to the
 //!   revision before it, without waiting for resources, so Helm accepts operations again.
 //! - The tracking record is then settled against Helm's latest revision (see
-//!   [`crate::plan::settle`]): an interrupted upgrade is retried, a finished one recorded.
+//!   [`crate::release::plan::settle`]): an interrupted upgrade is retried, a finished one recorded.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use crate::{
+    cluster::tracking::{Tracked, TrackingError, TrackingRecord, TrackingStore},
+    helm::storage::{HelmStorage, ReleaseStatus, StorageError, StoredRelease},
     helm::{self, HelmDriver, HelmError, OPERATION_MARGIN},
-    helm_storage::{HelmStorage, ReleaseStatus, StorageError, StoredRelease},
-    plan,
-    tracking::{Tracked, TrackingError, TrackingRecord, TrackingStore},
+    release::plan,
 };
 
 /// Extra wait, beyond the operation's own limit, before a pending revision is taken over.
@@ -67,7 +67,7 @@ pub async fn recover(
     let mut latest = latest;
     let mut undone = false;
     if let Some(pending) = latest.as_ref().filter(|latest| latest.status.is_pending()) {
-        if record.phase != crate::tracking::Phase::Progressing {
+        if record.phase != crate::cluster::tracking::Phase::Progressing {
             // Not the agent's operation: never taken over.
             return Ok(Outcome::Waiting(plan::foreign_pending(release, pending)));
         }
@@ -106,7 +106,7 @@ pub async fn recover(
     let history = storage.revision_statuses(release).await?;
     let settled = plan::settle(record, latest.as_ref(), undone, &history);
     tracking.save(&settled).await?;
-    if tracked.secret != crate::tracking::secret_name(release) {
+    if tracked.secret != crate::cluster::tracking::secret_name(release) {
         tracking.delete(&tracked.secret).await?;
     }
     tracing::info!(

@@ -17,7 +17,7 @@ use kube::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    kube_util::{self, ApiError},
+    cluster::kube_util::{self, ApiError},
     model::NIL_UUID,
 };
 

@@ -21,10 +21,10 @@ use kube::{
 };
 
 use crate::{
+    cluster::kube_util,
     cluster::{Cluster, objects::Lookup},
-    kube_util,
-    manifest::ManifestObject,
     model::StatusKind,
+    resources::manifest::ManifestObject,
 };
 
 /// Requests in flight per health check.

@@ -9,8 +9,8 @@ use kube::{
 };
 
 use crate::{
-    kube_util::{self, ApiError},
-    manifest::ManifestObject,
+    cluster::kube_util::{self, ApiError},
+    resources::manifest::ManifestObject,
 };
 
 const RESTARTED_AT: &str = "kubectl.kubernetes.io/restartedAt";

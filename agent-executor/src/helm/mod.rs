@@ -13,6 +13,13 @@
 //! - A whole-operation timeout (Helm's own `--timeout` plus a margin for chart download)
 //!   kills a stuck process. Helm's stderr becomes a one-line error message.
 
+//!
+//! [`storage`] reads Helm's own release Secrets; [`docker_config`] builds the registry
+//! configs Helm and the kubelet read.
+
+pub mod docker_config;
+pub mod storage;
+
 use std::{
     collections::BTreeMap,
     io::Write,
@@ -36,9 +43,8 @@ use prometheus_client::{
 use serde::Deserialize;
 use tokio::process::Command;
 
+use self::storage::StoredRelease;
 use crate::{
-    docker_config,
-    helm_storage::{self, StoredRelease},
     model::{ChartSource, HelmOptions, RegistryCredentials, RegistryLogin, WaitStrategy, format_helm_duration},
     validate::redact_url_credentials,
 };
@@ -441,7 +447,7 @@ impl HelmDriver {
     pub async fn status(&self, namespace: &str, release: &str) -> Result<StoredRelease, HelmError> {
         let args = query_args("status", namespace, release);
         let stdout = self.run("status", release, &args, QUERY_TIMEOUT).await?;
-        helm_storage::parse_release_json(&stdout).map_err(|error| HelmError::Output {
+        storage::parse_release_json(&stdout).map_err(|error| HelmError::Output {
             operation: "status",
             reason: error.to_string(),
         })

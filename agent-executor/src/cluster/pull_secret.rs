@@ -14,7 +14,7 @@ use kube::{
 };
 use serde_json::Value;
 
-use crate::kube_util::{self, ApiError};
+use crate::cluster::kube_util::{self, ApiError};
 
 const SECRET_TYPE: &str = "kubernetes.io/dockerconfigjson";
 const DATA_KEY: &str = ".dockerconfigjson";
@@ -38,7 +38,7 @@ pub fn secret_name(release: &str) -> String {
     format!("sh.distr.agent.v1.{release}.pull")
 }
 
-/// The pull Secret of `release` holding `docker_config` (see [`crate::docker_config`]).
+/// The pull Secret of `release` holding `docker_config` (see [`crate::helm::docker_config`]).
 /// It deliberately carries no `agent.distr.sh/deployment` label: that label marks tracking
 /// Secrets, and agents list by it.
 pub fn build_secret(namespace: &str, release: &str, docker_config: Vec<u8>) -> Secret {

@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use crate::{
-    helm_storage::{ReleaseStatus, StoredRelease},
+    cluster::tracking::{Phase, TrackingRecord},
+    helm::storage::{ReleaseStatus, StoredRelease},
     model::{Deployment, NIL_UUID},
-    tracking::{Phase, TrackingRecord},
 };
 
 /// What the next pass over a desired release does.

@@ -25,17 +25,17 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
-    health::{HealthChecker, ResourceHealth},
+    cluster::pull_secret::PullSecrets,
+    cluster::tracking::{Listed, Phase, TrackingError, TrackingRecord, TrackingStore},
+    helm::storage::{HelmStorage, StorageError, StoredRelease},
     helm::{HelmDriver, HelmError},
-    helm_storage::{HelmStorage, StorageError, StoredRelease},
-    manifest,
     model::{Deployment, DeploymentStatus, DesiredState, HelmOptions, Status, StatusKind},
-    pull_secret::PullSecrets,
-    recovery::{self, Outcome},
-    status_board::{ReleaseKey, StatusBoard},
-    tracking::{Listed, Phase, TrackingError, TrackingRecord, TrackingStore},
+    release::recovery::{self, Outcome},
+    release::status_board::{ReleaseKey, StatusBoard},
+    release::worker::{WorkItem, Worker},
+    resources::health::{HealthChecker, ResourceHealth},
+    resources::manifest,
     validate::{self, ValidationError},
-    worker::{WorkItem, Worker},
 };
 
 /// How long a manual rollback waits for the release's worker to finish its current step.
@@ -401,7 +401,7 @@ impl Reconciler {
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.inner.helm.metrics().register(registry);
         self.inner.cluster.register_metrics(registry);
-        registry.register_collector(Box::new(crate::status_board::ReleasesByStatus(
+        registry.register_collector(Box::new(crate::release::status_board::ReleasesByStatus(
             self.inner.statuses.clone(),
         )));
     }

@@ -21,7 +21,7 @@ use kube::{
 };
 use serde::Deserialize;
 
-use crate::kube_util::{self, ApiError};
+use crate::cluster::kube_util::{self, ApiError};
 
 /// Upper bound on a decompressed release (a guard against a gzip bomb in a Secret).
 pub const MAX_RELEASE_BYTES: u64 = 64 * 1024 * 1024;
