@@ -5,9 +5,9 @@
 //! each event is judged at once (the same rules as a GET would get, [`crate::resources::health`]) and
 //! only the verdict is stored, so memory follows the number of objects, not their size. A
 //! verdict that changes is announced, so only the releases holding that object look again.
-//! Until a watch has listed its objects once (or when it cannot run, e.g. a kind the
-//! executor may not list), lookups answer [`Lookup::Unknown`] and the caller reads the
-//! object itself.
+//! Until a watch has listed its objects once, lookups wait for it (up to [`SYNC_WAIT`]);
+//! when it cannot run (a kind the executor may not list, a kind the API server does not
+//! know) they answer [`Lookup::Unknown`] at once and the caller reads the object itself.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -21,7 +21,7 @@ use std::{
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{
-    apps::v1::{DaemonSet, Deployment, StatefulSet},
+    apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet},
     batch::v1::Job,
     core::v1::{PersistentVolumeClaim, Pod, Service},
 };
@@ -41,14 +41,26 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::Change;
-use crate::{resources::health, resources::manifest::ManifestObject};
+use crate::resources::{
+    health::{self, Verdict},
+    manifest::ManifestObject,
+};
 
 /// A watch unused this long is stopped.
 pub const IDLE_STOP: Duration = Duration::from_secs(300);
 /// How long a lookup waits for a new watch to list its objects.
 const SYNC_WAIT: Duration = Duration::from_secs(10);
 
-type Verdict = Result<(), String>;
+/// Where a watch stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WatchState {
+    /// Listing for the first time.
+    Listing,
+    /// Listed at least once: its verdicts are current.
+    Listed,
+    /// Failed before it could list (it keeps trying): lookups read directly meanwhile.
+    Failing,
+}
 
 /// What a watch says of an object.
 #[derive(Debug, PartialEq, Eq)]
@@ -69,7 +81,7 @@ struct WatchKey {
 
 struct KindWatch {
     verdicts: Mutex<HashMap<String, Verdict>>,
-    synced: watch::Receiver<bool>,
+    sync: watch::Receiver<WatchState>,
     last_used: Mutex<Instant>,
     stop: CancellationToken,
 }
@@ -194,9 +206,12 @@ impl ObjectWatches {
         };
         let watch = self.watch(key);
         *watch.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-        let mut synced = watch.synced.clone();
-        let ready = tokio::time::timeout(SYNC_WAIT, synced.wait_for(|synced| *synced)).await;
-        if !matches!(ready, Ok(Ok(_))) {
+        let mut sync = watch.sync.clone();
+        let settled = tokio::time::timeout(SYNC_WAIT, sync.wait_for(|sync| *sync != WatchState::Listing))
+            .await
+            .ok()
+            .and_then(|sync| sync.ok().map(|sync| *sync));
+        if settled != Some(WatchState::Listed) {
             return Lookup::Unknown;
         }
         let verdicts = watch.verdicts.lock().unwrap_or_else(|e| e.into_inner());
@@ -204,7 +219,7 @@ impl ObjectWatches {
             verdicts
                 .get(&object.name)
                 .cloned()
-                .unwrap_or_else(|| Err("resource not found".to_owned())),
+                .unwrap_or_else(|| Verdict::NotReady(health::NOT_FOUND.to_owned())),
         )
     }
 
@@ -213,17 +228,17 @@ impl ObjectWatches {
         if let Some(watch) = watches.get(&key) {
             return watch.clone();
         }
-        let (synced_tx, synced) = watch::channel(false);
+        let (sync_tx, sync) = watch::channel(WatchState::Listing);
         let watch = Arc::new(KindWatch {
             verdicts: Mutex::default(),
-            synced,
+            sync,
             last_used: Mutex::new(Instant::now()),
             stop: self.shutdown.child_token(),
         });
         let feed = Feed {
             key: key.clone(),
             watch: watch.clone(),
-            synced: synced_tx,
+            sync: sync_tx,
             changes: self.changes.clone(),
             restarts: self.restarts.clone(),
         };
@@ -238,7 +253,7 @@ impl ObjectWatches {
 struct Feed {
     key: WatchKey,
     watch: Arc<KindWatch>,
-    synced: watch::Sender<bool>,
+    sync: watch::Sender<WatchState>,
     changes: broadcast::Sender<Change>,
     restarts: Counter,
 }
@@ -251,13 +266,14 @@ impl Feed {
             () = stop.cancelled() => {}
             () = async {
                 match (self.key.group.as_str(), self.key.kind.as_str()) {
-                    ("apps", "Deployment") => self.typed(Api::<Deployment>::namespaced(client, &namespace), health::deployment).await,
-                    ("apps", "StatefulSet") => self.typed(Api::<StatefulSet>::namespaced(client, &namespace), health::stateful_set).await,
-                    ("apps", "DaemonSet") => self.typed(Api::<DaemonSet>::namespaced(client, &namespace), health::daemon_set).await,
-                    ("batch", "Job") => self.typed(Api::<Job>::namespaced(client, &namespace), health::job).await,
-                    ("", "Pod") => self.typed(Api::<Pod>::namespaced(client, &namespace), health::pod).await,
+                    ("apps", "Deployment") => self.typed(Api::<Deployment>::namespaced(client, &namespace), health::typed(health::deployment)).await,
+                    ("apps", "StatefulSet") => self.typed(Api::<StatefulSet>::namespaced(client, &namespace), health::typed(health::stateful_set)).await,
+                    ("apps", "DaemonSet") => self.typed(Api::<DaemonSet>::namespaced(client, &namespace), health::typed(health::daemon_set)).await,
+                    ("apps", "ReplicaSet") => self.typed(Api::<ReplicaSet>::namespaced(client, &namespace), health::typed(health::replica_set)).await,
+                    ("batch", "Job") => self.typed(Api::<Job>::namespaced(client, &namespace), health::typed(health::job)).await,
+                    ("", "Pod") => self.typed(Api::<Pod>::namespaced(client, &namespace), health::typed(health::pod)).await,
                     ("", "PersistentVolumeClaim") => {
-                        self.typed(Api::<PersistentVolumeClaim>::namespaced(client, &namespace), health::persistent_volume_claim).await
+                        self.typed(Api::<PersistentVolumeClaim>::namespaced(client, &namespace), health::typed(health::persistent_volume_claim)).await
                     }
                     ("", "Service") => self.typed(Api::<Service>::namespaced(client, &namespace), health::service).await,
                     _ => self.dynamic(client).await,
@@ -266,12 +282,15 @@ impl Feed {
         }
     }
 
-    async fn typed<K>(&self, api: Api<K>, judge: fn(&K) -> Verdict)
+    async fn typed<K>(&self, api: Api<K>, rule: impl Fn(&K) -> Verdict)
     where
-        K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+        K: Resource + Clone + DeserializeOwned + serde::Serialize + Debug + Send + 'static,
     {
-        self.follow(watcher(api, watcher::Config::default()).default_backoff(), judge)
-            .await;
+        self.follow(
+            watcher(api, watcher::Config::default()).default_backoff(),
+            |object: &K| health::judge(object, &rule),
+        )
+        .await;
     }
 
     async fn dynamic(&self, client: kube::Client) {
@@ -280,6 +299,7 @@ impl Feed {
             Ok(found) => found,
             Err(error) => {
                 tracing::debug!(kind = %self.key.kind, %error, "cannot resolve a kind to watch; its objects are read directly");
+                self.sync.send_replace(WatchState::Failing);
                 return;
             }
         };
@@ -289,7 +309,7 @@ impl Feed {
         };
         self.follow(
             watcher(api, watcher::Config::default()).default_backoff(),
-            |object: &DynamicObject| health::ready_condition(&object.data),
+            health::judge_dynamic,
         )
         .await;
     }
@@ -319,7 +339,7 @@ impl Feed {
                             self.announce(name);
                         }
                     }
-                    self.synced.send_replace(true);
+                    self.sync.send_replace(WatchState::Listed);
                 }
                 Ok(Event::Apply(object)) => {
                     let name = object.name_any();
@@ -340,6 +360,14 @@ impl Feed {
                     failures += 1;
                     // A watch that cannot even list (forbidden, kind gone) leaves the lookups
                     // to direct reads; it keeps trying with backoff.
+                    // Until it lists, lookups read directly rather than wait.
+                    self.sync.send_if_modified(|sync| {
+                        let failing = *sync == WatchState::Listing;
+                        if failing {
+                            *sync = WatchState::Failing;
+                        }
+                        failing
+                    });
                     if failures == 1 {
                         tracing::warn!(kind = %self.key.kind, namespace = %self.key.namespace, %error, "an object watch failed; it restarts");
                     }
@@ -438,10 +466,10 @@ mod tests {
     #[tokio::test]
     async fn verdicts_follow_the_events_and_only_changes_are_announced() {
         let (changes, mut announced) = broadcast::channel(16);
-        let (synced_tx, synced) = watch::channel(false);
+        let (sync_tx, sync) = watch::channel(WatchState::Listing);
         let kind_watch = Arc::new(KindWatch {
             verdicts: Mutex::default(),
-            synced,
+            sync,
             last_used: Mutex::new(Instant::now()),
             stop: CancellationToken::new(),
         });
@@ -453,7 +481,7 @@ mod tests {
                 namespace: "apps".into(),
             },
             watch: kind_watch.clone(),
-            synced: synced_tx,
+            sync: sync_tx,
             changes,
             restarts: Counter::default(),
         };
@@ -466,20 +494,18 @@ mod tests {
             Ok(Event::Apply(web(0))),
             Ok(Event::Apply(web(1))),
         ];
-        feed.follow(futures::stream::iter(events), health::deployment).await;
-        assert!(*kind_watch.synced.borrow());
-        assert_eq!(verdict(), Some(Ok(())));
+        let rule = health::typed(health::deployment);
+        feed.follow(futures::stream::iter(events), &rule).await;
+        assert_eq!(*kind_watch.sync.borrow(), WatchState::Listed);
+        assert_eq!(verdict(), Some(Verdict::Ready));
         let mut names = Vec::new();
         while let Ok(Change::Object { name, .. }) = announced.try_recv() {
             names.push(name);
         }
         assert_eq!(names, ["web", "web"], "listed, then ready");
 
-        feed.follow(
-            futures::stream::iter(vec![Ok(Event::Delete(web(1)))]),
-            health::deployment,
-        )
-        .await;
+        feed.follow(futures::stream::iter(vec![Ok(Event::Delete(web(1)))]), &rule)
+            .await;
         assert_eq!(verdict(), None);
         assert!(matches!(announced.try_recv(), Ok(Change::Object { .. })));
     }

@@ -9,22 +9,21 @@ use std::{collections::HashMap, sync::Mutex};
 
 use futures::{StreamExt, stream};
 use k8s_openapi::api::{
-    apps::v1::{DaemonSet, Deployment, StatefulSet},
+    apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet},
     batch::v1::Job,
     core::v1::{PersistentVolumeClaim, Pod, Service},
 };
 use kube::{
-    Api,
+    Api, Resource,
     api::{ApiResource, DynamicObject},
     core::GroupVersionKind,
     discovery::{ApiCapabilities, Scope},
 };
 
 use crate::{
-    cluster::kube_util,
-    cluster::{Cluster, objects::Lookup},
+    cluster::{Cluster, kube_util, objects::Lookup},
     model::StatusKind,
-    resources::manifest::ManifestObject,
+    resources::{manifest::ManifestObject, readiness},
 };
 
 /// Requests in flight per health check.
@@ -55,9 +54,64 @@ const STATELESS_KINDS: &[&str] = &[
     "ValidatingWebhookConfiguration",
     "ValidatingAdmissionPolicy",
     "ValidatingAdmissionPolicyBinding",
-    "CustomResourceDefinition",
     "Namespace",
 ];
+
+/// The message of an object a release names that does not exist.
+pub const NOT_FOUND: &str = "resource not found";
+
+/// What the rules say of one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Ready,
+    /// Counts as ready, with something the user should know (a LoadBalancer without an
+    /// address, an object the executor may not read).
+    Noted(String),
+    NotReady(String),
+}
+
+impl From<Result<(), String>> for Verdict {
+    fn from(result: Result<(), String>) -> Self {
+        match result {
+            Ok(()) => Self::Ready,
+            Err(why) => Self::NotReady(why),
+        }
+    }
+}
+
+/// Judges `object` by Helm's readiness annotations when it declares both, otherwise by
+/// `rule`, its kind's rule.
+pub fn judge<K: Resource + serde::Serialize>(object: &K, rule: impl Fn(&K) -> Verdict) -> Verdict {
+    if let Some(annotations) = object.meta().annotations.as_ref()
+        && readiness::declared(annotations)
+    {
+        let status = serde_json::to_value(object)
+            .ok()
+            .and_then(|mut value| value.get_mut("status").map(serde_json::Value::take));
+        return readiness::evaluate(annotations, status.as_ref()).map_or(Verdict::Ready, Verdict::from);
+    }
+    rule(object)
+}
+
+/// Judges an object of a kind without a typed rule here (custom resources, CRDs), from its
+/// JSON: Helm's readiness annotations, the CRD rule, or the `Ready` condition.
+pub fn judge_dynamic(object: &DynamicObject) -> Verdict {
+    if let Some(annotations) = object.metadata.annotations.as_ref()
+        && let Some(verdict) = readiness::evaluate(annotations, object.data.get("status"))
+    {
+        return verdict.into();
+    }
+    let kind = object
+        .types
+        .as_ref()
+        .map(|types| (types.api_version.as_str(), types.kind.as_str()));
+    match kind {
+        Some((api_version, "CustomResourceDefinition")) if api_version.starts_with("apiextensions.k8s.io/") => {
+            custom_resource_definition(&object.data).into()
+        }
+        _ => ready_condition(&object.data).into(),
+    }
+}
 
 /// Health of one resource of a release.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,15 +119,16 @@ pub struct ResourceHealth {
     pub kind: String,
     pub name: String,
     pub healthy: bool,
-    /// Why it is unhealthy; empty when healthy.
+    /// Why it is unhealthy, or what to know of it although healthy; empty otherwise.
     pub message: String,
 }
 
 impl ResourceHealth {
-    fn new(object: &ManifestObject, verdict: Result<(), String>) -> Self {
+    fn new(object: &ManifestObject, verdict: Verdict) -> Self {
         let (healthy, message) = match verdict {
-            Ok(()) => (true, String::new()),
-            Err(message) => (false, message),
+            Verdict::Ready => (true, String::new()),
+            Verdict::Noted(note) => (true, note),
+            Verdict::NotReady(message) => (false, message),
         };
         Self {
             kind: object.kind.clone(),
@@ -100,10 +155,18 @@ pub fn summarize(results: &[ResourceHealth]) -> (StatusKind, String) {
                 bad.kind, bad.name, bad.message
             ),
         ),
-        None => (
-            StatusKind::Healthy,
-            format!("status check passed. {} resources healthy", results.len()),
-        ),
+        None => {
+            let notes: Vec<String> = results
+                .iter()
+                .filter(|result| !result.message.is_empty())
+                .map(|result| format!("{} {}: {}", result.kind, result.name, result.message))
+                .collect();
+            let mut message = format!("status check passed. {} resources healthy", results.len());
+            if !notes.is_empty() {
+                message = format!("{message} (note: {})", notes.join("; "));
+            }
+            (StatusKind::Healthy, message)
+        }
     }
 }
 
@@ -179,6 +242,17 @@ pub fn deployment(object: &Deployment) -> Result<(), String> {
     }
     let desired = i64::from(object.spec.as_ref().and_then(|spec| spec.replicas).unwrap_or(1));
     let status = object.status.clone().unwrap_or_default();
+    let deadline_exceeded = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+    if let Some(condition) = deadline_exceeded {
+        return Err(format!(
+            "rollout failed: {}",
+            reason_and_message(condition.reason.as_deref(), condition.message.as_deref())
+        ));
+    }
     behind("ReadyReplicas", status.ready_replicas.unwrap_or(0).into(), desired)?;
     generation_observed(object.metadata.generation, status.observed_generation)?;
     behind("UpdatedReplicas", status.updated_replicas.unwrap_or(0).into(), desired)
@@ -212,6 +286,31 @@ pub fn daemon_set(object: &DaemonSet) -> Result<(), String> {
     behind(
         "UpdatedNumberScheduled",
         status.updated_number_scheduled.unwrap_or(0).into(),
+        desired,
+    )
+}
+
+/// A ReplicaSet is healthy when all desired replicas are ready and available and none
+/// failed to be created.
+pub fn replica_set(object: &ReplicaSet) -> Result<(), String> {
+    let desired = i64::from(object.spec.as_ref().and_then(|spec| spec.replicas).unwrap_or(1));
+    let status = object.status.clone().unwrap_or_default();
+    let failure = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "ReplicaFailure" && c.status == "True");
+    if let Some(failure) = failure {
+        return Err(format!(
+            "ReplicaFailure: {}",
+            reason_and_message(failure.reason.as_deref(), failure.message.as_deref())
+        ));
+    }
+    generation_observed(object.metadata.generation, status.observed_generation)?;
+    behind("ReadyReplicas", status.ready_replicas.unwrap_or(0).into(), desired)?;
+    behind(
+        "AvailableReplicas",
+        status.available_replicas.unwrap_or(0).into(),
         desired,
     )
 }
@@ -276,9 +375,10 @@ pub fn persistent_volume_claim(object: &PersistentVolumeClaim) -> Result<(), Str
     }
 }
 
-/// A Service of type LoadBalancer is healthy once it has an ingress address; other types
-/// always are.
-pub fn service(object: &Service) -> Result<(), String> {
+/// A Service is always healthy, as `helm --wait` judges it; a LoadBalancer without an
+/// ingress address yet is noted (on clusters without a load-balancer controller, bare
+/// metal, it never gets one, and the release works all the same through its cluster IP).
+pub fn service(object: &Service) -> Verdict {
     let load_balancer = object.spec.as_ref().and_then(|spec| spec.type_.as_deref()) == Some("LoadBalancer");
     let has_ingress = object
         .status
@@ -287,9 +387,40 @@ pub fn service(object: &Service) -> Result<(), String> {
         .and_then(|lb| lb.ingress.as_ref())
         .is_some_and(|ingress| !ingress.is_empty());
     if !load_balancer || has_ingress {
-        Ok(())
+        Verdict::Ready
     } else {
-        Err("LoadBalancer has no ingress address yet".to_owned())
+        Verdict::Noted("LoadBalancer has no ingress address yet".to_owned())
+    }
+}
+
+/// A CustomResourceDefinition is healthy once established; names the API server refused are
+/// a failure.
+pub fn custom_resource_definition(object: &serde_json::Value) -> Result<(), String> {
+    let conditions = object
+        .pointer("/status/conditions")
+        .and_then(serde_json::Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let condition = |kind: &str| {
+        conditions
+            .iter()
+            .find(|condition| condition.get("type").and_then(serde_json::Value::as_str) == Some(kind))
+    };
+    let field = |condition: &serde_json::Value, name: &str| {
+        condition
+            .get(name)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+    };
+    if let Some(names) = condition("NamesAccepted").filter(|c| field(c, "status").as_deref() == Some("False")) {
+        return Err(format!(
+            "names not accepted: {}",
+            reason_and_message(field(names, "reason").as_deref(), field(names, "message").as_deref())
+        ));
+    }
+    match condition("Established") {
+        Some(established) if field(established, "status").as_deref() == Some("True") => Ok(()),
+        _ => Err("CustomResourceDefinition is not established yet".to_owned()),
     }
 }
 
@@ -352,18 +483,35 @@ impl HealthChecker {
     async fn check_one(&self, release_namespace: &str, object: &ManifestObject) -> ResourceHealth {
         let namespace = object.namespace.as_deref().unwrap_or(release_namespace);
         let kind = object.kind.as_str();
-        // Only a LoadBalancer Service has something to wait for.
-        let nothing_to_wait_for = STATELESS_KINDS.contains(&kind)
-            || (object.group().is_empty() && kind == "Service" && object.spec_type.as_deref() != Some("LoadBalancer"));
+        // Only a LoadBalancer Service has something to note; readiness annotations make any
+        // object worth a look.
+        let nothing_to_wait_for = (STATELESS_KINDS.contains(&kind)
+            || (object.group().is_empty() && kind == "Service" && object.spec_type.as_deref() != Some("LoadBalancer")))
+            && !object.custom_readiness;
         if nothing_to_wait_for {
-            return ResourceHealth::new(object, Ok(()));
+            return ResourceHealth::new(object, Verdict::Ready);
         }
         let verdict = match self.cluster.objects().lookup(namespace, object).await {
             Lookup::Known(verdict) => verdict,
             Lookup::Unknown => self.judge(namespace, object).await,
         };
-        // A workload that is not ready: name a pod of it with a problem, if one has.
-        let verdict = verdict.map_err(|error| {
+        let verdict = match verdict {
+            // The TTL controller deletes a finished Job (`ttlSecondsAfterFinished`): gone is
+            // done, not missing.
+            Verdict::NotReady(why)
+                if why == NOT_FOUND && object.group() == "batch" && kind == "Job" && object.deleted_when_finished =>
+            {
+                Verdict::Ready
+            }
+            Verdict::NotReady(error) => Verdict::NotReady(self.pod_problem_or(namespace, object, error)),
+            other => other,
+        };
+        ResourceHealth::new(object, verdict)
+    }
+
+    /// For a workload that is not ready: a pod of it with a problem, if one has, else `error`.
+    fn pod_problem_or(&self, namespace: &str, object: &ManifestObject, error: String) -> String {
+        {
             let labels = object.selector.as_ref().and_then(|selector| {
                 serde_json::from_value::<std::collections::BTreeMap<String, String>>(selector["matchLabels"].clone())
                     .ok()
@@ -373,51 +521,55 @@ impl HealthChecker {
                 Some((pod, problem)) => format!("pod {pod} {problem}"),
                 None => error,
             }
-        });
-        ResourceHealth::new(object, verdict)
+        }
     }
 
-    async fn judge(&self, namespace: &str, object: &ManifestObject) -> Result<(), String> {
-        let kind = object.kind.as_str();
-        if STATELESS_KINDS.contains(&kind) {
-            return Ok(());
-        }
+    /// Reads the object itself and judges it (when its watch cannot say).
+    async fn judge(&self, namespace: &str, object: &ManifestObject) -> Verdict {
         let name = object.name.as_str();
-        match (object.group(), kind) {
-            ("apps", "Deployment") => deployment(&self.fetch::<Deployment>(namespace, name).await?),
-            ("apps", "StatefulSet") => stateful_set(&self.fetch::<StatefulSet>(namespace, name).await?),
-            ("apps", "DaemonSet") => daemon_set(&self.fetch::<DaemonSet>(namespace, name).await?),
-            ("batch", "Job") => job(&self.fetch::<Job>(namespace, name).await?),
-            ("", "Pod") => pod(&self.fetch::<Pod>(namespace, name).await?),
-            ("", "PersistentVolumeClaim") => {
-                persistent_volume_claim(&self.fetch::<PersistentVolumeClaim>(namespace, name).await?)
-            }
-            // Only a LoadBalancer Service has something to wait for.
-            ("", "Service") if object.spec_type.as_deref() == Some("LoadBalancer") => {
-                service(&self.fetch::<Service>(namespace, name).await?)
-            }
-            ("", "Service") => Ok(()),
-            _ => ready_condition(&self.fetch_dynamic(namespace, object).await?),
-        }
+        let verdict = match (object.group(), object.kind.as_str()) {
+            ("apps", "Deployment") => self.fetch(namespace, name, typed(deployment)).await,
+            ("apps", "StatefulSet") => self.fetch(namespace, name, typed(stateful_set)).await,
+            ("apps", "DaemonSet") => self.fetch(namespace, name, typed(daemon_set)).await,
+            ("apps", "ReplicaSet") => self.fetch(namespace, name, typed(replica_set)).await,
+            ("batch", "Job") => self.fetch(namespace, name, typed(job)).await,
+            ("", "Pod") => self.fetch(namespace, name, typed(pod)).await,
+            ("", "PersistentVolumeClaim") => self.fetch(namespace, name, typed(persistent_volume_claim)).await,
+            ("", "Service") => self.fetch(namespace, name, service).await,
+            _ => match self.fetch_dynamic(namespace, object).await {
+                Ok(found) => Ok(judge_dynamic(&found)),
+                // A custom resource the executor may not read (a namespace-scoped agent, a
+                // kind its Role does not name) says nothing against the release.
+                Err((why, Some(403))) => Ok(Verdict::Noted(format!("not checked: {why}"))),
+                Err((why, _)) => Err(why),
+            },
+        };
+        verdict.unwrap_or_else(Verdict::NotReady)
     }
 
-    async fn fetch<K>(&self, namespace: &str, name: &str) -> Result<K, String>
+    async fn fetch<K>(&self, namespace: &str, name: &str, rule: impl Fn(&K) -> Verdict) -> Result<Verdict, String>
     where
         K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
             + Clone
             + serde::de::DeserializeOwned
+            + serde::Serialize
             + std::fmt::Debug,
         K::DynamicType: Default,
     {
         let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
         match kube_util::call_opt(api.get(name)).await {
-            Ok(Some(object)) => Ok(object),
-            Ok(None) => Err("resource not found".to_owned()),
+            Ok(Some(object)) => Ok(judge(&object, rule)),
+            Ok(None) => Err(NOT_FOUND.to_owned()),
             Err(error) => Err(format!("cannot read it: {error}")),
         }
     }
 
-    async fn fetch_dynamic(&self, namespace: &str, object: &ManifestObject) -> Result<serde_json::Value, String> {
+    /// The object, or why not with the HTTP status of the refusal.
+    async fn fetch_dynamic(
+        &self,
+        namespace: &str,
+        object: &ManifestObject,
+    ) -> Result<DynamicObject, (String, Option<u16>)> {
         let gvk = GroupVersionKind::gvk(object.group(), object.version(), &object.kind);
         let cached = self.kinds.lock().unwrap_or_else(|e| e.into_inner()).get(&gvk).cloned();
         let (resource, capabilities) = match cached {
@@ -425,7 +577,12 @@ impl HealthChecker {
             None => {
                 let found = kube_util::call(kube::discovery::pinned_kind(&self.client, &gvk))
                     .await
-                    .map_err(|error| format!("cannot resolve kind {}: {error}", object.api_version))?;
+                    .map_err(|error| {
+                        (
+                            format!("cannot resolve kind {}: {error}", object.api_version),
+                            error.code(),
+                        )
+                    })?;
                 self.kinds
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -438,11 +595,16 @@ impl HealthChecker {
             Scope::Namespaced => Api::namespaced_with(self.client.clone(), namespace, &resource),
         };
         match kube_util::call_opt(api.get(&object.name)).await {
-            Ok(Some(found)) => Ok(found.data),
-            Ok(None) => Err("resource not found".to_owned()),
-            Err(error) => Err(format!("cannot read it: {error}")),
+            Ok(Some(found)) => Ok(found),
+            Ok(None) => Err((NOT_FOUND.to_owned(), None)),
+            Err(error) => Err((format!("cannot read it: {error}"), error.code())),
         }
     }
+}
+
+/// A typed rule as a [`Verdict`] rule.
+pub fn typed<K>(rule: fn(&K) -> Result<(), String>) -> impl Fn(&K) -> Verdict {
+    move |object| rule(object).into()
 }
 
 #[cfg(test)]
@@ -603,10 +765,12 @@ mod tests {
             namespace: None,
             spec_type: None,
             selector: None,
+            custom_readiness: false,
+            deleted_when_finished: false,
         };
         let results = vec![
-            ResourceHealth::new(&object("ConfigMap"), Ok(())),
-            ResourceHealth::new(&object("Deployment"), deployment(&web(1, 0, 1, 1, 1))),
+            ResourceHealth::new(&object("ConfigMap"), Verdict::Ready),
+            ResourceHealth::new(&object("Deployment"), deployment(&web(1, 0, 1, 1, 1)).into()),
         ];
         assert_eq!(
             summarize(&results),
@@ -621,6 +785,157 @@ mod tests {
             summarize(&results[..1]),
             (StatusKind::Healthy, "status check passed. 1 resources healthy".into())
         );
+        let noted = [
+            ResourceHealth::new(&object("ConfigMap"), Verdict::Ready),
+            ResourceHealth::new(
+                &object("Service"),
+                Verdict::Noted("LoadBalancer has no ingress address yet".into()),
+            ),
+        ];
+        assert_eq!(
+            summarize(&noted),
+            (
+                StatusKind::Healthy,
+                "status check passed. 2 resources healthy (note: Service web: LoadBalancer has no ingress address yet)"
+                    .into()
+            ),
+            "a note is reported, not failed"
+        );
+    }
+
+    #[test]
+    fn a_deployment_past_its_progress_deadline_says_so() {
+        use k8s_openapi::api::apps::v1::DeploymentCondition;
+        let mut stuck = web(1, 0, 1, 1, 1);
+        stuck.status.as_mut().unwrap().conditions = Some(vec![DeploymentCondition {
+            type_: "Progressing".into(),
+            status: "False".into(),
+            reason: Some("ProgressDeadlineExceeded".into()),
+            message: Some("ReplicaSet \"web-1\" has timed out progressing.".into()),
+            ..Default::default()
+        }]);
+        assert_eq!(
+            deployment(&stuck),
+            Err("rollout failed: ProgressDeadlineExceeded: ReplicaSet \"web-1\" has timed out progressing.".into())
+        );
+    }
+
+    #[test]
+    fn replica_sets() {
+        use k8s_openapi::api::apps::v1::{ReplicaSetCondition, ReplicaSetSpec, ReplicaSetStatus};
+        let set = |ready, available, failure: bool| ReplicaSet {
+            spec: Some(ReplicaSetSpec {
+                replicas: Some(2),
+                ..Default::default()
+            }),
+            status: Some(ReplicaSetStatus {
+                ready_replicas: Some(ready),
+                available_replicas: Some(available),
+                conditions: failure.then(|| {
+                    vec![ReplicaSetCondition {
+                        type_: "ReplicaFailure".into(),
+                        status: "True".into(),
+                        reason: Some("FailedCreate".into()),
+                        message: Some("pods \"web-x\" is forbidden: exceeded quota".into()),
+                        ..Default::default()
+                    }]
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(replica_set(&set(2, 2, false)), Ok(()));
+        assert_eq!(
+            replica_set(&set(2, 1, false)),
+            Err("AvailableReplicas (1) is less than desired (2)".into())
+        );
+        assert_eq!(
+            replica_set(&set(0, 0, true)),
+            Err("ReplicaFailure: FailedCreate: pods \"web-x\" is forbidden: exceeded quota".into())
+        );
+    }
+
+    #[test]
+    fn custom_resource_definitions_wait_for_establishment() {
+        let crd = |conditions: serde_json::Value| json!({"status": {"conditions": conditions}});
+        assert_eq!(
+            custom_resource_definition(&crd(json!([{"type": "Established", "status": "True"}]))),
+            Ok(())
+        );
+        assert_eq!(
+            custom_resource_definition(&crd(json!([]))),
+            Err("CustomResourceDefinition is not established yet".into())
+        );
+        assert_eq!(
+            custom_resource_definition(&crd(json!([
+                {"type": "NamesAccepted", "status": "False", "reason": "PluralConflict", "message": "\"webs\" is already in use"},
+                {"type": "Established", "status": "False"},
+            ]))),
+            Err("names not accepted: PluralConflict: \"webs\" is already in use".into())
+        );
+        let object: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": "webs.example.com"},
+            "status": {"conditions": []},
+        }))
+        .unwrap();
+        assert_eq!(
+            judge_dynamic(&object),
+            Verdict::NotReady("CustomResourceDefinition is not established yet".into()),
+            "a CRD watched through the dynamic API gets its kind's rule"
+        );
+    }
+
+    #[test]
+    fn readiness_annotations_replace_the_kind_rule() {
+        let mut annotated = web(1, 0, 1, 1, 1);
+        annotated.metadata.annotations = Some(
+            [
+                (
+                    readiness::SUCCESS_ANNOTATION.to_owned(),
+                    r#"["{.observedGeneration} >= 1"]"#.to_owned(),
+                ),
+                (
+                    readiness::FAILURE_ANNOTATION.to_owned(),
+                    r#"["{.unavailableReplicas} > 5"]"#.to_owned(),
+                ),
+            ]
+            .into(),
+        );
+        assert!(deployment(&annotated).is_err(), "the kind's rule says not ready");
+        assert_eq!(
+            judge(&annotated, typed(deployment)),
+            Verdict::Ready,
+            "the chart's rule says ready"
+        );
+        annotated.status.as_mut().unwrap().unavailable_replicas = Some(6);
+        assert_eq!(
+            judge(&annotated, typed(deployment)),
+            Verdict::NotReady("readiness failure condition met: {.unavailableReplicas} > 5".into())
+        );
+        annotated
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove(readiness::FAILURE_ANNOTATION);
+        assert_eq!(
+            judge(&annotated, typed(deployment)),
+            deployment(&annotated).into(),
+            "with one annotation only, the kind's rule applies (as in Helm)"
+        );
+        let custom: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "example.com/v1",
+            "kind": "Web",
+            "metadata": {"name": "web", "annotations": {
+                readiness::SUCCESS_ANNOTATION: r#"["{.phase} == \"Serving\""]"#,
+                readiness::FAILURE_ANNOTATION: r#"["{.phase} == \"Broken\""]"#,
+            }},
+            "status": {"phase": "Serving", "conditions": [{"type": "Ready", "status": "False"}]},
+        }))
+        .unwrap();
+        assert_eq!(judge_dynamic(&custom), Verdict::Ready);
     }
 
     #[test]
@@ -759,13 +1074,17 @@ mod tests {
             }),
             ..Default::default()
         };
-        assert!(service(&lb(vec![])).is_err());
+        assert_eq!(
+            service(&lb(vec![])),
+            Verdict::Noted("LoadBalancer has no ingress address yet".into()),
+            "bare metal: reported, not failed"
+        );
         assert_eq!(
             service(&lb(vec![LoadBalancerIngress {
                 ip: Some("10.0.0.1".into()),
                 ..Default::default()
             }])),
-            Ok(())
+            Verdict::Ready
         );
     }
 

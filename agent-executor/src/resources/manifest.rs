@@ -22,6 +22,10 @@ pub struct ManifestObject {
     /// `spec.selector` when it is a label selector object (workloads; a Service's selector
     /// is a plain map and not kept).
     pub selector: Option<serde_json::Value>,
+    /// It declares Helm's readiness annotations (both of them).
+    pub custom_readiness: bool,
+    /// A Job with `ttlSecondsAfterFinished`: deleted once it finished.
+    pub deleted_when_finished: bool,
 }
 
 impl ManifestObject {
@@ -70,7 +74,7 @@ fn collect(value: &serde_json::Value, objects: &mut Vec<ManifestObject>) {
     };
     objects.push(ManifestObject {
         api_version,
-        kind,
+        kind: kind.clone(),
         name,
         namespace: text("/metadata/namespace").filter(|namespace| !namespace.is_empty()),
         spec_type: text("/spec/type"),
@@ -78,6 +82,11 @@ fn collect(value: &serde_json::Value, objects: &mut Vec<ManifestObject>) {
             .pointer("/spec/selector")
             .filter(|selector| selector.get("matchLabels").is_some() || selector.get("matchExpressions").is_some())
             .cloned(),
+        custom_readiness: value
+            .pointer("/metadata/annotations")
+            .and_then(|annotations| serde_json::from_value(annotations.clone()).ok())
+            .is_some_and(|annotations| crate::resources::readiness::declared(&annotations)),
+        deleted_when_finished: kind == "Job" && value.pointer("/spec/ttlSecondsAfterFinished").is_some(),
     });
 }
 
@@ -121,6 +130,32 @@ spec:
         assert_eq!(objects[2].group(), "apps");
         assert_eq!(objects[2].version(), "v1");
         assert_eq!(objects[0].group(), "");
+    }
+
+    #[test]
+    fn readiness_annotations_and_job_ttls_are_noted() {
+        let manifest = r#"
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: migrate
+  annotations:
+    helm.sh/readiness-success: '["{.succeeded} >= 1"]'
+    helm.sh/readiness-failure: '["{.failed} >= 1"]'
+spec:
+  ttlSecondsAfterFinished: 60
+---
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: seed
+  annotations:
+    helm.sh/readiness-success: '["{.succeeded} >= 1"]'
+"#;
+        let objects = parse(manifest).unwrap();
+        assert!(objects[0].custom_readiness && objects[0].deleted_when_finished);
+        assert!(!objects[1].custom_readiness, "one annotation alone does not count");
+        assert!(!objects[1].deleted_when_finished);
     }
 
     #[test]

@@ -3,4 +3,5 @@
 
 pub mod health;
 pub mod manifest;
+pub mod readiness;
 pub mod restart;

@@ -67,3 +67,151 @@ async fn a_stuck_pod_is_named_and_readiness_reaches_the_hub_at_once() -> anyhow:
     );
     Ok(())
 }
+
+/// Helm's readiness rules where the Go agent's users expect them: a chart's
+/// `helm.sh/readiness-success`/`-failure` annotations judge a custom resource (through the
+/// dynamic watch of its kind), a Job deleted by its TTL once finished is not "not found", and
+/// a LoadBalancer without an address (no load-balancer controller here, as on bare metal) is
+/// reported in a healthy status, not failed.
+#[tokio::test]
+async fn readiness_annotations_finished_jobs_and_load_balancers_are_judged_as_helm_does() -> anyhow::Result<()> {
+    use k8s_openapi::{
+        api::batch::v1::Job, apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    };
+    use kube::{
+        Api,
+        api::{ApiResource, DynamicObject, PostParams},
+        core::GroupVersionKind,
+    };
+
+    let test = "watch-rules";
+    let admin = distr_agent_e2e::cluster::admin_client().await?;
+    // A namespaced kind with a status subresource; a leftover from an earlier run is reused.
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "webs.readiness.distr.test"},
+        "spec": {
+            "group": "readiness.distr.test",
+            "scope": "Namespaced",
+            "names": {"plural": "webs", "singular": "web", "kind": "Web"},
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "subresources": {"status": {}},
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}},
+            }],
+        },
+    }))?;
+    match crds.create(&PostParams::default(), &crd).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(error) => return Err(error.into()),
+    }
+    wait_for("the CRD to be established", MINUTE, || async {
+        let crd = crds.get("webs.readiness.distr.test").await.ok()?;
+        crd.status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+            .then_some(())
+    })
+    .await?;
+
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let dir = distr_agent_e2e::TestEnv::get().test_dir(test).join("charts");
+    let chart = distr_agent_e2e::charts::chart_dir(&dir, "rules", "0.1.0", "{}\n")?;
+    std::fs::write(
+        chart.join("templates/objects.yaml"),
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: {{ .Release.Name }}-lb
+spec:
+  type: LoadBalancer
+  ports: [{port: 80}]
+---
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: {{ .Release.Name }}-migrate
+spec:
+  ttlSecondsAfterFinished: 1
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{name: migrate, image: registry.example/migrate:1}]
+---
+apiVersion: readiness.distr.test/v1
+kind: Web
+metadata:
+  name: {{ .Release.Name }}-site
+  annotations:
+    helm.sh/readiness-success: '["{.phase} == \"Serving\""]'
+    helm.sh/readiness-failure: '["{.phase} == \"Broken\""]'
+"#,
+    )?;
+    let chart = distr_agent_e2e::charts::push_chart(&chart).await?;
+    let rules = revise(
+        &deployment("rules", &chart, "0.1.0", json!({})),
+        json!({"helmOptions": {"timeout": "1m", "waitStrategy": "hookOnly", "rollbackOnFailure": false, "cleanupOnFailure": true, "forceConflicts": false}}),
+    );
+    agent.set_deployments(vec![rules.clone()]);
+
+    // The Job runs to completion on kwok and the TTL controller deletes it.
+    let jobs = agent.ns.api::<Job>();
+    wait_for("the Job to be created", MINUTE, || async {
+        jobs.get_opt("rules-migrate").await.ok()?.map(|_| ())
+    })
+    .await?;
+    wait_for("the finished Job to be deleted by its TTL", 2 * MINUTE, || async {
+        jobs.get_opt("rules-migrate").await.ok()?.is_none().then_some(())
+    })
+    .await?;
+    // The first resource in error is now the custom resource (Helm orders it after the Job):
+    // the deleted Job is not reported missing.
+    let waiting = agent
+        .wait_status(
+            &revision(&rules),
+            "error",
+            "Web rules-site status check failed: it has no status yet",
+            MINUTE,
+        )
+        .await?;
+    eprintln!("waiting: {}", waiting.message);
+
+    let gvk = GroupVersionKind::gvk("readiness.distr.test", "v1", "Web");
+    let webs: Api<DynamicObject> = Api::namespaced_with(admin, &agent.ns.name, &ApiResource::from_gvk(&gvk));
+    let set_phase = |phase: &'static str| {
+        let webs = webs.clone();
+        async move {
+            webs.patch_status(
+                "rules-site",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"phase": phase}})),
+            )
+            .await
+        }
+    };
+    set_phase("Serving").await?;
+    let healthy = agent
+        .wait_status(
+            &revision(&rules),
+            "healthy",
+            "(note: Service rules-lb: LoadBalancer has no ingress address yet)",
+            MINUTE,
+        )
+        .await?;
+    eprintln!("healthy: {}", healthy.message);
+
+    set_phase("Broken").await?;
+    agent
+        .wait_status(
+            &revision(&rules),
+            "error",
+            r#"Web rules-site status check failed: readiness failure condition met: {.phase} == "Broken""#,
+            MINUTE,
+        )
+        .await?;
+    Ok(())
+}
