@@ -136,6 +136,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let grpc_ready = runtime.readiness.gate("grpc");
     let recovered = runtime.readiness.gate("recovery");
     let certified = runtime.readiness.gate("certificates");
+    let watching = runtime.readiness.gate("watches");
     validate::namespace(&args.namespace)?;
     let pki_config = args.pki_config()?;
     let client = kube::Client::try_default()
@@ -198,6 +199,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await;
     tracing::info!(addr = %server.local_addr()?, namespace = %args.namespace, "gRPC server listening");
     grpc_ready.open();
+
+    {
+        let reconciler = reconciler.clone();
+        tokio::spawn(async move {
+            reconciler.watches_listed().await;
+            watching.open();
+        });
+    }
 
     // Recovery runs beside the server: workers and recovery take the same per-release lock,
     // and readiness (hence traffic through the Service) waits for it.

@@ -20,7 +20,7 @@ use kube::{
     },
 };
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::Change;
@@ -49,6 +49,8 @@ struct Store {
 pub struct SecretIndex {
     tracking: Arc<Mutex<Store>>,
     helm: Arc<Mutex<Store>>,
+    /// Per watch: whether it has listed the namespace once.
+    listed: [watch::Receiver<bool>; 2],
 }
 
 impl SecretIndex {
@@ -60,22 +62,31 @@ impl SecretIndex {
         restarts: Counter,
         shutdown: CancellationToken,
     ) -> Self {
+        let (tracking_listed, tracking_listed_rx) = watch::channel(false);
+        let (helm_listed, helm_listed_rx) = watch::channel(false);
         let index = Self {
             tracking: Arc::default(),
             helm: Arc::default(),
+            listed: [tracking_listed_rx, helm_listed_rx],
         };
         // An API of `PartialObjectMeta` lists and watches metadata only.
         let api: Api<PartialObjectMeta<Secret>> = Api::namespaced(client, namespace);
         let watches = [
-            (index.tracking.clone(), DEPLOYMENT_LABEL.to_owned(), DEPLOYMENT_LABEL),
-            (index.helm.clone(), HELM_OWNER.to_owned(), HELM_NAME_LABEL),
+            (
+                index.tracking.clone(),
+                DEPLOYMENT_LABEL.to_owned(),
+                DEPLOYMENT_LABEL,
+                tracking_listed,
+            ),
+            (index.helm.clone(), HELM_OWNER.to_owned(), HELM_NAME_LABEL, helm_listed),
         ];
-        for (store, selector, release_label) in watches {
+        for (store, selector, release_label, listed) in watches {
             let stream = watcher(api.clone(), watcher::Config::default().labels(&selector)).default_backoff();
             let feed = Feed {
                 store,
                 namespace: namespace.to_owned(),
                 release_label,
+                listed,
                 changes: changes.clone(),
                 restarts: restarts.clone(),
             };
@@ -88,6 +99,15 @@ impl SecretIndex {
             });
         }
         index
+    }
+
+    /// Waits until both watches have listed the namespace once (never returns if they cannot).
+    pub async fn listed(&self) {
+        for listed in &self.listed {
+            let mut listed = listed.clone();
+            // An error means the watch task ended (shutdown): nothing to wait for.
+            let _ = listed.wait_for(|listed| *listed).await;
+        }
     }
 
     /// A digest of the release's tracking and Helm Secrets (names and resource versions);
@@ -124,12 +144,13 @@ struct Feed {
     store: Arc<Mutex<Store>>,
     namespace: String,
     release_label: &'static str,
+    listed: watch::Sender<bool>,
     changes: broadcast::Sender<Change>,
     restarts: Counter,
 }
 
 impl Feed {
-    async fn run(self, stream: impl futures::Stream<Item = Result<Event<PartialObjectMeta<Secret>>, watcher::Error>>) {
+    async fn run(&self, stream: impl futures::Stream<Item = Result<Event<PartialObjectMeta<Secret>>, watcher::Error>>) {
         futures::pin_mut!(stream);
         let mut listing: Option<BTreeMap<String, Meta>> = None;
         while let Some(event) = stream.next().await {
@@ -147,6 +168,7 @@ impl Feed {
                         store.synced = true;
                         std::mem::replace(&mut store.secrets, fresh.clone())
                     };
+                    self.listed.send_replace(true);
                     // After a restart, whatever moved meanwhile is announced.
                     for (name, meta) in old.iter().chain(fresh.iter()) {
                         if old.get(name) != fresh.get(name) {
@@ -201,5 +223,81 @@ impl Feed {
             namespace: self.namespace.clone(),
             release: release.to_owned(),
         });
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+
+    fn secret(name: &str, release: &str, version: &str) -> PartialObjectMeta<Secret> {
+        PartialObjectMeta {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some([(HELM_NAME_LABEL.to_owned(), release.to_owned())].into()),
+                resource_version: Some(version.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// The index is fed events directly: it says nothing (and the readiness gate stays
+    /// closed) until the watch listed, then a fingerprint moves only for the release whose
+    /// Secrets changed, and that release alone is announced.
+    #[tokio::test]
+    async fn listing_opens_the_gate_and_changes_move_one_fingerprint() {
+        let (changes, mut announced) = broadcast::channel(16);
+        let (listed, listed_rx) = watch::channel(false);
+        let index = SecretIndex {
+            tracking: Arc::new(Mutex::new(Store {
+                synced: true,
+                ..Default::default()
+            })),
+            helm: Arc::default(),
+            listed: [watch::channel(true).1, listed_rx.clone()],
+        };
+        let feed = Feed {
+            store: index.helm.clone(),
+            namespace: "apps".into(),
+            release_label: HELM_NAME_LABEL,
+            listed,
+            changes,
+            restarts: Counter::default(),
+        };
+        assert_eq!(index.fingerprint("web"), None, "not listed yet");
+        feed.run(futures::stream::iter(vec![
+            Ok(Event::Init),
+            Ok(Event::InitApply(secret("sh.helm.release.v1.web.v1", "web", "1"))),
+            Ok(Event::InitApply(secret("sh.helm.release.v1.db.v1", "db", "2"))),
+            Ok(Event::InitDone),
+        ]))
+        .await;
+        assert!(*listed_rx.borrow());
+        tokio::time::timeout(std::time::Duration::from_secs(1), index.listed())
+            .await
+            .unwrap();
+        let (web, db) = (index.fingerprint("web").unwrap(), index.fingerprint("db").unwrap());
+        while announced.try_recv().is_ok() {}
+
+        feed.run(futures::stream::iter(vec![Ok(Event::Apply(secret(
+            "sh.helm.release.v1.web.v2",
+            "web",
+            "3",
+        )))]))
+        .await;
+        assert_ne!(index.fingerprint("web").unwrap(), web);
+        assert_eq!(index.fingerprint("db").unwrap(), db);
+        assert_eq!(
+            announced.try_recv().unwrap(),
+            Change::Release {
+                namespace: "apps".into(),
+                release: "web".into()
+            }
+        );
+        assert!(announced.try_recv().is_err(), "only the release that changed");
     }
 }

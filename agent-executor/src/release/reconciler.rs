@@ -577,6 +577,12 @@ impl Reconciler {
         targets
     }
 
+    /// Waits until the watches of the default namespace's Secrets have listed once: before
+    /// that, every pass would read the API directly.
+    pub async fn watches_listed(&self) {
+        self.inner.cluster.secrets(&self.inner.default_namespace).listed().await;
+    }
+
     /// The current status of every deployment of the last `sync` that has one, with no new
     /// desired state (what the poller reports while the Hub cannot be read).
     pub fn statuses(&self) -> Vec<DeploymentStatus> {
