@@ -9,8 +9,13 @@
 //!
 //! Statuses are posted a few at a time and within a deadline per cycle, so one slow status
 //! endpoint cannot stall the cycle (and make every other status stale on the Hub).
+//!
+//! The decisions of a cycle live in [`Cycle`], which sees the Hub and the executor through
+//! the [`Hub`] and [`Executor`] traits (the real clients implement them; the unit tests use
+//! fakes in memory); [`Poller`] adds what rides on a cycle: logs, metrics, self-update.
 
 use std::{
+    future::Future,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -29,7 +34,7 @@ use uuid::Uuid;
 
 use crate::{
     desired,
-    hub::{HubClient, Resources, StatusReport, StatusType},
+    hub::{HubClient, HubError, Resources, StatusReport, StatusType},
     report::StatusBook,
 };
 
@@ -43,14 +48,145 @@ pub const POST_DEADLINE: Duration = Duration::from_secs(20);
 /// by its own timeout), with room to spare: a cycle running longer is wedged.
 pub const MAX_CYCLE: Duration = Duration::from_secs(300);
 
-pub struct Poller {
-    hub: HubClient,
-    executor: ExecutorClient<Channel>,
+/// The Hub as a cycle uses it.
+pub trait Hub: Send + Sync {
+    fn resources(&self) -> impl Future<Output = Result<Resources, HubError>> + Send;
+    fn post_status(&self, status: &StatusReport) -> impl Future<Output = Result<(), HubError>> + Send;
+    /// The login for the Hub's registry (user `-`, the agent's JWT as password), when one is
+    /// configured.
+    fn registry_login(&self) -> impl Future<Output = Option<pb::RegistryLogin>> + Send;
+}
+
+/// The executor as a cycle uses it.
+pub trait Executor: Send {
+    /// Hands over the desired state; the statuses as they are after it.
+    fn sync(
+        &mut self,
+        request: pb::SyncRequest,
+    ) -> impl Future<Output = Result<Vec<pb::DeploymentStatus>, tonic::Status>> + Send;
+    /// The current statuses, with no new desired state.
+    fn statuses(&mut self) -> impl Future<Output = Result<Vec<pb::DeploymentStatus>, tonic::Status>> + Send;
+}
+
+impl Hub for HubClient {
+    async fn resources(&self) -> Result<Resources, HubError> {
+        HubClient::resources(self).await
+    }
+
+    async fn post_status(&self, status: &StatusReport) -> Result<(), HubError> {
+        HubClient::post_status(self, status).await
+    }
+
+    async fn registry_login(&self) -> Option<pb::RegistryLogin> {
+        let config = self.config().ok()?;
+        let host = config.registry_host.clone()?;
+        match self.current_token().await {
+            Ok(token) => Some(pb::RegistryLogin {
+                host,
+                username: "-".to_owned(),
+                password: token.expose().to_owned(),
+                plain_http: config.registry_plain_http,
+            }),
+            Err(error) => {
+                tracing::warn!(%error, "no token for the Hub registry");
+                None
+            }
+        }
+    }
+}
+
+impl Executor for ExecutorClient<Channel> {
+    async fn sync(&mut self, request: pb::SyncRequest) -> Result<Vec<pb::DeploymentStatus>, tonic::Status> {
+        Ok(ExecutorClient::sync(self, request).await?.into_inner().statuses)
+    }
+
+    async fn statuses(&mut self) -> Result<Vec<pb::DeploymentStatus>, tonic::Status> {
+        Ok(ExecutorClient::statuses(self, pb::StatusesRequest {})
+            .await?
+            .into_inner()
+            .statuses)
+    }
+}
+
+/// The core of a cycle: fetch the desired state, hand it to the executor, post the statuses.
+pub struct Cycle<H, E> {
+    hub: H,
+    executor: E,
     book: Arc<tokio::sync::Mutex<StatusBook>>,
     /// Revisions of the last complete Hub response.
     last_known: Arc<std::sync::Mutex<Vec<Uuid>>>,
     post_deadline: Duration,
     metrics: PollerMetrics,
+}
+
+impl<H: Hub, E: Executor> Cycle<H, E> {
+    pub fn new(hub: H, executor: E, status_refresh: Duration) -> Self {
+        Self {
+            hub,
+            executor,
+            book: Arc::new(tokio::sync::Mutex::new(StatusBook::new(status_refresh))),
+            last_known: Arc::default(),
+            post_deadline: POST_DEADLINE,
+            metrics: PollerMetrics::default(),
+        }
+    }
+
+    /// Fetch, sync, post. Returns the Hub's answer when it came complete.
+    pub async fn run(&mut self) -> Option<Resources> {
+        let fetched = self.hub.resources().await;
+        let statuses = match &fetched {
+            Ok(resources) => {
+                *lock(&self.last_known) = resources.deployments.iter().map(|d| d.revision_id).collect();
+                self.sync(resources).await
+            }
+            Err(error) => {
+                self.metrics.hub_fetch_failures.inc();
+                tracing::warn!(%error, "cannot fetch the desired state from the Hub; the cluster is left as it is and the last statuses are reported");
+                self.last_statuses().await
+            }
+        };
+        post_current(&self.hub, &self.book, &statuses, self.post_deadline, &self.metrics).await;
+        fetched.ok()
+    }
+
+    async fn sync(&mut self, resources: &Resources) -> Vec<StatusReport> {
+        let request = desired::sync_request(resources, self.hub.registry_login().await);
+        match self.executor.sync(request).await {
+            Ok(statuses) => statuses.iter().filter_map(report).collect(),
+            Err(status) => self.executor_failed(&status),
+        }
+    }
+
+    /// The executor's current statuses of the deployments of the last complete Hub response.
+    async fn last_statuses(&mut self) -> Vec<StatusReport> {
+        match self.executor.statuses().await {
+            Ok(statuses) => statuses
+                .iter()
+                .filter_map(report)
+                .filter(|status| lock(&self.last_known).contains(&status.revision_id))
+                .collect(),
+            Err(status) => self.executor_failed(&status),
+        }
+    }
+
+    /// An `error` for every deployment last seen, worded after what went wrong.
+    fn executor_failed(&mut self, status: &tonic::Status) -> Vec<StatusReport> {
+        self.metrics.executor_failures.inc();
+        let message = executor_error_message(status);
+        tracing::warn!(code = ?status.code(), error = %message, "agent executor call failed");
+        lock(&self.last_known)
+            .iter()
+            .map(|revision_id| StatusReport {
+                revision_id: *revision_id,
+                status_type: StatusType::Error,
+                message: message.clone(),
+            })
+            .collect()
+    }
+}
+
+pub struct Poller {
+    cycle: Cycle<HubClient, ExecutorClient<Channel>>,
     self_update: Option<crate::selfupdate::SelfUpdate>,
     logs: crate::deployment_logs::LogShipping,
     cluster_metrics: crate::cluster_metrics::MetricsReporting,
@@ -99,12 +235,7 @@ impl PollerMetrics {
 impl Poller {
     pub fn new(hub: HubClient, executor: ExecutorClient<Channel>, status_refresh: Duration) -> Self {
         Self {
-            hub,
-            executor,
-            book: Arc::new(tokio::sync::Mutex::new(StatusBook::new(status_refresh))),
-            last_known: Arc::default(),
-            post_deadline: POST_DEADLINE,
-            metrics: PollerMetrics::default(),
+            cycle: Cycle::new(hub, executor, status_refresh),
             self_update: None,
             logs: crate::deployment_logs::LogShipping::default(),
             cluster_metrics: crate::cluster_metrics::MetricsReporting::default(),
@@ -119,7 +250,7 @@ impl Poller {
 
     /// Registers the loop's figures with the process's metrics.
     pub fn register_metrics(&self, registry: &mut Registry) {
-        self.metrics.register(registry);
+        self.cycle.metrics.register(registry);
         registry.register(
             "deployment_log_lines_shipped",
             "Pod log lines of deployments the Hub accepted",
@@ -132,101 +263,22 @@ impl Poller {
         );
     }
 
-    /// One cycle: fetch, sync, report.
+    /// One cycle: fetch, sync, report; then logs, metrics and the agent's version.
     pub async fn cycle(&mut self) {
-        let fetched = self.hub.resources().await;
-        let statuses = match &fetched {
-            Ok(resources) => {
-                *lock(&self.last_known) = resources.deployments.iter().map(|d| d.revision_id).collect();
-                self.sync(resources).await
-            }
-            Err(error) => {
-                self.metrics.hub_fetch_failures.inc();
-                tracing::warn!(%error, "cannot fetch the desired state from the Hub; the cluster is left as it is and the last statuses are reported");
-                self.last_statuses().await
-            }
-        };
-        self.post(statuses).await;
-        if let Ok(resources) = &fetched
-            && resources.deployment_logs_enabled
-        {
-            self.logs
-                .step(&mut self.executor, &self.hub, resources.deployment_logs_after)
-                .await;
+        let fetched = self.cycle.run().await;
+        let Some(resources) = fetched else { return };
+        let (hub, executor) = (&self.cycle.hub, &mut self.cycle.executor);
+        if resources.deployment_logs_enabled {
+            self.logs.step(executor, hub, resources.deployment_logs_after).await;
         }
-        if let Ok(resources) = &fetched
-            && resources.metrics_enabled
-        {
-            self.cluster_metrics.step(&mut self.executor, &self.hub).await;
+        if resources.metrics_enabled {
+            self.cluster_metrics.step(executor, hub).await;
         }
         // After the statuses: an update never delays the releases.
-        if let (Ok(resources), Some(update)) = (&fetched, self.self_update.as_mut()) {
-            let running = self.hub.config().ok().and_then(|c| c.agent_version_id);
-            update.step(&self.hub, resources.version.as_ref(), running).await;
+        if let Some(update) = self.self_update.as_mut() {
+            let running = hub.config().ok().and_then(|c| c.agent_version_id);
+            update.step(hub, resources.version.as_ref(), running).await;
         }
-    }
-
-    async fn sync(&mut self, resources: &Resources) -> Vec<StatusReport> {
-        let request = desired::sync_request(resources, self.hub_registry().await);
-        match self.executor.sync(request).await {
-            Ok(reply) => reply.into_inner().statuses.iter().filter_map(report).collect(),
-            Err(status) => self.executor_failed(&status),
-        }
-    }
-
-    /// The executor's current statuses of the deployments of the last complete Hub response.
-    async fn last_statuses(&mut self) -> Vec<StatusReport> {
-        match self.executor.statuses(pb::StatusesRequest {}).await {
-            Ok(reply) => reply
-                .into_inner()
-                .statuses
-                .iter()
-                .filter_map(report)
-                .filter(|status| lock(&self.last_known).contains(&status.revision_id))
-                .collect(),
-            Err(status) => self.executor_failed(&status),
-        }
-    }
-
-    /// An `error` for every deployment last seen, worded after what went wrong.
-    fn executor_failed(&mut self, status: &tonic::Status) -> Vec<StatusReport> {
-        self.metrics.executor_failures.inc();
-        let message = executor_error_message(status);
-        tracing::warn!(code = ?status.code(), error = %message, "agent executor call failed");
-        self.errors_for_all(&message)
-    }
-
-    /// The Hub registry login (user `-`, the agent's JWT as password), when one is configured.
-    async fn hub_registry(&self) -> Option<pb::RegistryLogin> {
-        let config = self.hub.config().ok()?;
-        let host = config.registry_host.clone()?;
-        match self.hub.current_token().await {
-            Ok(token) => Some(pb::RegistryLogin {
-                host,
-                username: "-".to_owned(),
-                password: token.expose().to_owned(),
-                plain_http: config.registry_plain_http,
-            }),
-            Err(error) => {
-                tracing::warn!(%error, "no token for the Hub registry");
-                None
-            }
-        }
-    }
-
-    fn errors_for_all(&self, message: &str) -> Vec<StatusReport> {
-        lock(&self.last_known)
-            .iter()
-            .map(|revision_id| StatusReport {
-                revision_id: *revision_id,
-                status_type: StatusType::Error,
-                message: message.to_owned(),
-            })
-            .collect()
-    }
-
-    async fn post(&mut self, statuses: Vec<StatusReport>) {
-        post_current(&self.hub, &self.book, &statuses, self.post_deadline, &self.metrics).await;
     }
 
     /// A follower of the executor's status stream that posts changes as they come, sharing
@@ -234,10 +286,10 @@ impl Poller {
     pub fn status_follower(&self, executor: ExecutorClient<Channel>) -> StatusFollower {
         StatusFollower {
             executor,
-            hub: self.hub.clone(),
-            book: self.book.clone(),
-            last_known: self.last_known.clone(),
-            metrics: self.metrics.clone(),
+            hub: self.cycle.hub.clone(),
+            book: self.cycle.book.clone(),
+            last_known: self.cycle.last_known.clone(),
+            metrics: self.cycle.metrics.clone(),
         }
     }
 }
@@ -248,7 +300,7 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Posts what is due among `statuses` (the full current list) and records the outcome.
 async fn post_current(
-    hub: &HubClient,
+    hub: &impl Hub,
     book: &tokio::sync::Mutex<StatusBook>,
     statuses: &[StatusReport],
     deadline: Duration,
@@ -342,7 +394,7 @@ const FOLLOW_RETRY_MAX: Duration = Duration::from_secs(30);
 /// accepted post in `book`. Returns how many were not accepted (failed or cut off by the
 /// deadline; they are due again next cycle).
 pub async fn post_due(
-    hub: &HubClient,
+    hub: &impl Hub,
     book: &mut StatusBook,
     due: Vec<StatusReport>,
     concurrency: usize,
@@ -452,6 +504,177 @@ mod tests {
         assert_eq!(failed, 1);
         // Everything but the slow one was accepted; the slow one is due again.
         assert_eq!(book.due(&statuses, Instant::now()), vec![report(3)]);
+    }
+
+    /// A Hub in memory: answers from a script, records the posts.
+    #[derive(Default)]
+    struct MemoryHub {
+        answers: std::sync::Mutex<std::collections::VecDeque<Result<Resources, HubError>>>,
+        posted: std::sync::Mutex<Vec<StatusReport>>,
+    }
+
+    impl MemoryHub {
+        fn answer(&self, answer: Result<Resources, HubError>) {
+            self.answers.lock().unwrap().push_back(answer);
+        }
+
+        fn take_posted(&self) -> Vec<StatusReport> {
+            std::mem::take(&mut *self.posted.lock().unwrap())
+        }
+    }
+
+    impl Hub for Arc<MemoryHub> {
+        async fn resources(&self) -> Result<Resources, HubError> {
+            self.answers.lock().unwrap().pop_front().expect("a scripted answer")
+        }
+
+        async fn post_status(&self, status: &StatusReport) -> Result<(), HubError> {
+            self.posted.lock().unwrap().push(status.clone());
+            Ok(())
+        }
+
+        async fn registry_login(&self) -> Option<pb::RegistryLogin> {
+            None
+        }
+    }
+
+    /// An executor in memory: records what it was sent and answers from a script.
+    #[derive(Default)]
+    struct MemoryExecutor {
+        synced: Vec<pb::SyncRequest>,
+        statuses_calls: usize,
+        /// `Err` makes every call fail with it.
+        down: Option<tonic::Status>,
+        current: Vec<pb::DeploymentStatus>,
+    }
+
+    impl Executor for MemoryExecutor {
+        async fn sync(&mut self, request: pb::SyncRequest) -> Result<Vec<pb::DeploymentStatus>, tonic::Status> {
+            self.synced.push(request);
+            match &self.down {
+                Some(status) => Err(status.clone()),
+                None => Ok(self.current.clone()),
+            }
+        }
+
+        async fn statuses(&mut self) -> Result<Vec<pb::DeploymentStatus>, tonic::Status> {
+            self.statuses_calls += 1;
+            match &self.down {
+                Some(status) => Err(status.clone()),
+                None => Ok(self.current.clone()),
+            }
+        }
+    }
+
+    fn resources(revisions: &[u128]) -> Resources {
+        let deployments: Vec<serde_json::Value> = revisions
+            .iter()
+            .map(|n| {
+                serde_json::json!({
+                    "id": Uuid::from_u128(100 + n), "revisionId": Uuid::from_u128(*n),
+                    "releaseName": format!("web{n}"), "chartUrl": "oci://registry.example/charts/web",
+                    "chartVersion": "1.0.0",
+                })
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({"namespace": "apps", "deployments": deployments})).unwrap()
+    }
+
+    fn executor_status(n: u128, kind: pb::StatusType, message: &str) -> pb::DeploymentStatus {
+        pb::DeploymentStatus {
+            revision_id: Uuid::from_u128(n).to_string(),
+            r#type: kind.into(),
+            message: message.into(),
+            ..Default::default()
+        }
+    }
+
+    fn malformed() -> HubError {
+        HubError::Malformed {
+            method: reqwest::Method::GET,
+            path: "/api/v1/agent/resources".into(),
+            message: "expected value at line 1 column 1".into(),
+        }
+    }
+
+    /// The loop's decisions over fakes: what reaches the executor and what the Hub hears, for
+    /// a good answer, a failed one, and an executor that is down.
+    #[tokio::test]
+    async fn a_failed_hub_answer_never_reaches_the_executor_and_statuses_go_on() {
+        let hub = Arc::new(MemoryHub::default());
+        let executor = MemoryExecutor {
+            current: vec![
+                executor_status(1, pb::StatusType::Healthy, "status check passed. 1 resources healthy"),
+                // A release the Hub does not list (the executor still uninstalls it).
+                executor_status(9, pb::StatusType::Healthy, "status check passed. 1 resources healthy"),
+                // No status yet: nothing to post.
+                executor_status(2, pb::StatusType::Unspecified, ""),
+            ],
+            ..Default::default()
+        };
+        let mut cycle = Cycle::new(hub.clone(), executor, STATUS_REFRESH);
+
+        hub.answer(Ok(resources(&[1, 2])));
+        assert!(cycle.run().await.is_some());
+        let synced = &cycle.executor.synced;
+        assert_eq!(synced.len(), 1);
+        assert_eq!(synced[0].namespace, "apps");
+        assert_eq!(synced[0].deployments.len(), 2, "the whole desired state");
+        let posted = hub.take_posted();
+        assert_eq!(
+            posted.iter().map(|s| s.revision_id).collect::<Vec<_>>(),
+            [Uuid::from_u128(1), Uuid::from_u128(9)],
+            "what the executor said after the Sync"
+        );
+
+        // A malformed answer: no Sync (an empty list would uninstall everything); the real
+        // statuses of the last known deployments are read instead, and unchanged ones are
+        // not posted again before their refresh.
+        hub.answer(Err(malformed()));
+        assert!(cycle.run().await.is_none());
+        assert_eq!(cycle.executor.synced.len(), 1, "nothing reached the executor");
+        assert_eq!(cycle.executor.statuses_calls, 1);
+        assert_eq!(cycle.metrics.hub_fetch_failures.get(), 1);
+        assert!(hub.take_posted().is_empty(), "nothing changed, nothing posted");
+
+        // A change while the Hub cannot be read still reaches it, for the deployments of the
+        // Hub's last complete answer only.
+        cycle.executor.current[0] = executor_status(1, pb::StatusType::Error, "pod web-1 ImagePullBackOff");
+        cycle.executor.current[1] = executor_status(9, pb::StatusType::Error, "uninstall error: timed out");
+        hub.answer(Err(malformed()));
+        cycle.run().await;
+        let posted = hub.take_posted();
+        assert_eq!(posted.len(), 1);
+        assert_eq!(posted[0].revision_id, Uuid::from_u128(1));
+        assert_eq!(posted[0].status_type, StatusType::Error);
+    }
+
+    #[tokio::test]
+    async fn an_executor_that_is_down_makes_every_known_deployment_an_error() {
+        let hub = Arc::new(MemoryHub::default());
+        let executor = MemoryExecutor {
+            down: Some(tonic::Status::unavailable("connection refused")),
+            ..Default::default()
+        };
+        let mut cycle = Cycle::new(hub.clone(), executor, STATUS_REFRESH);
+        hub.answer(Ok(resources(&[1, 2])));
+        cycle.run().await;
+        let posted = hub.take_posted();
+        assert_eq!(posted.len(), 2);
+        assert!(posted.iter().all(|status| status.status_type == StatusType::Error
+            && status.message == "agent executor unreachable: connection refused"));
+        assert_eq!(cycle.metrics.executor_failures.get(), 1);
+
+        // Before any complete Hub answer there is nothing to report on.
+        let hub = Arc::new(MemoryHub::default());
+        let executor = MemoryExecutor {
+            down: Some(tonic::Status::unavailable("connection refused")),
+            ..Default::default()
+        };
+        let mut cycle = Cycle::new(hub.clone(), executor, STATUS_REFRESH);
+        hub.answer(Err(malformed()));
+        cycle.run().await;
+        assert!(hub.take_posted().is_empty());
     }
 
     #[test]
