@@ -29,6 +29,8 @@ pub enum ValidationError {
     ChartVersion { version: String, reason: &'static str },
     #[error("invalid registry user name for {host}: {reason}")]
     Username { host: String, reason: &'static str },
+    #[error("invalid registryAuth host {host:?}: {reason}")]
+    RegistryHost { host: String, reason: &'static str },
 }
 
 /// A release name as Helm accepts it: lower-case alphanumerics and `-`, dot-separated
@@ -246,9 +248,46 @@ pub fn username(host: &str, name: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// Checks everything of a deployment that reaches Helm's command line or an object name.
+/// A `registryAuth` key, as it becomes a key of a docker config (the pull Secret, Helm's
+/// registry config): `host[:port]`, or a registry URL such as Docker Hub's legacy
+/// `https://index.docker.io/v1/`. Nothing that could be read as something else: no control
+/// characters, spaces, quotes or backslashes, at most 255 bytes.
+pub fn registry_host(host: &str) -> Result<(), ValidationError> {
+    let error = |reason| ValidationError::RegistryHost {
+        host: truncate(&host.escape_debug().to_string()),
+        reason,
+    };
+    if host.is_empty() {
+        return Err(error("must not be empty"));
+    }
+    if host.len() > 255 {
+        return Err(error("must be at most 255 bytes"));
+    }
+    if host
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '"' | '\\' | '\''))
+    {
+        return Err(error(
+            "must not contain control characters, spaces, quotes or backslashes",
+        ));
+    }
+    let rest = host
+        .strip_prefix("https://")
+        .or_else(|| host.strip_prefix("http://"))
+        .unwrap_or(host);
+    if url_host(rest).is_none() {
+        return Err(error("must be host[:port], optionally with a URL scheme and path"));
+    }
+    Ok(())
+}
+
+/// Checks everything of a deployment that reaches Helm's command line, a docker config or an
+/// object name.
 pub fn deployment(deployment: &Deployment, allow_http: bool) -> Result<ChartSource, ValidationError> {
     release_name(&deployment.release_name)?;
+    for host in deployment.registry_auth.keys() {
+        registry_host(host)?;
+    }
     let source = chart_source(deployment, allow_http)?;
     if let ChartSource::Repository { host, .. } = &source
         && let Some(credentials) = deployment.registry_auth.get(host.as_str())
@@ -310,6 +349,33 @@ mod tests {
             chart_version: version.into(),
             ..Deployment::default()
         }
+    }
+
+    #[test]
+    fn registry_hosts_are_what_a_docker_config_key_can_be() {
+        for good in [
+            "ghcr.io",
+            "registry.example.com:5000",
+            "127.0.0.1:5000",
+            "[::1]:5000",
+            "https://index.docker.io/v1/",
+        ] {
+            assert!(registry_host(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "reg\nistry",
+            "a b",
+            "x\"y",
+            "x\\y",
+            "-rf",
+            "https://",
+            ".example.com",
+        ] {
+            let error = registry_host(bad).unwrap_err().to_string();
+            assert!(error.starts_with("invalid registryAuth host"), "{bad}: {error}");
+        }
+        assert!(registry_host(&"a".repeat(256)).is_err());
     }
 
     #[test]
