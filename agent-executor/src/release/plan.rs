@@ -1,7 +1,7 @@
 //! The decisions of the reconciler, as pure functions of what the tracking Secret and
 //! Helm's storage say: what to do next for a release ([`plan`]), how to settle the tracking
-//! record after an interrupted operation ([`settle`]), and how long to wait before retrying
-//! ([`retry_delay`]).
+//! record after an interrupted operation ([`settle`]), what a failed install or upgrade leaves
+//! to do ([`after_failure`]), and how long to wait before retrying ([`retry_delay`]).
 
 use std::time::Duration;
 
@@ -127,6 +127,68 @@ pub fn settle(
     settled
 }
 
+/// What a failed install or upgrade leaves to do, from Helm's latest revision read after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// What Helm left is unknown (its storage could not be read) or a revision is still
+    /// pending (Helm was stopped at its time limit): the `progressing` record stays, so the
+    /// next pass recovers from it.
+    KeepProgressing { retry: bool },
+    /// Cut short by the executor's shutdown, with a revision recorded by Helm: not a failure
+    /// of this revision. This record (revision id forgotten, phase `ready`) makes the next
+    /// executor deploy it again at once.
+    Interrupted(TrackingRecord),
+    /// Helm recorded the failed attempt (a new revision): record it as failed and report
+    /// it until the Hub sends another revision; no retry.
+    Failed(TrackingRecord),
+    /// Helm left nothing behind (chart not found, registry down, an install rolled back and
+    /// removed): put this record back and retry later.
+    NothingLeft(TrackingRecord),
+}
+
+/// Decides what follows a failed operation. `attempt` is the `progressing` record written
+/// before it, `previous` the record it replaced, `before` Helm's latest revision before it,
+/// `after` the latest after it (`Err` when it could not be read).
+pub fn after_failure(
+    upgrade: bool,
+    attempt: &TrackingRecord,
+    previous: Option<&TrackingRecord>,
+    before: Option<u32>,
+    after: Result<Option<&StoredRelease>, ()>,
+    shutting_down: bool,
+) -> AfterFailure {
+    let Ok(after) = after else {
+        return AfterFailure::KeepProgressing { retry: true };
+    };
+    if after.is_some_and(|after| after.status.is_pending()) {
+        return AfterFailure::KeepProgressing { retry: false };
+    }
+    let after_revision = after.map(|after| after.revision);
+    if shutting_down && after_revision.is_some() {
+        return AfterFailure::Interrupted(TrackingRecord {
+            revision_id: NIL_UUID.to_owned(),
+            helm_revision: after_revision,
+            phase: Phase::Ready,
+            ..attempt.clone()
+        });
+    }
+    if after_revision.is_some() && after_revision != before {
+        return AfterFailure::Failed(TrackingRecord {
+            phase: Phase::Failed,
+            helm_revision: after_revision,
+            ..attempt.clone()
+        });
+    }
+    AfterFailure::NothingLeft(match previous {
+        Some(previous) if upgrade => previous.clone(),
+        _ => TrackingRecord {
+            phase: Phase::Failed,
+            helm_revision: after_revision,
+            ..attempt.clone()
+        },
+    })
+}
+
 /// Delay before retry number `attempt` (1-based) of an operation that left nothing behind:
 /// 30 s, doubling, at most 10 minutes.
 pub fn retry_delay(attempt: u32) -> Duration {
@@ -147,6 +209,64 @@ mod tests {
             release_name: "web".into(),
             ..Deployment::default()
         }
+    }
+
+    #[test]
+    fn what_a_failed_operation_leaves_to_do() {
+        let stored = |revision: u32, status: ReleaseStatus| StoredRelease {
+            name: "web".into(),
+            namespace: "apps".into(),
+            revision,
+            status,
+            chart_name: "web".into(),
+            chart_version: "1.0.0".into(),
+            app_version: String::new(),
+            description: String::new(),
+            manifest: String::new(),
+            last_deployed: None,
+        };
+        let attempt = record("rev-2", Some(3), Phase::Progressing);
+        let previous = record("rev-1", Some(3), Phase::Ready);
+        let upgrade = |after: Result<Option<&StoredRelease>, ()>, shutting_down| {
+            after_failure(true, &attempt, Some(&previous), Some(3), after, shutting_down)
+        };
+        assert_eq!(upgrade(Err(()), false), AfterFailure::KeepProgressing { retry: true });
+        let pending = stored(4, ReleaseStatus::PendingUpgrade);
+        assert_eq!(
+            upgrade(Ok(Some(&pending)), false),
+            AfterFailure::KeepProgressing { retry: false },
+            "a pending revision is left to the recovery"
+        );
+        let failed = stored(4, ReleaseStatus::Failed);
+        assert_eq!(
+            upgrade(Ok(Some(&failed)), false),
+            AfterFailure::Failed(record("rev-2", Some(4), Phase::Failed)),
+            "Helm recorded the attempt: no retry"
+        );
+        assert_eq!(
+            upgrade(Ok(Some(&failed)), true),
+            AfterFailure::Interrupted(record(NIL_UUID, Some(4), Phase::Ready)),
+            "stopped by the shutdown: redone by the next executor"
+        );
+        let unchanged = stored(3, ReleaseStatus::Deployed);
+        assert_eq!(
+            upgrade(Ok(Some(&unchanged)), false),
+            AfterFailure::NothingLeft(previous.clone()),
+            "an upgrade that left nothing puts the previous record back"
+        );
+        let install = after_failure(
+            false,
+            &record("rev-1", None, Phase::Progressing),
+            None,
+            None,
+            Ok(None),
+            false,
+        );
+        assert_eq!(
+            install,
+            AfterFailure::NothingLeft(record("rev-1", None, Phase::Failed)),
+            "an install rolled back and removed is retried"
+        );
     }
 
     fn record(revision: &str, helm_revision: Option<u32>, phase: Phase) -> TrackingRecord {

@@ -33,7 +33,7 @@ use crate::{
     helm::storage::{ReleaseStatus, StorageError, StoredRelease},
     helm::{ChartRequest, one_line},
     model::{ChartSource, DEFAULT_HELM_TIMEOUT, Deployment, RegistryLogin, StatusKind},
-    release::plan::{self, Plan},
+    release::plan::{self, AfterFailure, Plan},
     release::reconciler::{Inner, Stores},
     release::recovery::{self, Outcome},
     release::status_board::ReleaseKey,
@@ -348,7 +348,7 @@ impl Worker {
             return self.schedule_retry(&deployment.revision_id);
         }
         let before_revision = before.as_ref().map(|before| before.revision);
-        let mut record = TrackingRecord {
+        let record = TrackingRecord {
             id: deployment.id.clone(),
             revision_id: deployment.revision_id.clone(),
             release_name: deployment.release_name.clone(),
@@ -391,61 +391,46 @@ impl Worker {
                 let message = format!("{op} error: {error}");
                 tracing::warn!(operation = op, error = %message, "helm operation failed");
                 self.report(deployment, StatusKind::Error, &message);
-                let after = match after {
-                    Ok(after) => after,
-                    Err(error) => {
-                        // What Helm left is unknown: the `progressing` record stays, and the
-                        // next pass recovers from it.
-                        tracing::warn!(%error, "cannot read helm's storage after a failed operation");
-                        return self.schedule_retry(&deployment.revision_id);
+                let previous = tracked.as_ref().map(|tracked| &tracked.record);
+                if let Err(error) = &after {
+                    tracing::warn!(%error, "cannot read helm's storage after a failed operation");
+                }
+                let after = after.as_ref().map(Option::as_ref).map_err(|_| ());
+                let next = plan::after_failure(
+                    operation == Operation::Upgrade,
+                    &record,
+                    previous,
+                    before_revision,
+                    after,
+                    self.inner.shutdown.is_cancelled(),
+                );
+                match next {
+                    AfterFailure::KeepProgressing { retry: true } => self.schedule_retry(&deployment.revision_id),
+                    AfterFailure::KeepProgressing { retry: false } => {
+                        tracing::warn!("helm left a pending revision; the recovery takes it over");
+                        CHECK_INTERVAL
                     }
-                };
-                if let Some(pending) = after.as_ref().filter(|after| after.status.is_pending()) {
-                    // Helm was stopped mid-operation (its time limit): the `progressing`
-                    // record stays, so that the recovery takes this pending revision over.
-                    tracing::warn!(revision = pending.revision, status = %pending.status, "helm left a pending revision");
-                    return CHECK_INTERVAL;
-                }
-                let after_revision = after.as_ref().map(|after| after.revision);
-                if self.inner.shutdown.is_cancelled() && after_revision.is_some() {
-                    // Cut short on purpose (the executor is stopping, Helm was asked to stop and
-                    // recorded it): not a failure of this revision. The revision id is
-                    // forgotten, so the next executor deploys it again at once, without the
-                    // revision-skew error and without waiting for a pending revision.
-                    tracing::info!(
-                        operation = op,
-                        "helm operation stopped by the shutdown; it is redone on the next start"
-                    );
-                    let interrupted = TrackingRecord {
-                        revision_id: crate::model::NIL_UUID.to_owned(),
-                        helm_revision: after_revision,
-                        phase: Phase::Ready,
-                        ..record
-                    };
-                    self.save_quietly(&interrupted).await;
-                    return Duration::ZERO;
-                }
-                if after_revision.is_some() && after_revision != before_revision {
-                    record.phase = Phase::Failed;
-                    record.helm_revision = after_revision;
-                    self.save_quietly(&record).await;
-                    self.failure = Some(Failure {
-                        revision_id: deployment.revision_id.clone(),
-                        message,
-                    });
-                    self.retry = None;
-                    CHECK_INTERVAL
-                } else {
-                    let restored = match (operation, tracked) {
-                        (Operation::Upgrade, Some(tracked)) => tracked.record,
-                        _ => TrackingRecord {
-                            phase: Phase::Failed,
-                            helm_revision: after_revision,
-                            ..record
-                        },
-                    };
-                    self.save_quietly(&restored).await;
-                    self.schedule_retry(&deployment.revision_id)
+                    AfterFailure::Interrupted(record) => {
+                        tracing::info!(
+                            operation = op,
+                            "helm operation stopped by the shutdown; it is redone on the next start"
+                        );
+                        self.save_quietly(&record).await;
+                        Duration::ZERO
+                    }
+                    AfterFailure::Failed(record) => {
+                        self.save_quietly(&record).await;
+                        self.failure = Some(Failure {
+                            revision_id: deployment.revision_id.clone(),
+                            message,
+                        });
+                        self.retry = None;
+                        CHECK_INTERVAL
+                    }
+                    AfterFailure::NothingLeft(record) => {
+                        self.save_quietly(&record).await;
+                        self.schedule_retry(&deployment.revision_id)
+                    }
                 }
             }
         }
