@@ -2,6 +2,7 @@
 //! operations, the per-release [`worker`]s, the [`status_board`] they report to, and the
 //! [`reconciler`] that hands each worker its desired state.
 
+mod ops;
 pub mod plan;
 pub mod reconciler;
 pub mod recovery;

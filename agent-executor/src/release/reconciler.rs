@@ -406,6 +406,12 @@ impl Reconciler {
         )));
     }
 
+    /// The shared state, for the workers' unit tests.
+    #[cfg(test)]
+    pub(crate) fn inner(&self) -> Arc<Inner> {
+        self.inner.clone()
+    }
+
     /// A reconciler for releases in `namespace` (used when a `sync` names none), running Helm
     /// within `limits`.
     pub fn new(client: kube::Client, helm: HelmDriver, namespace: String, limits: HelmLimits) -> Self {

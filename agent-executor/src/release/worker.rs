@@ -22,7 +22,6 @@ use std::{
     time::Duration,
 };
 
-use chrono::Utc;
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
@@ -33,13 +32,13 @@ use crate::{
     helm::storage::{ReleaseStatus, StorageError, StoredRelease},
     helm::{ChartRequest, one_line},
     model::{ChartSource, DEFAULT_HELM_TIMEOUT, Deployment, RegistryLogin, StatusKind},
+    release::ops::{KubeOps, ReleaseOps},
     release::plan::{self, AfterFailure, Plan},
-    release::reconciler::{Inner, Stores},
-    release::recovery::{self, Outcome},
+    release::reconciler::Inner,
+    release::recovery::Outcome,
     release::status_board::ReleaseKey,
     resources::health,
     resources::manifest,
-    resources::restart,
     validate,
 };
 
@@ -92,11 +91,12 @@ struct Failure {
     message: String,
 }
 
-pub(crate) struct Worker {
+pub(crate) struct Worker<O = KubeOps> {
     inner: Arc<Inner>,
     key: ReleaseKey,
     receiver: watch::Receiver<Option<Arc<WorkItem>>>,
-    stores: Stores,
+    /// What it does to the cluster and Helm.
+    ops: O,
     retry: Option<Retry>,
     failure: Option<Failure>,
     /// Digest of the docker config last written to the pull Secret.
@@ -127,12 +127,23 @@ fn memo_key(item: &WorkItem) -> (String, String, bool, Vec<String>) {
 
 impl Worker {
     pub(crate) fn new(inner: Arc<Inner>, key: ReleaseKey, receiver: watch::Receiver<Option<Arc<WorkItem>>>) -> Self {
-        let stores = Stores::new(&inner.client, &key.namespace);
+        let ops = KubeOps::new(inner.clone(), &key.namespace);
+        Worker::with_ops(inner, key, receiver, ops)
+    }
+}
+
+impl<O: ReleaseOps> Worker<O> {
+    pub(crate) fn with_ops(
+        inner: Arc<Inner>,
+        key: ReleaseKey,
+        receiver: watch::Receiver<Option<Arc<WorkItem>>>,
+        ops: O,
+    ) -> Self {
         Self {
             inner,
             key,
             receiver,
-            stores,
+            ops,
             retry: None,
             failure: None,
             pull_secret_digest: None,
@@ -214,11 +225,7 @@ impl Worker {
         let lock = self.inner.op_lock(&self.key);
         let _guard = lock.lock().await;
         // In steady state the watches say whether anything moved: nothing to read then.
-        let fingerprint = self
-            .inner
-            .cluster
-            .secrets(&self.key.namespace)
-            .fingerprint(&deployment.release_name);
+        let fingerprint = self.ops.fingerprint(&deployment.release_name);
         if let Some(memo) = self
             .memo
             .take()
@@ -226,7 +233,7 @@ impl Worker {
         {
             return self.check_memo(item, memo).await;
         }
-        let mut tracked = match self.stores.tracking.find(&deployment.release_name).await {
+        let mut tracked = match self.ops.find_tracked(&deployment.release_name).await {
             Ok(tracked) => tracked,
             Err(error) => return self.report_error(deployment, &error.to_string()),
         };
@@ -263,7 +270,7 @@ impl Worker {
             }
             tracked = None;
         }
-        let latest = match self.stores.storage.latest(&deployment.release_name).await {
+        let latest = match self.ops.latest(&deployment.release_name).await {
             Ok(latest) => latest,
             Err(error) => return self.report_error(deployment, &error.to_string()),
         };
@@ -356,14 +363,14 @@ impl Worker {
             phase: Phase::Progressing,
             logs_enabled: deployment.logs_enabled,
         };
-        if let Err(error) = self.stores.tracking.save(&record).await {
+        if let Err(error) = self.ops.save_tracked(&record).await {
             self.report(deployment, StatusKind::Error, &format!("{op} error: {error}"));
             return self.schedule_retry(&deployment.revision_id);
         }
         if let Some(adoption) = tracked
             .as_ref()
             .filter(|t| t.secret != tracking::secret_name(&deployment.release_name))
-            && let Err(error) = self.stores.tracking.delete(&adoption.secret).await
+            && let Err(error) = self.ops.delete_tracked(&adoption.secret).await
         {
             tracing::warn!(%error, "cannot delete the adoption request");
         }
@@ -380,11 +387,11 @@ impl Worker {
             registry_auth: &deployment.registry_auth,
         };
         let result = match operation {
-            Operation::Install => slot.run(self.inner.helm.install(&request)).await,
-            Operation::Upgrade => slot.run(self.inner.helm.upgrade(&request)).await,
+            Operation::Install => slot.run(self.ops.install(&request)).await,
+            Operation::Upgrade => slot.run(self.ops.upgrade(&request)).await,
         };
         drop(slot);
-        let after = self.stores.storage.latest(&deployment.release_name).await;
+        let after = self.ops.latest(&deployment.release_name).await;
         match result {
             Ok(()) => self.succeeded(item, operation, record, after).await,
             Err(error) => {
@@ -452,7 +459,7 @@ impl Worker {
             Ok(after) => {
                 record.phase = Phase::Ready;
                 record.helm_revision = after.as_ref().map(|after| after.revision).or(record.helm_revision);
-                if let Err(error) = self.stores.tracking.save(&record).await {
+                if let Err(error) = self.ops.save_tracked(&record).await {
                     // The `progressing` record stays; the next pass settles it.
                     tracing::warn!(%error, "cannot record the successful operation");
                 }
@@ -466,9 +473,7 @@ impl Worker {
                 Err(error) => Err(error.to_string()),
             };
             let restarted = match objects {
-                Ok(objects) => restart::restart_workloads(&self.inner.client, &item.namespace, &objects, Utc::now())
-                    .await
-                    .map_err(|error| error.to_string()),
+                Ok(objects) => self.ops.restart(&objects).await,
                 Err(error) => Err(error),
             };
             match restarted {
@@ -495,7 +500,7 @@ impl Worker {
                 ..memo.tracked.record.clone()
             };
             // A write moves the fingerprint: the next pass reads everything again.
-            if let Err(error) = self.stores.tracking.save(&record).await {
+            if let Err(error) = self.ops.save_tracked(&record).await {
                 return self.report_error(deployment, &error.to_string());
             }
         }
@@ -503,7 +508,7 @@ impl Worker {
         if let Err(error) = self.refresh_pull_secret(item, false).await {
             return self.report_error(deployment, &error.to_string());
         }
-        let results = self.inner.health.check(&item.namespace, &memo.objects).await;
+        let results = self.ops.check_health(&memo.objects).await;
         let (kind, message) = health::summarize(&results);
         self.report(deployment, kind, &message);
         self.memo = Some(memo);
@@ -520,7 +525,7 @@ impl Worker {
             Some(failure) => failure.message.clone(),
             None => {
                 // After a restart: Helm's history still says what failed.
-                let described = match self.stores.storage.history(&deployment.release_name).await {
+                let described = match self.ops.history(&deployment.release_name).await {
                     Ok(history) => history
                         .iter()
                         .rev()
@@ -555,18 +560,7 @@ impl Worker {
             return Duration::ZERO;
         };
         let timeout = deployment.helm_options.capped().0.timeout;
-        let stores = &self.stores;
-        match slot
-            .run(recovery::recover(
-                &self.inner.helm,
-                &stores.tracking,
-                &stores.storage,
-                tracked,
-                latest,
-                timeout,
-            ))
-            .await
-        {
+        match slot.run(self.ops.recover(tracked, latest, timeout)).await {
             Ok(Outcome::Settled(_)) => AFTER_RECOVERY,
             Ok(Outcome::Waiting(message)) => {
                 self.report(deployment, StatusKind::Progressing, &message);
@@ -586,9 +580,9 @@ impl Worker {
         let lock = self.inner.op_lock(&self.key);
         let _guard = lock.lock().await;
         let release = self.key.release.clone();
-        let outcome = match self.stores.tracking.find(&release).await {
+        let outcome = match self.ops.find_tracked(&release).await {
             Ok(None) => {
-                if let Err(error) = self.stores.pull_secrets.delete(&release).await {
+                if let Err(error) = self.ops.delete_pull_secret(&release).await {
                     tracing::debug!(%error, "cannot delete the pull Secret of an untracked release");
                 }
                 Ok(())
@@ -624,15 +618,12 @@ impl Worker {
             phase: Phase::Progressing,
             ..tracked.record.clone()
         };
-        self.stores
-            .tracking
-            .save(&progressing)
+        self.ops
+            .save_tracked(&progressing)
             .await
             .map_err(|error| error.to_string())?;
         tracing::info!("helm uninstall starting");
-        let uninstalled = slot
-            .run(self.inner.helm.uninstall(&self.key.namespace, release, timeout))
-            .await;
+        let uninstalled = slot.run(self.ops.uninstall(release, timeout)).await;
         drop(slot);
         if let Err(error) = uninstalled {
             self.save_quietly(&TrackingRecord {
@@ -643,21 +634,18 @@ impl Worker {
             return Err(format!("uninstall error: {error}"));
         }
         let canonical = tracking::secret_name(release);
-        self.stores
-            .tracking
-            .delete(&canonical)
+        self.ops
+            .delete_tracked(&canonical)
             .await
             .map_err(|error| error.to_string())?;
         if tracked.secret != canonical {
-            self.stores
-                .tracking
-                .delete(&tracked.secret)
+            self.ops
+                .delete_tracked(&tracked.secret)
                 .await
                 .map_err(|error| error.to_string())?;
         }
-        self.stores
-            .pull_secrets
-            .delete(release)
+        self.ops
+            .delete_pull_secret(release)
             .await
             .map_err(|error| error.to_string())?;
         tracing::info!("release uninstalled");
@@ -671,9 +659,8 @@ impl Worker {
         config.hash(&mut hasher);
         let digest = hasher.finish();
         if force || self.pull_secret_digest != Some(digest) {
-            self.stores
-                .pull_secrets
-                .apply(&item.deployment.release_name, config)
+            self.ops
+                .apply_pull_secret(&item.deployment.release_name, config)
                 .await?;
             self.pull_secret_digest = Some(digest);
         }
@@ -704,8 +691,307 @@ impl Worker {
     }
 
     async fn save_quietly(&self, record: &TrackingRecord) {
-        if let Err(error) = self.stores.tracking.save(record).await {
+        if let Err(error) = self.ops.save_tracked(record).await {
             tracing::warn!(%error, "cannot update the tracking Secret");
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    //! The worker's decisions over a fake of the cluster and Helm ([`ReleaseOps`]): no API
+    //! server, no `helm`.
+
+    use std::{collections::VecDeque, sync::Mutex};
+
+    use super::*;
+    use crate::{
+        cluster::{pull_secret::PullSecretError, tracking::TrackingError},
+        helm::{
+            HelmConfig, HelmDriver, HelmError,
+            storage::{StorageError, StoredRelease},
+        },
+        release::{
+            reconciler::{HelmLimits, Reconciler},
+            recovery::RecoveryError,
+        },
+        resources::{health::ResourceHealth, manifest::ManifestObject},
+    };
+
+    /// How the next Helm operation ends.
+    #[derive(Clone, Copy)]
+    enum HelmOutcome {
+        Succeeds,
+        /// Fails, and Helm records a failed revision.
+        FailsRecorded,
+        /// Fails before Helm records anything (chart not found, registry down).
+        FailsEarly,
+    }
+
+    #[derive(Default)]
+    struct Fake {
+        tracked: Option<TrackingRecord>,
+        revisions: Vec<StoredRelease>,
+        outcomes: VecDeque<HelmOutcome>,
+        helm_calls: Vec<&'static str>,
+    }
+
+    #[derive(Default)]
+    struct FakeOps(Mutex<Fake>);
+
+    impl FakeOps {
+        fn state(&self) -> std::sync::MutexGuard<'_, Fake> {
+            self.0.lock().unwrap()
+        }
+
+        fn helm(&self, operation: &'static str) -> Result<(), HelmError> {
+            let mut state = self.state();
+            state.helm_calls.push(operation);
+            let outcome = state.outcomes.pop_front().unwrap_or(HelmOutcome::Succeeds);
+            let revision = state.revisions.last().map_or(1, |last| last.revision + 1);
+            let status = match outcome {
+                HelmOutcome::Succeeds => ReleaseStatus::Deployed,
+                HelmOutcome::FailsRecorded => ReleaseStatus::Failed,
+                HelmOutcome::FailsEarly => {
+                    return Err(HelmError::Failed {
+                        operation,
+                        message: "chart not found".into(),
+                    });
+                }
+            };
+            state.revisions.push(StoredRelease {
+                name: "web".into(),
+                namespace: "apps".into(),
+                revision,
+                status,
+                chart_name: "web".into(),
+                chart_version: "1.0.0".into(),
+                app_version: String::new(),
+                description: String::new(),
+                manifest: String::new(),
+                last_deployed: None,
+            });
+            match outcome {
+                HelmOutcome::Succeeds => Ok(()),
+                _ => Err(HelmError::Failed {
+                    operation,
+                    message: "context deadline exceeded".into(),
+                }),
+            }
+        }
+    }
+
+    impl ReleaseOps for Arc<FakeOps> {
+        async fn find_tracked(&self, _release: &str) -> Result<Option<Tracked>, TrackingError> {
+            Ok(self.state().tracked.clone().map(|record| Tracked {
+                secret: tracking::secret_name(&record.release_name),
+                record,
+            }))
+        }
+
+        async fn save_tracked(&self, record: &TrackingRecord) -> Result<(), TrackingError> {
+            self.state().tracked = Some(record.clone());
+            Ok(())
+        }
+
+        async fn delete_tracked(&self, _secret: &str) -> Result<(), TrackingError> {
+            self.state().tracked = None;
+            Ok(())
+        }
+
+        async fn latest(&self, _release: &str) -> Result<Option<StoredRelease>, StorageError> {
+            Ok(self.state().revisions.last().cloned())
+        }
+
+        async fn history(&self, _release: &str) -> Result<Vec<StoredRelease>, StorageError> {
+            Ok(self.state().revisions.clone())
+        }
+
+        async fn apply_pull_secret(&self, _release: &str, _config: Vec<u8>) -> Result<(), PullSecretError> {
+            Ok(())
+        }
+
+        async fn delete_pull_secret(&self, _release: &str) -> Result<(), PullSecretError> {
+            Ok(())
+        }
+
+        async fn install(&self, _request: &ChartRequest<'_>) -> Result<(), HelmError> {
+            self.helm("install")
+        }
+
+        async fn upgrade(&self, _request: &ChartRequest<'_>) -> Result<(), HelmError> {
+            self.helm("upgrade")
+        }
+
+        async fn uninstall(&self, _release: &str, _timeout: Duration) -> Result<(), HelmError> {
+            let mut state = self.state();
+            state.helm_calls.push("uninstall");
+            state.revisions.clear();
+            Ok(())
+        }
+
+        async fn recover(
+            &self,
+            _tracked: &Tracked,
+            _latest: Option<StoredRelease>,
+            _timeout: Duration,
+        ) -> Result<Outcome, RecoveryError> {
+            Ok(Outcome::Waiting("recovering".into()))
+        }
+
+        async fn check_health(&self, _objects: &[ManifestObject]) -> Vec<ResourceHealth> {
+            vec![ResourceHealth {
+                kind: "Deployment".into(),
+                name: "web".into(),
+                healthy: true,
+                message: String::new(),
+            }]
+        }
+
+        async fn restart(&self, _objects: &[ManifestObject]) -> Result<usize, String> {
+            Ok(0)
+        }
+
+        fn fingerprint(&self, _release: &str) -> Option<u64> {
+            None
+        }
+    }
+
+    struct Setup {
+        worker: Worker<Arc<FakeOps>>,
+        ops: Arc<FakeOps>,
+        inner: Arc<Inner>,
+        _scratch: tempfile::TempDir,
+    }
+
+    /// A worker over the fake, with a reconciler whose client points nowhere (nothing here
+    /// may reach an API server).
+    fn setup() -> Setup {
+        agent_runtime::install_crypto_provider();
+        let config = kube::Config::new("https://127.0.0.1:9".parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let helm = HelmDriver::new(HelmConfig {
+            bin: "helm".into(),
+            scratch_dir: scratch.path().to_owned(),
+            allow_http_charts: false,
+        })
+        .unwrap();
+        let limits = HelmLimits {
+            concurrent: 1,
+            active_phase: Duration::from_secs(45),
+        };
+        let inner = Reconciler::new(client, helm, "apps".into(), limits).inner();
+        let ops = Arc::new(FakeOps::default());
+        let (_sender, receiver) = watch::channel(None);
+        let worker = Worker::with_ops(inner.clone(), ReleaseKey::new("apps", "web"), receiver, ops.clone());
+        Setup {
+            worker,
+            ops,
+            inner,
+            _scratch: scratch,
+        }
+    }
+
+    fn item(revision: &str) -> WorkItem {
+        WorkItem {
+            namespace: "apps".into(),
+            deployment: Deployment {
+                id: "3f8e2a4c-0000-4e7f-9a2c-5b8d1e4f7a90".into(),
+                revision_id: revision.into(),
+                release_name: "web".into(),
+                chart_url: "oci://registry.example/charts/web".into(),
+                chart_version: "1.0.0".into(),
+                ..Deployment::default()
+            },
+            hub_registry: None,
+            rivals: Vec::new(),
+        }
+    }
+
+    fn status(setup: &Setup) -> (StatusKind, String) {
+        let status = setup
+            .inner
+            .statuses
+            .get(&ReleaseKey::new("apps", "web"))
+            .unwrap()
+            .status;
+        (status.kind, status.message)
+    }
+
+    #[tokio::test]
+    async fn a_new_release_is_installed_once_then_only_checked() {
+        let mut setup = setup();
+        setup.worker.reconcile(&item("rev-1")).await;
+        assert_eq!(setup.ops.state().helm_calls, ["install"]);
+        assert_eq!(status(&setup), (StatusKind::Running, "helm install succeeded".into()));
+        let tracked = setup.ops.state().tracked.clone().unwrap();
+        assert_eq!((tracked.phase, tracked.helm_revision), (Phase::Ready, Some(1)));
+
+        setup.worker.reconcile(&item("rev-1")).await;
+        assert_eq!(setup.ops.state().helm_calls, ["install"], "nothing to deploy");
+        assert_eq!(status(&setup).0, StatusKind::Healthy);
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_helm_recorded_as_failed_is_reported_not_retried() {
+        let mut setup = setup();
+        setup.worker.reconcile(&item("rev-1")).await;
+        setup.ops.state().outcomes.push_back(HelmOutcome::FailsRecorded);
+        setup.worker.reconcile(&item("rev-2")).await;
+        assert_eq!(setup.ops.state().helm_calls, ["install", "upgrade"]);
+        let failed = (StatusKind::Error, "upgrade error: context deadline exceeded".to_owned());
+        assert_eq!(status(&setup), failed);
+        let tracked = setup.ops.state().tracked.clone().unwrap();
+        assert_eq!(
+            (tracked.revision_id.as_str(), tracked.phase, tracked.helm_revision),
+            ("rev-2", Phase::Failed, Some(2))
+        );
+
+        setup.worker.reconcile(&item("rev-2")).await;
+        assert_eq!(
+            setup.ops.state().helm_calls.len(),
+            2,
+            "the same revision is not tried again"
+        );
+        assert_eq!(status(&setup), failed);
+
+        setup.worker.reconcile(&item("rev-3")).await;
+        assert_eq!(
+            setup.ops.state().helm_calls,
+            ["install", "upgrade", "upgrade"],
+            "a new revision is"
+        );
+        assert_eq!(status(&setup).0, StatusKind::Running);
+    }
+
+    #[tokio::test]
+    async fn an_install_that_left_nothing_is_retried_later_not_at_once() {
+        let mut setup = setup();
+        setup.ops.state().outcomes.push_back(HelmOutcome::FailsEarly);
+        setup.worker.reconcile(&item("rev-1")).await;
+        assert_eq!(
+            status(&setup),
+            (StatusKind::Error, "install error: chart not found".into())
+        );
+        let tracked = setup.ops.state().tracked.clone().unwrap();
+        assert_eq!((tracked.phase, tracked.helm_revision), (Phase::Failed, None));
+
+        let wait = setup.worker.reconcile(&item("rev-1")).await;
+        assert_eq!(setup.ops.state().helm_calls, ["install"], "the retry waits");
+        assert!(wait <= CHECK_INTERVAL);
+        assert_eq!(status(&setup).0, StatusKind::Error);
+    }
+
+    #[tokio::test]
+    async fn a_release_that_is_no_longer_desired_is_uninstalled_and_forgotten() {
+        let mut setup = setup();
+        setup.worker.reconcile(&item("rev-1")).await;
+        setup.worker.remove().await.unwrap();
+        assert_eq!(setup.ops.state().helm_calls, ["install", "uninstall"]);
+        assert!(setup.ops.state().tracked.is_none());
+        setup.worker.remove().await.unwrap();
+        assert_eq!(setup.ops.state().helm_calls.len(), 2, "nothing tracked: nothing to do");
     }
 }
