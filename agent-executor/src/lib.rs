@@ -69,7 +69,7 @@ pub struct Args {
 
     /// Seconds a Helm operation counts against `--max-concurrent-helm`: after its busy start
     /// (download, render, apply) it is mostly waiting for resources, and its slot passes on.
-    #[arg(long, env = "AGENT_HELM_ACTIVE_PHASE_SECONDS", default_value_t = release::reconciler::ACTIVE_PHASE.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "AGENT_HELM_ACTIVE_PHASE_SECONDS", default_value_t = release::slots::ACTIVE_PHASE.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     pub helm_active_phase_seconds: u64,
 
     /// Accept chart repositories on plain `http://` URLs.
@@ -170,7 +170,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         client,
         helm,
         args.namespace.clone(),
-        release::reconciler::HelmLimits {
+        release::slots::HelmLimits {
             concurrent: usize::from(args.max_concurrent_helm),
             active_phase: Duration::from_secs(args.helm_active_phase_seconds),
         },

@@ -1,10 +1,14 @@
-//! The reconciliation of releases: the [`plan`] of a pass, [`recovery`] of interrupted
-//! operations, the per-release [`worker`]s, the [`status_board`] they report to, and the
-//! [`reconciler`] that hands each worker its desired state.
+//! The reconciliation of releases. The [`reconciler`] takes the desired state and hands each
+//! release to its [`worker`]; a worker decides with the pure functions of [`plan`] and
+//! [`recovery`], acts through the [`ops::ReleaseOps`] trait (the API server and `helm`;
+//! a fake in its unit tests) within the Helm [`slots`], and reports to the [`status_board`].
+//! The worker knows the reconciler only through its small `Host` trait: the dependency runs
+//! one way, from the reconciler to the worker.
 
-mod ops;
+pub(crate) mod ops;
 pub mod plan;
 pub mod reconciler;
 pub mod recovery;
+pub mod slots;
 pub mod status_board;
 mod worker;

@@ -8,19 +8,38 @@ use chrono::Utc;
 
 use crate::{
     cluster::{
-        pull_secret::PullSecretError,
-        tracking::{Tracked, TrackingError, TrackingRecord},
+        Cluster,
+        pull_secret::{PullSecretError, PullSecrets},
+        tracking::{Tracked, TrackingError, TrackingRecord, TrackingStore},
     },
     helm::{
-        ChartRequest, HelmError,
-        storage::{StorageError, StoredRelease},
+        ChartRequest, HelmDriver, HelmError,
+        storage::{HelmStorage, StorageError, StoredRelease},
     },
-    release::{
-        reconciler::{Inner, Stores},
-        recovery::{self, Outcome, RecoveryError},
+    release::recovery::{self, Outcome, RecoveryError},
+    resources::{
+        health::{HealthChecker, ResourceHealth},
+        manifest::ManifestObject,
+        restart,
     },
-    resources::{health::ResourceHealth, manifest::ManifestObject, restart},
 };
+
+/// The Kubernetes-side stores of one namespace.
+pub(crate) struct Stores {
+    pub(crate) tracking: TrackingStore,
+    pub(crate) storage: HelmStorage,
+    pub(crate) pull_secrets: PullSecrets,
+}
+
+impl Stores {
+    pub(crate) fn new(client: &kube::Client, namespace: &str) -> Self {
+        Self {
+            tracking: TrackingStore::new(client.clone(), namespace),
+            storage: HelmStorage::new(client.clone(), namespace),
+            pull_secrets: PullSecrets::new(client.clone(), namespace),
+        }
+    }
+}
 
 /// The effects of one release's worker, in the release's namespace.
 pub(crate) trait ReleaseOps: Send + Sync + 'static {
@@ -57,18 +76,29 @@ pub(crate) trait ReleaseOps: Send + Sync + 'static {
 
 /// The real effects: the API server and `helm`.
 pub(crate) struct KubeOps {
-    inner: Arc<Inner>,
+    client: kube::Client,
+    helm: HelmDriver,
+    health: Arc<HealthChecker>,
+    cluster: Cluster,
     namespace: String,
     stores: Stores,
 }
 
 impl KubeOps {
-    pub(crate) fn new(inner: Arc<Inner>, namespace: &str) -> Self {
-        let stores = Stores::new(&inner.client, namespace);
+    pub(crate) fn new(
+        client: kube::Client,
+        helm: HelmDriver,
+        health: Arc<HealthChecker>,
+        cluster: Cluster,
+        namespace: &str,
+    ) -> Self {
         Self {
-            inner,
+            stores: Stores::new(&client, namespace),
+            client,
+            helm,
+            health,
+            cluster,
             namespace: namespace.to_owned(),
-            stores,
         }
     }
 }
@@ -103,15 +133,15 @@ impl ReleaseOps for KubeOps {
     }
 
     async fn install(&self, request: &ChartRequest<'_>) -> Result<(), HelmError> {
-        self.inner.helm.install(request).await
+        self.helm.install(request).await
     }
 
     async fn upgrade(&self, request: &ChartRequest<'_>) -> Result<(), HelmError> {
-        self.inner.helm.upgrade(request).await
+        self.helm.upgrade(request).await
     }
 
     async fn uninstall(&self, release: &str, timeout: Duration) -> Result<(), HelmError> {
-        self.inner.helm.uninstall(&self.namespace, release, timeout).await
+        self.helm.uninstall(&self.namespace, release, timeout).await
     }
 
     async fn recover(
@@ -121,7 +151,7 @@ impl ReleaseOps for KubeOps {
         timeout: Duration,
     ) -> Result<Outcome, RecoveryError> {
         recovery::recover(
-            &self.inner.helm,
+            &self.helm,
             &self.stores.tracking,
             &self.stores.storage,
             tracked,
@@ -132,16 +162,16 @@ impl ReleaseOps for KubeOps {
     }
 
     async fn check_health(&self, objects: &[ManifestObject]) -> Vec<ResourceHealth> {
-        self.inner.health.check(&self.namespace, objects).await
+        self.health.check(&self.namespace, objects).await
     }
 
     async fn restart(&self, objects: &[ManifestObject]) -> Result<usize, String> {
-        restart::restart_workloads(&self.inner.client, &self.namespace, objects, Utc::now())
+        restart::restart_workloads(&self.client, &self.namespace, objects, Utc::now())
             .await
             .map_err(|error| error.to_string())
     }
 
     fn fingerprint(&self, release: &str) -> Option<u64> {
-        self.inner.cluster.secrets(&self.namespace).fingerprint(release)
+        self.cluster.secrets(&self.namespace).fingerprint(release)
     }
 }

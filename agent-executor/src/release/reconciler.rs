@@ -20,19 +20,20 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{broadcast, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
-    cluster::pull_secret::PullSecrets,
     cluster::tracking::{Listed, Phase, TrackingError, TrackingRecord, TrackingStore},
-    helm::storage::{HelmStorage, StorageError, StoredRelease},
+    helm::storage::{StorageError, StoredRelease},
     helm::{HelmDriver, HelmError},
     model::{Deployment, DeploymentStatus, DesiredState, HelmOptions, Status, StatusKind},
+    release::ops::{KubeOps, Stores},
     release::recovery::{self, Outcome},
+    release::slots::{HelmLimits, HelmSlot, HelmSlots},
     release::status_board::{ReleaseKey, StatusBoard},
-    release::worker::{WorkItem, Worker},
+    release::worker::{Host, WorkItem, Worker},
     resources::health::{HealthChecker, ResourceHealth},
     resources::manifest,
     validate::{self, ValidationError},
@@ -136,12 +137,10 @@ pub(crate) struct Inner {
     pub(crate) cluster: crate::cluster::Cluster,
     pub(crate) helm: HelmDriver,
     pub(crate) statuses: StatusBoard,
-    pub(crate) health: HealthChecker,
+    pub(crate) health: Arc<HealthChecker>,
     pub(crate) shutdown: CancellationToken,
     default_namespace: String,
-    helm_slots: Arc<Semaphore>,
-    helm_processes: Arc<Semaphore>,
-    active_phase: Duration,
+    helm_slots: HelmSlots,
     state: Mutex<State>,
     op_locks: Mutex<HashMap<ReleaseKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Deployment id named by each release's tracking Secret (see [`Inner::owner_of`]).
@@ -159,47 +158,6 @@ struct State {
     scan: Option<watch::Sender<DesiredSet>>,
 }
 
-/// The right to run one Helm operation. Two bounds apply: Helm processes alive at once
-/// ([`HELM_PROCESSES_PER_SLOT`] per active slot: their memory), and operations in their busy
-/// start (chart download, rendering, applying: CPU, memory, API load). After
-/// [`ACTIVE_PHASE`] an operation is almost always waiting for resources (`--wait`), and its
-/// active slot passes on: four releases in a long wait no longer hold back every install,
-/// upgrade and uninstall of the others.
-pub(crate) struct HelmSlot {
-    _process: OwnedSemaphorePermit,
-    active: Option<OwnedSemaphorePermit>,
-    active_phase: Duration,
-}
-
-impl HelmSlot {
-    /// Runs a Helm operation within this slot.
-    pub(crate) async fn run<F: std::future::Future>(&mut self, operation: F) -> F::Output {
-        tokio::pin!(operation);
-        tokio::select! {
-            output = &mut operation => return output,
-            () = tokio::time::sleep(self.active_phase) => {}
-        }
-        if self.active.take().is_some() {
-            tracing::debug!("helm operation still running; its active slot passes on");
-        }
-        operation.await
-    }
-}
-
-/// How long a Helm operation holds an active slot at most by default (see [`HelmSlot`]).
-pub const ACTIVE_PHASE: Duration = Duration::from_secs(45);
-
-/// Bounds on Helm operations (see [`HelmSlot`]).
-#[derive(Clone, Copy, Debug)]
-pub struct HelmLimits {
-    /// Operations in their busy start at once.
-    pub concurrent: usize,
-    /// How long an operation counts as busy at most.
-    pub active_phase: Duration,
-}
-/// Helm processes allowed at once per active slot (see [`HelmSlot`]).
-pub const HELM_PROCESSES_PER_SLOT: usize = 4;
-
 /// The releases a `sync` wants, by name, in its namespace.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct DesiredSet {
@@ -207,41 +165,7 @@ struct DesiredSet {
     releases: HashSet<String>,
 }
 
-/// The Kubernetes-side stores of one namespace.
-pub(crate) struct Stores {
-    pub(crate) tracking: TrackingStore,
-    pub(crate) storage: HelmStorage,
-    pub(crate) pull_secrets: PullSecrets,
-}
-
-impl Stores {
-    pub(crate) fn new(client: &kube::Client, namespace: &str) -> Self {
-        Self {
-            tracking: TrackingStore::new(client.clone(), namespace),
-            storage: HelmStorage::new(client.clone(), namespace),
-            pull_secrets: PullSecrets::new(client.clone(), namespace),
-        }
-    }
-}
-
 impl Inner {
-    /// A slot for one Helm operation, or `None` once shutdown began.
-    pub(crate) async fn helm_slot(&self) -> Option<HelmSlot> {
-        let acquire = async {
-            let process = self.helm_processes.clone().acquire_owned().await.ok()?;
-            let active = self.helm_slots.clone().acquire_owned().await.ok()?;
-            Some(HelmSlot {
-                _process: process,
-                active: Some(active),
-                active_phase: self.active_phase,
-            })
-        };
-        tokio::select! {
-            slot = acquire => slot,
-            () = self.shutdown.cancelled() => None,
-        }
-    }
-
     /// The deployment id the tracking Secret of the release names, as its worker last read it.
     pub(crate) fn owner_of(&self, key: &ReleaseKey) -> Option<String> {
         self.owners.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
@@ -299,7 +223,14 @@ impl Inner {
         let (sender, receiver) = watch::channel(item);
         state.workers.insert(key.clone(), sender);
         let span = tracing::info_span!("release", release = %key.release, namespace = %key.namespace);
-        let worker = Worker::new(self.clone(), key, receiver);
+        let ops = KubeOps::new(
+            self.client.clone(),
+            self.helm.clone(),
+            self.health.clone(),
+            self.cluster.clone(),
+            &key.namespace,
+        );
+        let worker = Worker::new(self.clone(), key, receiver, ops);
         self.tasks.spawn(worker.run().instrument(span));
     }
 
@@ -396,6 +327,47 @@ impl Inner {
     }
 }
 
+impl Host for Inner {
+    fn report(
+        &self,
+        key: &ReleaseKey,
+        deployment_id: &str,
+        revision_id: &str,
+        kind: StatusKind,
+        message: &str,
+    ) -> bool {
+        Inner::report(self, key, deployment_id, revision_id, kind, message)
+    }
+
+    fn op_lock(&self, key: &ReleaseKey) -> Arc<tokio::sync::Mutex<()>> {
+        Inner::op_lock(self, key)
+    }
+
+    fn set_owner(&self, key: &ReleaseKey, id: Option<&str>) {
+        Inner::set_owner(self, key, id);
+    }
+
+    async fn helm_slot(&self) -> Option<HelmSlot> {
+        self.helm_slots.acquire(&self.shutdown).await
+    }
+
+    fn retire(&self, key: &ReleaseKey, receiver: &watch::Receiver<Option<Arc<WorkItem>>>) -> bool {
+        Inner::retire(self, key, receiver)
+    }
+
+    fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    fn changes(&self) -> broadcast::Receiver<crate::cluster::Change> {
+        self.cluster.changes()
+    }
+
+    fn allows_http_charts(&self) -> bool {
+        self.helm.allows_http_charts()
+    }
+}
+
 impl Reconciler {
     /// Registers the executor's figures: Helm operations and releases by status.
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
@@ -406,30 +378,21 @@ impl Reconciler {
         )));
     }
 
-    /// The shared state, for the workers' unit tests.
-    #[cfg(test)]
-    pub(crate) fn inner(&self) -> Arc<Inner> {
-        self.inner.clone()
-    }
-
     /// A reconciler for releases in `namespace` (used when a `sync` names none), running Helm
     /// within `limits`.
     pub fn new(client: kube::Client, helm: HelmDriver, namespace: String, limits: HelmLimits) -> Self {
-        let slots = limits.concurrent.max(1);
         let shutdown = CancellationToken::new();
         let cluster = crate::cluster::Cluster::new(client.clone(), shutdown.clone());
         Self {
             inner: Arc::new(Inner {
-                health: HealthChecker::new(client.clone(), cluster.clone()),
+                health: Arc::new(HealthChecker::new(client.clone(), cluster.clone())),
                 cluster,
                 client,
                 helm,
                 statuses: StatusBoard::default(),
                 shutdown,
                 default_namespace: namespace,
-                helm_slots: Arc::new(Semaphore::new(slots)),
-                helm_processes: Arc::new(Semaphore::new(slots.saturating_mul(HELM_PROCESSES_PER_SLOT))),
-                active_phase: limits.active_phase,
+                helm_slots: HelmSlots::new(limits),
                 state: Mutex::new(State::default()),
                 op_locks: Mutex::new(HashMap::new()),
                 owners: Mutex::new(HashMap::new()),
@@ -1019,47 +982,6 @@ mod tests {
         assert_eq!(statuses.len(), 1, "{statuses:#?}");
         assert_eq!(statuses[0].deployment_id, "bad");
         assert_eq!(statuses[0].status.kind, StatusKind::Error);
-        reconciler.shutdown(Duration::from_secs(5)).await;
-    }
-
-    #[tokio::test]
-    async fn a_release_waiting_in_helm_does_not_hold_back_the_others() {
-        let scratch = tempfile::tempdir().unwrap();
-        let reconciler = offline_reconciler(scratch.path());
-        let inner = reconciler.inner.clone();
-        // One slot, taken by an operation in a one-hour wait.
-        let mut slow = inner.helm_slot().await.unwrap();
-        let waiting = tokio::spawn(async move { slow.run(tokio::time::sleep(Duration::from_secs(3600))).await });
-        // Another release's operation gets a slot once the first is past its start.
-        let started = std::time::Instant::now();
-        let mut next = tokio::time::timeout(Duration::from_secs(10), reconciler.inner.helm_slot())
-            .await
-            .expect("a slot within seconds, not after the other's wait")
-            .unwrap();
-        next.run(async {}).await;
-        assert!(
-            started.elapsed() >= Duration::from_millis(150),
-            "{:?}",
-            started.elapsed()
-        );
-        drop(next);
-        // The number of Helm processes stays bounded: 4 per slot, the waiting one included.
-        let mut held = Vec::new();
-        for _ in 0..HELM_PROCESSES_PER_SLOT - 1 {
-            let mut slot = tokio::time::timeout(Duration::from_secs(10), reconciler.inner.helm_slot())
-                .await
-                .expect("a slot")
-                .unwrap();
-            slot.active = None;
-            held.push(slot);
-        }
-        assert!(
-            tokio::time::timeout(Duration::from_millis(300), reconciler.inner.helm_slot())
-                .await
-                .is_err(),
-            "no fifth helm process"
-        );
-        waiting.abort();
         reconciler.shutdown(Duration::from_secs(5)).await;
     }
 

@@ -22,7 +22,11 @@ use std::{
     time::Duration,
 };
 
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{broadcast, watch},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     cluster::Change,
@@ -32,10 +36,10 @@ use crate::{
     helm::storage::{ReleaseStatus, StorageError, StoredRelease},
     helm::{ChartRequest, one_line},
     model::{ChartSource, DEFAULT_HELM_TIMEOUT, Deployment, RegistryLogin, StatusKind},
-    release::ops::{KubeOps, ReleaseOps},
+    release::ops::ReleaseOps,
     release::plan::{self, AfterFailure, Plan},
-    release::reconciler::Inner,
     release::recovery::Outcome,
+    release::slots::HelmSlot,
     release::status_board::ReleaseKey,
     resources::health,
     resources::manifest,
@@ -91,8 +95,27 @@ struct Failure {
     message: String,
 }
 
-pub(crate) struct Worker<O = KubeOps> {
-    inner: Arc<Inner>,
+/// What a worker needs from the reconciler that runs it.
+pub(crate) trait Host: Send + Sync + 'static {
+    /// Records a status observation for the deployment revision; true when it changed.
+    fn report(&self, key: &ReleaseKey, deployment_id: &str, revision_id: &str, kind: StatusKind, message: &str)
+    -> bool;
+    /// The lock that serialises operations on one release.
+    fn op_lock(&self, key: &ReleaseKey) -> Arc<tokio::sync::Mutex<()>>;
+    /// Remembers the deployment id the tracking Secret of the release names.
+    fn set_owner(&self, key: &ReleaseKey, id: Option<&str>);
+    /// A slot for one Helm operation, or `None` once shutdown began.
+    fn helm_slot(&self) -> impl std::future::Future<Output = Option<HelmSlot>> + Send;
+    /// Whether a worker whose release is gone may stop (no `sync` wants it again).
+    fn retire(&self, key: &ReleaseKey, receiver: &watch::Receiver<Option<Arc<WorkItem>>>) -> bool;
+    fn shutdown(&self) -> &CancellationToken;
+    /// Changes in the cluster, from now on.
+    fn changes(&self) -> broadcast::Receiver<Change>;
+    fn allows_http_charts(&self) -> bool;
+}
+
+pub(crate) struct Worker<H, O> {
+    host: Arc<H>,
     key: ReleaseKey,
     receiver: watch::Receiver<Option<Arc<WorkItem>>>,
     /// What it does to the cluster and Helm.
@@ -125,22 +148,10 @@ fn memo_key(item: &WorkItem) -> (String, String, bool, Vec<String>) {
     )
 }
 
-impl Worker {
-    pub(crate) fn new(inner: Arc<Inner>, key: ReleaseKey, receiver: watch::Receiver<Option<Arc<WorkItem>>>) -> Self {
-        let ops = KubeOps::new(inner.clone(), &key.namespace);
-        Worker::with_ops(inner, key, receiver, ops)
-    }
-}
-
-impl<O: ReleaseOps> Worker<O> {
-    pub(crate) fn with_ops(
-        inner: Arc<Inner>,
-        key: ReleaseKey,
-        receiver: watch::Receiver<Option<Arc<WorkItem>>>,
-        ops: O,
-    ) -> Self {
+impl<H: Host, O: ReleaseOps> Worker<H, O> {
+    pub(crate) fn new(host: Arc<H>, key: ReleaseKey, receiver: watch::Receiver<Option<Arc<WorkItem>>>, ops: O) -> Self {
         Self {
-            inner,
+            host,
             key,
             receiver,
             ops,
@@ -153,13 +164,13 @@ impl<O: ReleaseOps> Worker<O> {
 
     pub(crate) async fn run(mut self) {
         tracing::debug!("worker started");
-        let mut changes = self.inner.cluster.changes();
+        let mut changes = self.host.changes();
         loop {
             let item = self.receiver.borrow_and_update().clone();
             let wait = match item {
                 Some(item) => self.reconcile(&item).await,
                 None => match self.remove().await {
-                    Ok(()) if self.inner.retire(&self.key, &self.receiver) => {
+                    Ok(()) if self.host.retire(&self.key, &self.receiver) => {
                         tracing::debug!("worker stopped");
                         return;
                     }
@@ -172,7 +183,7 @@ impl<O: ReleaseOps> Worker<O> {
                 tokio::select! {
                     changed = self.receiver.changed() => if changed.is_err() { return } else { break },
                     () = tokio::time::sleep_until(deadline) => break,
-                    () = self.inner.shutdown.cancelled() => return,
+                    () = self.host.shutdown().cancelled() => return,
                     change = changes.recv() => match change {
                         Ok(change) if !self.concerns(&change) => {}
                         Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
@@ -203,7 +214,7 @@ impl<O: ReleaseOps> Worker<O> {
 
     /// Records a status; true when it differs from the one before.
     fn report(&self, deployment: &Deployment, kind: StatusKind, message: &str) -> bool {
-        self.inner
+        self.host
             .report(&self.key, &deployment.id, &deployment.revision_id, kind, message)
     }
 
@@ -218,11 +229,11 @@ impl<O: ReleaseOps> Worker<O> {
         if let Some(error) = &deployment.input_error {
             return self.report_error(deployment, error);
         }
-        let source = match validate::deployment(deployment, self.inner.helm.allows_http_charts()) {
+        let source = match validate::deployment(deployment, self.host.allows_http_charts()) {
             Ok(source) => source,
             Err(error) => return self.report_error(deployment, &error.to_string()),
         };
-        let lock = self.inner.op_lock(&self.key);
+        let lock = self.host.op_lock(&self.key);
         let _guard = lock.lock().await;
         // In steady state the watches say whether anything moved: nothing to read then.
         let fingerprint = self.ops.fingerprint(&deployment.release_name);
@@ -241,7 +252,7 @@ impl<O: ReleaseOps> Worker<O> {
             .as_ref()
             .filter(|t| !t.record.is_adoption_request())
             .map(|t| t.record.id.as_str());
-        self.inner.set_owner(&self.key, owner);
+        self.host.set_owner(&self.key, owner);
         if let Some(owner) = owner
             && item.rivals.iter().any(|rival| rival.eq_ignore_ascii_case(owner))
         {
@@ -338,7 +349,7 @@ impl<O: ReleaseOps> Worker<O> {
             None => format!("helm {op} in progress"),
         };
         self.report(deployment, StatusKind::Progressing, &progress);
-        let Some(mut slot) = self.inner.helm_slot().await else {
+        let Some(mut slot) = self.host.helm_slot().await else {
             return Duration::ZERO;
         };
         if let Some(note) = &capped {
@@ -409,7 +420,7 @@ impl<O: ReleaseOps> Worker<O> {
                     previous,
                     before_revision,
                     after,
-                    self.inner.shutdown.is_cancelled(),
+                    self.host.shutdown().is_cancelled(),
                 );
                 match next {
                     AfterFailure::KeepProgressing { retry: true } => self.schedule_retry(&deployment.revision_id),
@@ -556,7 +567,7 @@ impl<O: ReleaseOps> Worker<O> {
     }
 
     async fn recover(&mut self, deployment: &Deployment, tracked: &Tracked, latest: Option<StoredRelease>) -> Duration {
-        let Some(mut slot) = self.inner.helm_slot().await else {
+        let Some(mut slot) = self.host.helm_slot().await else {
             return Duration::ZERO;
         };
         let timeout = deployment.helm_options.capped().0.timeout;
@@ -577,7 +588,7 @@ impl<O: ReleaseOps> Worker<O> {
     /// The release is no longer desired: uninstall it if the agent tracks it. `Err` holds
     /// the delay before the next attempt.
     async fn remove(&mut self) -> Result<(), Duration> {
-        let lock = self.inner.op_lock(&self.key);
+        let lock = self.host.op_lock(&self.key);
         let _guard = lock.lock().await;
         let release = self.key.release.clone();
         let outcome = match self.ops.find_tracked(&release).await {
@@ -611,7 +622,7 @@ impl<O: ReleaseOps> Worker<O> {
                 tracked.secret, tracked.record.release_name
             ));
         }
-        let Some(mut slot) = self.inner.helm_slot().await else {
+        let Some(mut slot) = self.host.helm_slot().await else {
             return Err("the executor is shutting down".to_owned());
         };
         let progressing = TrackingRecord {
@@ -709,15 +720,68 @@ mod tests {
     use crate::{
         cluster::{pull_secret::PullSecretError, tracking::TrackingError},
         helm::{
-            HelmConfig, HelmDriver, HelmError,
+            HelmError,
             storage::{StorageError, StoredRelease},
         },
         release::{
-            reconciler::{HelmLimits, Reconciler},
             recovery::RecoveryError,
+            slots::{HelmLimits, HelmSlots},
+            status_board::StatusBoard,
         },
         resources::{health::ResourceHealth, manifest::ManifestObject},
     };
+
+    /// The reconciler's side of a worker, in memory.
+    struct FakeHost {
+        statuses: StatusBoard,
+        lock: Arc<tokio::sync::Mutex<()>>,
+        slots: HelmSlots,
+        shutdown: CancellationToken,
+        changes: broadcast::Sender<Change>,
+    }
+
+    impl Host for FakeHost {
+        fn report(
+            &self,
+            key: &ReleaseKey,
+            deployment_id: &str,
+            revision_id: &str,
+            kind: StatusKind,
+            message: &str,
+        ) -> bool {
+            let now = chrono::Utc::now();
+            self.statuses
+                .set(key, deployment_id, revision_id, kind, message, now)
+                .changed_at
+                == now
+        }
+
+        fn op_lock(&self, _key: &ReleaseKey) -> Arc<tokio::sync::Mutex<()>> {
+            self.lock.clone()
+        }
+
+        fn set_owner(&self, _key: &ReleaseKey, _id: Option<&str>) {}
+
+        async fn helm_slot(&self) -> Option<HelmSlot> {
+            self.slots.acquire(&self.shutdown).await
+        }
+
+        fn retire(&self, _key: &ReleaseKey, _receiver: &watch::Receiver<Option<Arc<WorkItem>>>) -> bool {
+            true
+        }
+
+        fn shutdown(&self) -> &CancellationToken {
+            &self.shutdown
+        }
+
+        fn changes(&self) -> broadcast::Receiver<Change> {
+            self.changes.subscribe()
+        }
+
+        fn allows_http_charts(&self) -> bool {
+            false
+        }
+    }
 
     /// How the next Helm operation ends.
     #[derive(Clone, Copy)]
@@ -859,39 +923,27 @@ mod tests {
     }
 
     struct Setup {
-        worker: Worker<Arc<FakeOps>>,
+        worker: Worker<FakeHost, Arc<FakeOps>>,
         ops: Arc<FakeOps>,
-        inner: Arc<Inner>,
-        _scratch: tempfile::TempDir,
+        host: Arc<FakeHost>,
     }
 
-    /// A worker over the fake, with a reconciler whose client points nowhere (nothing here
-    /// may reach an API server).
+    /// A worker over fakes of its host and of the cluster and Helm.
     fn setup() -> Setup {
-        agent_runtime::install_crypto_provider();
-        let config = kube::Config::new("https://127.0.0.1:9".parse().unwrap());
-        let client = kube::Client::try_from(config).unwrap();
-        let scratch = tempfile::tempdir().unwrap();
-        let helm = HelmDriver::new(HelmConfig {
-            bin: "helm".into(),
-            scratch_dir: scratch.path().to_owned(),
-            allow_http_charts: false,
-        })
-        .unwrap();
-        let limits = HelmLimits {
-            concurrent: 1,
-            active_phase: Duration::from_secs(45),
-        };
-        let inner = Reconciler::new(client, helm, "apps".into(), limits).inner();
+        let host = Arc::new(FakeHost {
+            statuses: StatusBoard::default(),
+            lock: Arc::default(),
+            slots: HelmSlots::new(HelmLimits {
+                concurrent: 1,
+                active_phase: Duration::from_secs(45),
+            }),
+            shutdown: CancellationToken::new(),
+            changes: broadcast::channel(16).0,
+        });
         let ops = Arc::new(FakeOps::default());
         let (_sender, receiver) = watch::channel(None);
-        let worker = Worker::with_ops(inner.clone(), ReleaseKey::new("apps", "web"), receiver, ops.clone());
-        Setup {
-            worker,
-            ops,
-            inner,
-            _scratch: scratch,
-        }
+        let worker = Worker::new(host.clone(), ReleaseKey::new("apps", "web"), receiver, ops.clone());
+        Setup { worker, ops, host }
     }
 
     fn item(revision: &str) -> WorkItem {
@@ -911,12 +963,7 @@ mod tests {
     }
 
     fn status(setup: &Setup) -> (StatusKind, String) {
-        let status = setup
-            .inner
-            .statuses
-            .get(&ReleaseKey::new("apps", "web"))
-            .unwrap()
-            .status;
+        let status = setup.host.statuses.get(&ReleaseKey::new("apps", "web")).unwrap().status;
         (status.kind, status.message)
     }
 
