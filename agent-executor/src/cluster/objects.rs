@@ -5,7 +5,7 @@
 //! each event is judged at once (the same rules as a GET would get, [`crate::resources::health`]) and
 //! only the verdict is stored, so memory follows the number of objects, not their size. A
 //! verdict that changes is announced, so only the releases holding that object look again.
-//! Until a watch has listed its objects once, lookups wait for it (up to [`SYNC_WAIT`]);
+//! Until a watch has listed its objects once, lookups wait for it (up to 10 s);
 //! when it cannot run (a kind the executor may not list, a kind the API server does not
 //! know) they answer [`Lookup::Unknown`] at once and the caller reads the object itself.
 

@@ -1,6 +1,6 @@
 //! The reconciliation of releases. The [`reconciler`] takes the desired state and hands each
-//! release to its [`worker`]; a worker decides with the pure functions of [`plan`] and
-//! [`recovery`], acts through the [`ops::ReleaseOps`] trait (the API server and `helm`;
+//! release to its `worker`; a worker decides with the pure functions of [`plan`] and
+//! [`recovery`], acts through the `ReleaseOps` trait (the API server and `helm`;
 //! a fake in its unit tests) within the Helm [`slots`], and reports to the [`status_board`].
 //! The worker knows the reconciler only through its small `Host` trait: the dependency runs
 //! one way, from the reconciler to the worker.
