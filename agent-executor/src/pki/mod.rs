@@ -4,7 +4,9 @@
 //! `distr-agent-operator-tls` for people who may read Secrets in the namespace). The
 //! executor's own serving certificate never leaves its memory.
 //!
-//! Every check (each [`PkiConfig::check_interval`]): the CA exists (created create-only, so
+//! A check runs when a watch sees one of these Secrets change (so a deleted or altered
+//! Secret is put right at once) and each [`PkiConfig::check_interval`]; it reads the Secrets
+//! from the watches, so in steady state it makes no API request. Each check: the CA exists (created create-only, so
 //! two executors cannot mint two), and each leaf is issued by the current CA, carries the
 //! current trust bundle, and is not past two thirds of its lifetime; anything else is
 //! re-issued. A CA past two thirds of its lifetime gets a successor that is published in the
@@ -22,12 +24,18 @@ use std::{
 };
 
 use agent_runtime::tls::{Credentials, Role, TlsFiles};
+use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::{ByteString, api::core::v1::Secret};
+use kube::runtime::{
+    WatchStreamExt as _,
+    reflector::{self, ObjectRef, Store},
+    watcher,
+};
 use kube::{
     Api,
     api::{ObjectMeta, PostParams},
 };
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use self::{
@@ -74,6 +82,8 @@ pub struct Pki {
     namespace: String,
     config: PkiConfig,
     own: watch::Sender<Option<Arc<Credentials>>>,
+    /// The PKI's Secrets as the watches see them, once [`Pki::run`] started them.
+    watched: BTreeMap<String, Store<Secret>>,
 }
 
 impl Pki {
@@ -83,6 +93,7 @@ impl Pki {
             namespace: namespace.to_owned(),
             config,
             own: watch::channel(None).0,
+            watched: BTreeMap::new(),
         }
     }
 
@@ -91,17 +102,60 @@ impl Pki {
         self.own.subscribe()
     }
 
-    /// Checks until `shutdown`; failures are logged and retried at the next check.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Checks until `shutdown`, on each change of its Secrets and each check interval;
+    /// failures are logged and retried at the next check.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let changed = Arc::new(Notify::new());
+        let names = std::iter::once(CA_SECRET.to_owned()).chain(SECRET_ROLES.into_iter().map(leaf_secret_name));
+        for name in names {
+            let (store, writer) = reflector::store();
+            let stream = reflector::reflector(
+                writer,
+                watcher(
+                    self.secrets.clone(),
+                    watcher::Config::default().fields(&format!("metadata.name={name}")),
+                ),
+            )
+            .default_backoff();
+            let (changed, shutdown) = (changed.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                futures::pin_mut!(stream);
+                loop {
+                    let event = tokio::select! {
+                        event = stream.next() => event,
+                        () = shutdown.cancelled() => return,
+                    };
+                    match event {
+                        None => return,
+                        Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => changed.notify_one(),
+                        Some(Ok(_)) => {}
+                        Some(Err(error)) => tracing::debug!(%error, "the certificate Secret watch failed; it restarts"),
+                    }
+                }
+            });
+            self.watched.insert(name, store);
+        }
         loop {
             if let Err(error) = self.check().await {
                 tracing::error!(%error, "cannot keep the agent's certificates current");
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.config.check_interval) => {}
+                () = changed.notified() => {}
                 _ = shutdown.cancelled() => return,
             }
         }
+    }
+
+    /// The Secret `name`: from its watch once that has listed, otherwise from the API.
+    async fn read(&self, name: &str) -> Result<Option<Secret>, ApiError> {
+        if let Some(store) = self.watched.get(name)
+            && store.wait_until_ready().now_or_never().is_some()
+        {
+            let key = ObjectRef::new(name).within(&self.namespace);
+            return Ok(store.get(&key).map(|secret| (*secret).clone()));
+        }
+        kube_util::call_opt(self.secrets.get(name)).await
     }
 
     /// One pass: the CA, the executor's own certificate, then each component's Secret.
@@ -120,9 +174,7 @@ impl Pki {
             name: CA_SECRET.to_owned(),
             source,
         };
-        let stored = kube_util::call_opt(self.secrets.get(CA_SECRET))
-            .await
-            .map_err(api_error)?;
+        let stored = self.read(CA_SECRET).await.map_err(api_error)?;
         let current = stored.as_ref().map(CaSecret::from_secret);
         let ca = match plan_ca(current.as_ref(), &self.namespace, &self.config, now)? {
             CaPlan::Keep(ca) => ca,
@@ -180,7 +232,7 @@ impl Pki {
             name: name.clone(),
             source,
         };
-        let stored = kube_util::call_opt(self.secrets.get(&name)).await.map_err(api_error)?;
+        let stored = self.read(&name).await.map_err(api_error)?;
         if let Some(files) = stored.as_ref().and_then(files_of)
             && leaf_is_current(&files, signing, bundle, now)
         {

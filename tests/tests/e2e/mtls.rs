@@ -329,3 +329,39 @@ async fn certificates_rotate_under_load_without_a_failed_call() -> anyhow::Resul
     assert!(agent.poller.is_running() && agent.executor.is_running() && agent.updater.is_running());
     Ok(())
 }
+
+/// The executor watches its certificate Secrets: one deleted (or altered) by someone is issued
+/// again at once, without waiting for the periodic check (an hour here), and the steady state
+/// reads none of them from the API.
+#[tokio::test]
+async fn a_deleted_certificate_secret_is_issued_again_at_once() -> anyhow::Result<()> {
+    let options = AgentOptions {
+        executor_env: vec![("AGENT_TLS_CHECK_SECONDS", "3600".to_owned())],
+        ..AgentOptions::default()
+    };
+    let agent = Agent::start("mtls-restore", options).await?;
+    let secrets = agent.ns.api::<Secret>();
+    let name = "distr-agent-operator-tls";
+    let uid_of = |secret: Secret| secret.metadata.uid.unwrap_or_default();
+    let before = wait_for("the operator certificate", MINUTE, || async {
+        secrets.get_opt(name).await.ok()?.map(uid_of)
+    })
+    .await?;
+    secrets.delete(name, &Default::default()).await?;
+    let deleted_at = Instant::now();
+    let after = wait_for("the operator certificate issued again", MINUTE, || async {
+        secrets
+            .get_opt(name)
+            .await
+            .ok()?
+            .map(uid_of)
+            .filter(|uid| *uid != before)
+    })
+    .await?;
+    eprintln!(
+        "deleted -> issued again: {} ms (periodic check: 3600 s)",
+        deleted_at.elapsed().as_millis()
+    );
+    assert_ne!(after, before);
+    Ok(())
+}
