@@ -72,6 +72,11 @@ pub struct Args {
     #[arg(long, env = "AGENT_HELM_ACTIVE_PHASE_SECONDS", default_value_t = release::slots::ACTIVE_PHASE.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     pub helm_active_phase_seconds: u64,
 
+    /// Helm processes alive at once, waiting ones included: the executor's memory bound (a
+    /// `helm` process holds 60 to 70 MiB; the default fits the 512 MiB limit in `deploy/`).
+    #[arg(long, env = "AGENT_MAX_HELM_PROCESSES", default_value_t = release::slots::MAX_HELM_PROCESSES as u16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_helm_processes: u16,
+
     /// Accept chart repositories on plain `http://` URLs.
     #[arg(long, env = "AGENT_ALLOW_HTTP_CHARTS", default_value_t = false)]
     pub allow_http_charts: bool,
@@ -173,6 +178,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         release::slots::HelmLimits {
             concurrent: usize::from(args.max_concurrent_helm),
             active_phase: Duration::from_secs(args.helm_active_phase_seconds),
+            processes: usize::from(args.max_helm_processes),
         },
     );
 

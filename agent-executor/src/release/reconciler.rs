@@ -904,6 +904,7 @@ mod tests {
             HelmLimits {
                 concurrent: 1,
                 active_phase: Duration::from_millis(200),
+                processes: 4,
             },
         )
     }

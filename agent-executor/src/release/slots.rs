@@ -7,7 +7,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// The right to run one Helm operation. Two bounds apply: Helm processes alive at once
-/// ([`HELM_PROCESSES_PER_SLOT`] per active slot: their memory), and operations in their busy
+/// ([`HelmLimits::processes`]: their memory), and operations in their busy
 /// start (chart download, rendering, applying: CPU, memory, API load). After
 /// [`ACTIVE_PHASE`] an operation is almost always waiting for resources (`--wait`), and its
 /// active slot passes on: four releases in a long wait no longer hold back every install,
@@ -43,9 +43,13 @@ pub struct HelmLimits {
     pub concurrent: usize,
     /// How long an operation counts as busy at most.
     pub active_phase: Duration,
+    /// Helm processes alive at once, waiting ones included.
+    pub processes: usize,
 }
-/// Helm processes allowed at once per active slot (see [`HelmSlot`]).
-pub const HELM_PROCESSES_PER_SLOT: usize = 4;
+/// Helm processes alive at once by default: a `helm` v4 process holds 60 to 70 MiB while it
+/// installs or upgrades, so 6 of them (about 420 MiB) and the executor (under 64 MiB with 500
+/// releases) stay inside the executor's 512 MiB memory limit in `deploy/`.
+pub const MAX_HELM_PROCESSES: usize = 6;
 
 /// The slots of one executor. Cheap to clone.
 #[derive(Clone)]
@@ -60,7 +64,7 @@ impl HelmSlots {
         let slots = limits.concurrent.max(1);
         Self {
             active: Arc::new(Semaphore::new(slots)),
-            processes: Arc::new(Semaphore::new(slots.saturating_mul(HELM_PROCESSES_PER_SLOT))),
+            processes: Arc::new(Semaphore::new(limits.processes.max(1))),
             active_phase: limits.active_phase,
         }
     }
@@ -96,6 +100,7 @@ mod tests {
         let slots = HelmSlots::new(HelmLimits {
             concurrent: 1,
             active_phase: Duration::from_millis(150),
+            processes: 4,
         });
         // One slot, taken by an operation in a one-hour wait.
         let mut slow = slots.acquire(&shutdown).await.unwrap();
@@ -113,9 +118,9 @@ mod tests {
             started.elapsed()
         );
         drop(next);
-        // The number of Helm processes stays bounded: 4 per slot, the waiting one included.
+        // The number of Helm processes stays bounded (4 here), the waiting one included.
         let mut held = Vec::new();
-        for _ in 0..HELM_PROCESSES_PER_SLOT - 1 {
+        for _ in 0..3 {
             let mut slot = tokio::time::timeout(Duration::from_secs(10), slots.acquire(&shutdown))
                 .await
                 .expect("a slot")

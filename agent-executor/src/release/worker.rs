@@ -936,6 +936,7 @@ mod tests {
             slots: HelmSlots::new(HelmLimits {
                 concurrent: 1,
                 active_phase: Duration::from_secs(45),
+                processes: 1,
             }),
             shutdown: CancellationToken::new(),
             changes: broadcast::channel(16).0,
