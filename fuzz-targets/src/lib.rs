@@ -11,7 +11,7 @@ use agent_executor::{
     cluster::{pull_secret, tracking},
     helm::{docker_config, storage as helm_storage},
     model::{RegistryCredentials, RegistryLogin, SecretString},
-    resources::manifest,
+    resources::{manifest, readiness},
 };
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 
@@ -19,7 +19,7 @@ use k8s_openapi::{ByteString, api::core::v1::Secret};
 pub type Target = fn(&[u8]);
 
 /// The targets by name (the directory names under `fuzz/corpus/`).
-pub const TARGETS: [(&str, Target); 9] = [
+pub const TARGETS: [(&str, Target); 10] = [
     ("hub_resources", hub_resources),
     ("jwt_expiry", jwt_expiry),
     ("tracking_record", tracking_record),
@@ -29,6 +29,7 @@ pub const TARGETS: [(&str, Target); 9] = [
     ("docker_config", docker_config),
     ("agent_manifest", agent_manifest),
     ("config_dir", config_dir),
+    ("readiness", readiness),
 ];
 
 fn text(data: &[u8]) -> Option<&str> {
@@ -178,5 +179,28 @@ fn config_dir_in(dir: &std::path::Path, text: &str) {
     let _ = agent_poller::config::ConfigSource::from_env(env).current();
     for name in written {
         let _ = std::fs::remove_file(dir.join(name));
+    }
+}
+
+/// Helm's readiness annotations (from a chart, or from anyone who may edit the live object)
+/// judged against an object's status: the input is three lines, the success annotation, the
+/// failure annotation, and the status as JSON. Never panics; a verdict names what it found.
+pub fn readiness(data: &[u8]) {
+    let Some(text) = text(data) else { return };
+    let mut lines = text.splitn(3, '\n');
+    let (Some(success), Some(failure)) = (lines.next(), lines.next()) else {
+        return;
+    };
+    let status = lines
+        .next()
+        .and_then(|status| serde_json::from_str::<serde_json::Value>(status).ok());
+    let annotations = BTreeMap::from([
+        (readiness::SUCCESS_ANNOTATION.to_owned(), success.to_owned()),
+        (readiness::FAILURE_ANNOTATION.to_owned(), failure.to_owned()),
+    ]);
+    let verdict = readiness::evaluate(&annotations, status.as_ref());
+    assert!(verdict.is_some(), "both annotations are present");
+    if let Some(Err(why)) = verdict {
+        assert!(!why.is_empty(), "a verdict says why");
     }
 }
