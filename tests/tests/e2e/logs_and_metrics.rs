@@ -223,9 +223,20 @@ async fn pod_logs_reach_the_hub_once_through_failures_and_restarts() -> anyhow::
     file.append("after the refusal")?;
     hub_has_lines(&agent, &["after the refusal"]).await?;
 
-    // An executor restart: the watermark comes back from the tracking Secret.
-    file.append("before the restart")?;
+    // An executor restart: the watermark comes back from the tracking Secret. Delivery is at
+    // least once: a line the Hub took but whose acknowledgement had not reached the tracking
+    // Secret when the executor stopped is sent again. So the restart waits for the watermark
+    // to pass the line; nothing acknowledged may come twice.
+    let before_restart = file.append("before the restart")?;
     hub_has_lines(&agent, &["before the restart"]).await?;
+    let tracking = agent.ns.api::<k8s_openapi::api::core::v1::Secret>();
+    wait_for("the watermark to pass the line", MINUTE, || async {
+        let secret = tracking.get("sh.distr.agent.v1.web").await.ok()?;
+        let stamp = secret.data?.get("lastLogTimestamp")?.0.clone();
+        let stamp: chrono::DateTime<chrono::Utc> = String::from_utf8(stamp).ok()?.parse().ok()?;
+        (stamp >= before_restart).then_some(())
+    })
+    .await?;
     agent.restart_executor().await?;
     file.append("after the restart")?;
     hub_has_lines(&agent, &["after the restart"]).await?;
