@@ -17,6 +17,12 @@ use serde_json::Value;
 use serde_json_path::JsonPath;
 
 pub const SUCCESS_ANNOTATION: &str = "helm.sh/readiness-success";
+/// Longest annotation value taken, in bytes.
+const MAX_ANNOTATION_BYTES: usize = 4096;
+/// Brackets and parentheses an expression's path may hold: the JSONPath parser backtracks
+/// on nested filters, its time doubling with each level (found by fuzzing: 30 nested `[?@`
+/// would take the better part of an hour), and real readiness paths nest one or two.
+const MAX_PATH_NESTING: usize = 8;
 pub const FAILURE_ANNOTATION: &str = "helm.sh/readiness-failure";
 
 /// Whether both annotations are present (the only case where they replace the kind's rules).
@@ -75,6 +81,9 @@ enum Op {
 
 fn parse(annotation: &str, value: &str) -> Result<Vec<Expression>, String> {
     let invalid = |why: String| format!("annotation {annotation} is invalid: {why}");
+    if value.len() > MAX_ANNOTATION_BYTES {
+        return Err(invalid(format!("longer than {MAX_ANNOTATION_BYTES} bytes")));
+    }
     let texts: Vec<String> =
         serde_json::from_str(value.trim()).map_err(|error| invalid(format!("not a JSON array of strings: {error}")))?;
     texts
@@ -92,6 +101,12 @@ impl Expression {
             .split_once('}')
             .ok_or_else(|| format!("{text:?} misses the closing }}"))?;
         let path = path.trim();
+        let nesting = |open: char| path.chars().filter(|c| *c == open).count();
+        if nesting('[') > MAX_PATH_NESTING || nesting('(') > MAX_PATH_NESTING {
+            return Err(format!(
+                "{text:?}: the path has more than {MAX_PATH_NESTING} brackets or parentheses"
+            ));
+        }
         let rooted = if path.starts_with(".status.") || path.starts_with(".status[") {
             format!("${path}")
         } else if path.starts_with('.') || path.starts_with('[') {
@@ -265,5 +280,9 @@ mod tests {
         assert!(error(r#"["{.phase} > high"]"#).contains("need a number"));
         assert!(error(r#"["{.[[} == 1"]"#).contains("invalid JSONPath"));
         assert!(error("[]").contains("must both list conditions"));
+        let nested = format!("[\"{{{}}} == 1\"]", "[?@".repeat(30));
+        // Refused before the parser sees it (parsing this would take most of an hour).
+        assert!(error(&nested).contains("more than 8 brackets or parentheses"));
+        assert!(error(&format!("[{:?}]", "x".repeat(5000))).contains("longer than 4096 bytes"));
     }
 }
