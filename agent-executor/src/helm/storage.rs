@@ -137,6 +137,23 @@ pub struct StoredRelease {
 }
 
 impl StoredRelease {
+    /// Revision `revision` of release `web` in `apps`, chart `web-1.0.0`, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(revision: u32, status: ReleaseStatus) -> Self {
+        Self {
+            name: "web".into(),
+            namespace: "apps".into(),
+            revision,
+            status,
+            chart_name: "web".into(),
+            chart_version: "1.0.0".into(),
+            app_version: String::new(),
+            description: String::new(),
+            manifest: String::new(),
+            last_deployed: None,
+        }
+    }
+
     /// `name-version` of the chart, as `helm list` shows it.
     pub fn chart(&self) -> String {
         if self.chart_name.is_empty() {

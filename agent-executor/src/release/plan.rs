@@ -213,31 +213,19 @@ mod tests {
 
     #[test]
     fn what_a_failed_operation_leaves_to_do() {
-        let stored = |revision: u32, status: ReleaseStatus| StoredRelease {
-            name: "web".into(),
-            namespace: "apps".into(),
-            revision,
-            status,
-            chart_name: "web".into(),
-            chart_version: "1.0.0".into(),
-            app_version: String::new(),
-            description: String::new(),
-            manifest: String::new(),
-            last_deployed: None,
-        };
         let attempt = record("rev-2", Some(3), Phase::Progressing);
         let previous = record("rev-1", Some(3), Phase::Ready);
         let upgrade = |after: Result<Option<&StoredRelease>, ()>, shutting_down| {
             after_failure(true, &attempt, Some(&previous), Some(3), after, shutting_down)
         };
         assert_eq!(upgrade(Err(()), false), AfterFailure::KeepProgressing { retry: true });
-        let pending = stored(4, ReleaseStatus::PendingUpgrade);
+        let pending = helm(4, ReleaseStatus::PendingUpgrade);
         assert_eq!(
             upgrade(Ok(Some(&pending)), false),
             AfterFailure::KeepProgressing { retry: false },
             "a pending revision is left to the recovery"
         );
-        let failed = stored(4, ReleaseStatus::Failed);
+        let failed = helm(4, ReleaseStatus::Failed);
         assert_eq!(
             upgrade(Ok(Some(&failed)), false),
             AfterFailure::Failed(record("rev-2", Some(4), Phase::Failed)),
@@ -248,7 +236,7 @@ mod tests {
             AfterFailure::Interrupted(record(NIL_UUID, Some(4), Phase::Ready)),
             "stopped by the shutdown: redone by the next executor"
         );
-        let unchanged = stored(3, ReleaseStatus::Deployed);
+        let unchanged = helm(3, ReleaseStatus::Deployed);
         assert_eq!(
             upgrade(Ok(Some(&unchanged)), false),
             AfterFailure::NothingLeft(previous.clone()),
@@ -281,18 +269,7 @@ mod tests {
     }
 
     fn helm(revision: u32, status: ReleaseStatus) -> StoredRelease {
-        StoredRelease {
-            name: "web".into(),
-            namespace: "apps".into(),
-            revision,
-            status,
-            chart_name: "web".into(),
-            chart_version: "1.0.0".into(),
-            app_version: String::new(),
-            description: String::new(),
-            manifest: String::new(),
-            last_deployed: None,
-        }
+        StoredRelease::for_test(revision, status)
     }
 
     #[test]

@@ -171,54 +171,6 @@ impl Inner {
         self.owners.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
     }
 
-    /// Remembers the deployment id the tracking Secret of the release names.
-    pub(crate) fn set_owner(&self, key: &ReleaseKey, id: Option<&str>) {
-        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        match id {
-            Some(id) => owners.insert(key.clone(), id.to_owned()),
-            None => owners.remove(key),
-        };
-    }
-
-    /// The lock that serialises operations on one release.
-    pub(crate) fn op_lock(&self, key: &ReleaseKey) -> Arc<tokio::sync::Mutex<()>> {
-        self.op_locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.clone())
-            .or_default()
-            .clone()
-    }
-
-    /// Records a status observation for the deployment revision; true when it changed.
-    pub(crate) fn report(
-        &self,
-        key: &ReleaseKey,
-        deployment_id: &str,
-        revision_id: &str,
-        kind: StatusKind,
-        message: &str,
-    ) -> bool {
-        let now = Utc::now();
-        self.statuses
-            .set(key, deployment_id, revision_id, kind, message, now)
-            .changed_at
-            == now
-    }
-
-    /// Called by a worker whose release is no longer desired and fully removed: forgets the
-    /// worker unless a `sync` made the release desired again meanwhile. True when the worker
-    /// must stop.
-    pub(crate) fn retire(&self, key: &ReleaseKey, receiver: &watch::Receiver<Option<Arc<WorkItem>>>) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let still_absent = receiver.borrow().is_none() && !receiver.has_changed().unwrap_or(false);
-        if still_absent {
-            state.workers.remove(key);
-            self.statuses.remove(key);
-        }
-        still_absent
-    }
-
     fn spawn_worker(self: &Arc<Self>, state: &mut State, key: ReleaseKey, item: Option<Arc<WorkItem>>) {
         let (sender, receiver) = watch::channel(item);
         state.workers.insert(key.clone(), sender);
@@ -328,6 +280,7 @@ impl Inner {
 }
 
 impl Host for Inner {
+    /// Records a status observation for the deployment revision; true when it changed.
     fn report(
         &self,
         key: &ReleaseKey,
@@ -336,23 +289,44 @@ impl Host for Inner {
         kind: StatusKind,
         message: &str,
     ) -> bool {
-        Inner::report(self, key, deployment_id, revision_id, kind, message)
+        self.statuses
+            .report(key, deployment_id, revision_id, kind, message, Utc::now())
     }
 
+    /// The lock that serialises operations on one release.
     fn op_lock(&self, key: &ReleaseKey) -> Arc<tokio::sync::Mutex<()>> {
-        Inner::op_lock(self, key)
+        self.op_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone()
     }
 
+    /// Remembers the deployment id the tracking Secret of the release names.
     fn set_owner(&self, key: &ReleaseKey, id: Option<&str>) {
-        Inner::set_owner(self, key, id);
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        match id {
+            Some(id) => owners.insert(key.clone(), id.to_owned()),
+            None => owners.remove(key),
+        };
     }
 
     async fn helm_slot(&self) -> Option<HelmSlot> {
         self.helm_slots.acquire(&self.shutdown).await
     }
 
+    /// Called by a worker whose release is no longer desired and fully removed: forgets the
+    /// worker unless a `sync` made the release desired again meanwhile. True when the worker
+    /// must stop.
     fn retire(&self, key: &ReleaseKey, receiver: &watch::Receiver<Option<Arc<WorkItem>>>) -> bool {
-        Inner::retire(self, key, receiver)
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let still_absent = receiver.borrow().is_none() && !receiver.has_changed().unwrap_or(false);
+        if still_absent {
+            state.workers.remove(key);
+            self.statuses.remove(key);
+        }
+        still_absent
     }
 
     fn shutdown(&self) -> &CancellationToken {

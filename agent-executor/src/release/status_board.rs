@@ -100,6 +100,19 @@ impl Collector for ReleasesByStatus {
 }
 
 impl StatusBoard {
+    /// Records an observation at `now`, as [`StatusBoard::set`]; true when it changed the status.
+    pub fn report(
+        &self,
+        key: &ReleaseKey,
+        deployment_id: &str,
+        revision_id: &str,
+        kind: StatusKind,
+        message: &str,
+        now: DateTime<Utc>,
+    ) -> bool {
+        self.set(key, deployment_id, revision_id, kind, message, now).changed_at == now
+    }
+
     /// Records an observation for the deployment revision. `changed_at` moves when the kind,
     /// the message or the deployment revision differ from what was recorded.
     pub fn set(

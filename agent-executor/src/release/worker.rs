@@ -749,11 +749,8 @@ mod tests {
             kind: StatusKind,
             message: &str,
         ) -> bool {
-            let now = chrono::Utc::now();
             self.statuses
-                .set(key, deployment_id, revision_id, kind, message, now)
-                .changed_at
-                == now
+                .report(key, deployment_id, revision_id, kind, message, chrono::Utc::now())
         }
 
         fn op_lock(&self, _key: &ReleaseKey) -> Arc<tokio::sync::Mutex<()>> {
@@ -824,18 +821,7 @@ mod tests {
                     });
                 }
             };
-            state.revisions.push(StoredRelease {
-                name: "web".into(),
-                namespace: "apps".into(),
-                revision,
-                status,
-                chart_name: "web".into(),
-                chart_version: "1.0.0".into(),
-                app_version: String::new(),
-                description: String::new(),
-                manifest: String::new(),
-                last_deployed: None,
-            });
+            state.revisions.push(StoredRelease::for_test(revision, status));
             match outcome {
                 HelmOutcome::Succeeds => Ok(()),
                 _ => Err(HelmError::Failed {
