@@ -396,57 +396,46 @@ pub fn service(object: &Service) -> Verdict {
 /// A CustomResourceDefinition is healthy once established; names the API server refused are
 /// a failure.
 pub fn custom_resource_definition(object: &serde_json::Value) -> Result<(), String> {
-    let conditions = object
-        .pointer("/status/conditions")
-        .and_then(serde_json::Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let condition = |kind: &str| {
-        conditions
-            .iter()
-            .find(|condition| condition.get("type").and_then(serde_json::Value::as_str) == Some(kind))
-    };
-    let field = |condition: &serde_json::Value, name: &str| {
-        condition
-            .get(name)
-            .and_then(serde_json::Value::as_str)
-            .map(str::to_owned)
-    };
-    if let Some(names) = condition("NamesAccepted").filter(|c| field(c, "status").as_deref() == Some("False")) {
+    if let Some(names) = json_condition(object, "NamesAccepted").filter(|c| text(c, "status") == Some("False")) {
         return Err(format!(
             "names not accepted: {}",
-            reason_and_message(field(names, "reason").as_deref(), field(names, "message").as_deref())
+            reason_and_message(text(names, "reason"), text(names, "message"))
         ));
     }
-    match condition("Established") {
-        Some(established) if field(established, "status").as_deref() == Some("True") => Ok(()),
+    match json_condition(object, "Established") {
+        Some(established) if text(established, "status") == Some("True") => Ok(()),
         _ => Err("CustomResourceDefinition is not established yet".to_owned()),
     }
 }
 
 /// Any other object: healthy unless it has a `Ready` condition that is not `True`.
 pub fn ready_condition(object: &serde_json::Value) -> Result<(), String> {
-    let conditions = object
-        .pointer("/status/conditions")
-        .and_then(serde_json::Value::as_array);
-    let ready = conditions.and_then(|conditions| {
-        conditions
-            .iter()
-            .find(|condition| condition.get("type").and_then(serde_json::Value::as_str) == Some("Ready"))
-    });
-    let Some(ready) = ready else {
+    let Some(ready) = json_condition(object, "Ready") else {
         return Ok(());
     };
-    let field = |name: &str| ready.get(name).and_then(serde_json::Value::as_str);
-    let status = field("status").unwrap_or("Unknown");
+    let status = text(ready, "status").unwrap_or("Unknown");
     if status == "True" {
         Ok(())
     } else {
         Err(format!(
             "Ready condition is {status}: {}",
-            reason_and_message(field("reason"), field("message"))
+            reason_and_message(text(ready, "reason"), text(ready, "message"))
         ))
     }
+}
+
+/// The condition of type `kind` in an object's `status.conditions` (JSON).
+fn json_condition<'a>(object: &'a serde_json::Value, kind: &str) -> Option<&'a serde_json::Value> {
+    object
+        .pointer("/status/conditions")?
+        .as_array()?
+        .iter()
+        .find(|condition| text(condition, "type") == Some(kind))
+}
+
+/// A string field of a JSON object.
+fn text<'a>(object: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    object.get(name).and_then(serde_json::Value::as_str)
 }
 
 fn reason_and_message(reason: Option<&str>, message: Option<&str>) -> String {
