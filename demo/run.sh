@@ -4,8 +4,9 @@
 # deploy/ and runs its three processes, then shows live what they do. Ctrl-C stops everything.
 #
 #   demo/run.sh           the live view
-#   demo/run.sh --check   waits until both deployments are healthy, changes one, then stops
-#                         (the test command runs this)
+#   demo/run.sh --check   waits until both deployments are healthy, carries out what the live
+#                         view suggests trying (new values, upgrade, a broken version,
+#                         uninstall), then stops (the test command runs this)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -34,6 +34,32 @@ progress() {
   log "$what: $n packages compiled"
 }
 
+# What is being built and how far: each component says which of the $parts it is, and a
+# build that takes minutes says every 30 s that it still runs (never a silent wait).
+parts=8 part=0
+component() { part=$((part + 1)); "$@"; }
+building() { log "building $* (component $part of $parts)"; }
+ticking() {
+  local what=$1 rc=0
+  shift
+  (
+    # The sleep is killed with the loop: a stray one would hold the caller's pipes open.
+    trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+    start=$SECONDS
+    while :; do
+      sleep 30 &
+      nap=$!
+      wait "$nap"
+      log "$what: still building ($((SECONDS - start)) s so far)"
+    done
+  ) >/dev/null &
+  local ticker=$!
+  "$@" || rc=$?
+  kill "$ticker" 2>/dev/null || true
+  wait "$ticker" 2>/dev/null || true
+  return "$rc"
+}
+
 # stamp <name> <version>: true when <name> was already built at <version>.
 built() { [ -f "$cache/stamps/$1" ] && [ "$(cat "$cache/stamps/$1")" = "$2" ]; }
 mark() { mkdir -p "$cache/stamps"; printf '%s' "$2" >"$cache/stamps/$1"; }
@@ -41,7 +67,7 @@ mark() { mkdir -p "$cache/stamps"; printf '%s' "$2" >"$cache/stamps/$1"; }
 build_kubernetes() {
   local v=$KUBERNETES_VERSION minor
   built kubernetes "$v" && return
-  log "building Kubernetes $v (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl)"
+  building "Kubernetes $v (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl)"
   local w="$cache/src/kubernetes-$v"
   rm -rf "$w" && mkdir -p "$w"
   # Upstream's go.mod replaces each staging module with a local path; a wrapper module must
@@ -58,7 +84,8 @@ build_kubernetes() {
   (
     cd "$w"
     # Name the version: a bare `go get` of a package would move k8s.io/kubernetes to the newest.
-    go get "k8s.io/kubernetes/cmd/kube-apiserver@$v" "k8s.io/kubernetes/cmd/kube-controller-manager@$v" \
+    log "downloading the Kubernetes modules"
+    ticking "Kubernetes modules" go get "k8s.io/kubernetes/cmd/kube-apiserver@$v" "k8s.io/kubernetes/cmd/kube-controller-manager@$v" \
       "k8s.io/kubernetes/cmd/kube-scheduler@$v" "k8s.io/kubernetes/cmd/kubectl@$v"
     minor=${v#v1.}; minor=${minor%%.*}
     local ld="-s -w" p
@@ -77,15 +104,15 @@ build_kubernetes() {
 build_etcd() {
   local v=$ETCD_VERSION
   built etcd "$v" && return
-  log "building etcd $v"
+  building "etcd $v"
   local w="$cache/src/etcd-$v"
   rm -rf "$w" && mkdir -p "$w"
   printf 'module distr.local/testenv/etcd\n\ngo 1.24\n' >"$w/go.mod"
   (
     cd "$w"
-    go get "go.etcd.io/etcd/server/v3@$v" "go.etcd.io/etcd/etcdctl/v3@$v"
-    go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3
-    go build -trimpath -ldflags "-s -w" -o "$bin/etcdctl" go.etcd.io/etcd/etcdctl/v3
+    ticking etcd go get "go.etcd.io/etcd/server/v3@$v" "go.etcd.io/etcd/etcdctl/v3@$v"
+    ticking etcd go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3
+    ticking etcdctl go build -trimpath -ldflags "-s -w" -o "$bin/etcdctl" go.etcd.io/etcd/etcdctl/v3
   )
   mark etcd "$v"
 }
@@ -93,8 +120,8 @@ build_etcd() {
 # go_install <name> <package@version>
 go_install() {
   built "$1" "$2" && return
-  log "building $2"
-  GOBIN="$bin" go install -trimpath -ldflags "-s -w" "$2"
+  building "$2"
+  ticking "$1" env GOBIN="$bin" go install -trimpath -ldflags "-s -w" "$2"
   mark "$1" "$2"
 }
 
@@ -130,7 +157,7 @@ build_kwok() {
 
 install_registry() {
   if [ -x /usr/bin/docker-registry ] && command -v htpasswd >/dev/null; then return; fi
-  log "installing Debian's docker-registry and apache2-utils (htpasswd)"
+  log "installing Debian's docker-registry and apache2-utils (htpasswd) (component $part of $parts)"
   # The package starts a daemon on :5000 when it is installed; forbid that, we run our own.
   local rc=/usr/sbin/policy-rc.d had=0
   [ -e "$rc" ] && had=1
@@ -147,18 +174,18 @@ build_render_manifest() {
   local src="$here/render-manifest" sum
   sum=$(cat "$src/go.mod" "$src/main.go" | sha256sum | cut -c1-16)
   built render-manifest "$sum" && [ -x "$bin/render-manifest" ] && return
-  log "building render-manifest"
+  building render-manifest
   (cd "$src" && go build -trimpath -o "$bin/render-manifest" .)
   mark render-manifest "$sum"
 }
 
-install_registry
-build_render_manifest
-build_etcd
-go_install helm "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
-go_install grpcurl "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
-build_kwok
-go_install metrics-server "sigs.k8s.io/metrics-server/cmd/metrics-server@$METRICS_SERVER_VERSION"
-build_kubernetes
+component install_registry
+component build_render_manifest
+component build_etcd
+component go_install helm "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
+component go_install grpcurl "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
+component build_kwok
+component go_install metrics-server "sigs.k8s.io/metrics-server/cmd/metrics-server@$METRICS_SERVER_VERSION"
+component build_kubernetes
 log "test environment ready in $bin ($(du -sh "$cache" | cut -f1) cached)"
 echo "$bin"

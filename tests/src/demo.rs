@@ -27,7 +27,8 @@ use crate::{
 #[command(name = "demo", about = "Runs the Distr agent against a local Hub simulator")]
 pub struct DemoArgs {
     /// Run a scripted check instead of the live view: wait until both deployments are healthy
-    /// on the Hub, change one through the simulator, wait for that, then stop everything.
+    /// on the Hub, carry out what the view suggests trying (new values, an upgrade, a broken
+    /// version, an uninstall) and wait for each outcome, then stop everything.
     #[arg(long)]
     pub check: bool,
     /// Give up the check after this many seconds.
@@ -196,25 +197,88 @@ fn grpcurl_args(demo: &Demo, method: &str) -> Vec<String> {
     args
 }
 
+/// What the demo suggests trying, each a request to the simulator's admin interface: the live
+/// view prints them as `curl` commands, and the check carries them out in this order.
+struct Try {
+    method: reqwest::Method,
+    release: &'static str,
+    /// The JSON body, if any.
+    body: Option<&'static str>,
+    comment: &'static str,
+    /// What the Hub then receives for the release.
+    expect: Outcome,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Outcome {
+    Healthy,
+    Error,
+    Uninstalled,
+}
+
+fn tries() -> [Try; 4] {
+    [
+        Try {
+            method: reqwest::Method::PATCH,
+            release: "web",
+            body: Some(r#"{"values":{"message":"changed"}}"#),
+            comment: "new values",
+            expect: Outcome::Healthy,
+        },
+        Try {
+            method: reqwest::Method::PATCH,
+            release: "api",
+            body: Some(r#"{"chartVersion":"0.2.0"}"#),
+            comment: "upgrade",
+            expect: Outcome::Healthy,
+        },
+        Try {
+            method: reqwest::Method::PATCH,
+            release: "api",
+            body: Some(r#"{"chartVersion":"9.9.9"}"#),
+            comment: "break it (no such chart version)",
+            expect: Outcome::Error,
+        },
+        Try {
+            method: reqwest::Method::DELETE,
+            release: "web",
+            body: None,
+            comment: "uninstall",
+            expect: Outcome::Uninstalled,
+        },
+    ]
+}
+
+impl Try {
+    fn curl(&self, admin: &str) -> String {
+        let mut command = format!("curl -s -X {} {admin}/deployments/{}", self.method, self.release);
+        if let Some(body) = self.body {
+            command.push_str(&format!(" -H 'content-type: application/json' -d '{body}'"));
+        }
+        format!("{command}   # {}", self.comment)
+    }
+}
+
 fn next_steps(demo: &Demo) -> String {
     let env = TestEnv::get();
     let admin = &demo.admin_url;
     let ns = &demo.ns.name;
     let grpcurl = grpcurl_args(demo, "distr.agent.v1.Executor/ListReleases").join(" ");
-    format!(
-        "Try next, in another terminal:\n\
-         \x20 curl -s {admin}/deployments                      # what the Hub holds, with the statuses it received\n\
-         \x20 curl -s -X PATCH {admin}/deployments/web -H 'content-type: application/json' -d '{{\"values\":{{\"message\":\"changed\"}}}}'\n\
-         \x20 curl -s -X PATCH {admin}/deployments/api -H 'content-type: application/json' -d '{{\"chartVersion\":\"0.2.0\"}}'   # upgrade\n\
-         \x20 curl -s -X PATCH {admin}/deployments/api -H 'content-type: application/json' -d '{{\"chartVersion\":\"9.9.9\"}}'   # break it\n\
-         \x20 curl -s -X DELETE {admin}/deployments/web         # uninstall\n\
-         \x20 {bin}/kubectl --kubeconfig {kubeconfig} -n {ns} get deployments,pods,secrets\n\
+    let mut text = format!(
+        "Try next, in another terminal:\n  curl -s {admin}/deployments   # what the Hub holds, with the statuses it received\n"
+    );
+    for one in tries() {
+        text.push_str(&format!("  {}\n", one.curl(admin)));
+    }
+    text.push_str(&format!(
+        "  {bin}/kubectl --kubeconfig {kubeconfig} -n {ns} get deployments,pods,secrets\n\
          \x20 {bin}/grpcurl {grpcurl}\n\
          Logs: {logs}\n",
         bin = env.bin.display(),
         kubeconfig = env.admin_kubeconfig.display(),
         logs = env.test_dir(NAME).display(),
-    )
+    ));
+    text
 }
 
 /// The notable lines of the agent's logs: everything at INFO and above, newest last.
@@ -307,6 +371,59 @@ async fn live(demo: &Demo) -> anyhow::Result<()> {
     }
 }
 
+/// Sends one suggested request and waits for what the Hub then receives; returns the status
+/// type and message (`uninstalled` once `helm ls` no longer lists the release).
+async fn carry_out(demo: &Demo, one: &Try, deadline: Instant) -> anyhow::Result<(String, String)> {
+    let url = format!("{}/deployments/{}", demo.admin_url, one.release);
+    let mut request = demo.http.request(one.method.clone(), url);
+    if let Some(body) = one.body {
+        request = request.header("content-type", "application/json").body(body);
+    }
+    let answer = request.send().await?;
+    anyhow::ensure!(
+        answer.status().is_success(),
+        "{}: {}",
+        one.curl(&demo.admin_url),
+        answer.status()
+    );
+    let revision = match one.expect {
+        Outcome::Uninstalled => Value::Null,
+        _ => answer.json::<Value>().await?["revisionId"].clone(),
+    };
+    loop {
+        if one.expect == Outcome::Uninstalled {
+            let names = tools::helm(demo.helm_home.path(), &["ls", "-q", "-n", &demo.ns.name])
+                .await?
+                .stdout;
+            if !names.lines().any(|name| name == one.release) {
+                return Ok(("uninstalled".into(), String::new()));
+            }
+        } else {
+            let deployment = deployments(demo)
+                .await?
+                .into_iter()
+                .find(|d| d["releaseName"] == one.release)
+                .unwrap_or_default();
+            let status = &deployment["status"];
+            let wanted = match one.expect {
+                Outcome::Healthy => "healthy",
+                _ => "error",
+            };
+            if deployment["revisionId"] == revision && status["type"] == wanted {
+                let message = status["message"].as_str().unwrap_or_default().to_owned();
+                return Ok((wanted.into(), message));
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{}: the Hub did not receive {:?} in time",
+            one.curl(&demo.admin_url),
+            one.expect
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 fn truncate(text: &str, max: usize) -> String {
     match text.char_indices().nth(max) {
         Some((at, _)) => format!("{}…", &text[..at]),
@@ -337,42 +454,28 @@ async fn check(demo: &Demo, started: Instant, timeout: Duration) -> anyhow::Resu
     }
     print!("{}", helm_ls(demo).await);
 
-    // Change one through the simulator, as the README suggests.
-    let changed = Instant::now();
-    let answer = demo
-        .http
-        .patch(format!("{}/deployments/web", demo.admin_url))
-        .json(&json!({"values": {"message": "changed"}}))
-        .send()
-        .await?;
-    anyhow::ensure!(answer.status().is_success(), "changing web: {}", answer.status());
-    let revision = answer.json::<Value>().await?["revisionId"].clone();
-    loop {
-        let web = deployments(demo)
-            .await?
-            .iter()
-            .find(|d| d["releaseName"] == "web")
-            .cloned()
-            .unwrap_or_default();
-        if web["revisionId"] == revision && web["status"]["type"] == "healthy" {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the changed web deployment is not healthy: {web}"
+    // What the demo suggests trying, request by request.
+    for one in tries() {
+        let sent = Instant::now();
+        let (status, message) = carry_out(demo, &one, deadline).await?;
+        println!(
+            "{} {}: {status} {:.1?} after the request{}",
+            one.comment,
+            one.release,
+            sent.elapsed(),
+            if message.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", truncate(&message, 160))
+            },
         );
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    println!(
-        "the changed deployment healthy {:.1?} after the change",
-        changed.elapsed()
-    );
 
     // The operator's view, with the command the demo prints.
     let args = grpcurl_args(demo, "distr.agent.v1.Executor/ListReleases");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let releases = tools::grpcurl(&args).await?.ok("grpcurl ListReleases")?;
-    anyhow::ensure!(releases.stdout.contains("\"web\""), "{}", releases.stdout);
+    anyhow::ensure!(releases.stdout.contains("\"api\""), "{}", releases.stdout);
     println!("grpcurl ListReleases with the operator certificate answered");
     println!("{}", next_steps(demo));
     Ok(())

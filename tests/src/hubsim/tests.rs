@@ -529,3 +529,93 @@ async fn env_points_at_every_route() {
     assert_eq!(env["DISTR_TARGET_SECRET"], secret);
     assert_eq!(env.len(), 9);
 }
+
+/// The admin interface the demo and a person drive with `curl`: every route, seen through the
+/// Hub's own endpoints as the agent sees them.
+#[tokio::test]
+async fn the_admin_interface_changes_what_the_hub_serves() {
+    let sim = std::sync::Arc::new(start().await);
+    let http = http();
+    let (target, secret) = sim.add_target();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let admin_url = format!("http://{}", listener.local_addr().expect("address"));
+    let server = tokio::spawn(axum::serve(listener, admin::router(sim.clone(), target)).into_future());
+    let token = token(&sim, &http, target, &secret).await;
+    let served = || async {
+        let response = http
+            .get(sim.url(Route::Resources))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("resources");
+        response.json::<Value>().await.expect("json")
+    };
+    let admin = |method: reqwest::Method, path: &str| http.request(method, format!("{admin_url}{path}"));
+
+    let added = admin(reqwest::Method::POST, "/deployments")
+        .json(&json!({"releaseName": "web", "chartUrl": "oci://registry.example.com/charts/web", "chartVersion": "1.0.0"}))
+        .send()
+        .await
+        .expect("add");
+    assert_eq!(added.status(), StatusCode::CREATED);
+    let again = admin(reqwest::Method::POST, "/deployments")
+        .json(&json!({"releaseName": "web"}))
+        .send()
+        .await
+        .expect("add again");
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    let first = served().await["deployments"][0]["revisionId"].clone();
+    assert!(first.is_string(), "{first}");
+
+    let changed = admin(reqwest::Method::PATCH, "/deployments/web")
+        .json(&json!({"chartVersion": "1.1.0"}))
+        .send()
+        .await
+        .expect("change");
+    assert_eq!(changed.status(), StatusCode::OK);
+    let deployment = served().await["deployments"][0].clone();
+    assert_eq!(deployment["chartVersion"], "1.1.0");
+    assert_ne!(deployment["revisionId"], first, "a change is a new revision");
+
+    let version = Uuid::new_v4();
+    let put = admin(reqwest::Method::PUT, "/version")
+        .json(&json!({"id": version, "name": "0.9.0"}))
+        .send()
+        .await
+        .expect("version");
+    assert_eq!(put.status(), StatusCode::NO_CONTENT);
+    assert_eq!(served().await["version"]["id"], version.to_string());
+    let bad = admin(reqwest::Method::PUT, "/version")
+        .json(&json!({"id": "not-a-uuid", "name": "x"}))
+        .send()
+        .await
+        .expect("bad version");
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+
+    let put = admin(reqwest::Method::PUT, "/manifest")
+        .body("kind: ConfigMap\n")
+        .send()
+        .await
+        .expect("manifest");
+    assert_eq!(put.status(), StatusCode::NO_CONTENT);
+    let manifest = http
+        .get(sim.url(Route::Manifest))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("get manifest");
+    assert_eq!(manifest.text().await.expect("text"), "kind: ConfigMap\n");
+
+    let deleted = admin(reqwest::Method::DELETE, "/deployments/web")
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert_eq!(served().await["deployments"], json!([]));
+    let missing = admin(reqwest::Method::DELETE, "/deployments/web")
+        .send()
+        .await
+        .expect("delete again");
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    server.abort();
+}
