@@ -55,7 +55,61 @@ fn helm_options(o: &HelmOptions) -> pb::HelmOptions {
 
 #[cfg(test)]
 mod tests {
+    use prost::Message as _;
+
     use super::*;
+
+    /// The executor decodes at most `MAX_MESSAGE_BYTES` per gRPC message (tonic's default is
+    /// 4 MiB); the poller accepts a resources body up to `max_resources_body`. A body at that
+    /// bound, turned into the `SyncRequest`, must fit, or a large desired state is refused whole.
+    #[test]
+    fn a_resources_body_at_the_poller_s_bound_fits_the_executor_s_grpc_limit() {
+        let hub_limit = crate::hub::ClientOptions::default().max_resources_body;
+        let grpc_limit = agent_runtime::grpc::MAX_MESSAGE_BYTES;
+        assert!(
+            grpc_limit >= hub_limit,
+            "executor gRPC limit {grpc_limit} below the poller's Hub body limit {hub_limit}"
+        );
+        // Deployments with large values, many small keys and credentials, up to the bound.
+        let deployment = |i: usize| {
+            let small: serde_json::Map<String, serde_json::Value> =
+                (0..200).map(|k| (format!("k{k}"), serde_json::json!(k))).collect();
+            serde_json::json!({
+                "id": "11111111-1111-1111-1111-111111111111",
+                "revisionId": "22222222-2222-2222-2222-222222222222",
+                "releaseName": format!("release-{i:05}"),
+                "chartUrl": "oci://registry.example.com/charts/web",
+                "chartVersion": "1.2.3",
+                "values": {"padding": "x".repeat(64 * 1024), "small": small, "list": [1, 2.5, true, null, "é<&>"]},
+                "registryAuth": {"r.example.com": {"username": "u", "password": "p"}},
+                "helmOptions": {"timeout": "90s", "waitStrategy": "watcher"},
+                "logsEnabled": true,
+            })
+        };
+        let one = serde_json::to_vec(&deployment(0)).expect("serializable").len() + 1;
+        let deployments: Vec<serde_json::Value> = (0..(hub_limit - 64) / one).map(deployment).collect();
+        let body = serde_json::to_vec(&serde_json::json!({"namespace": "customer", "deployments": deployments}))
+            .expect("serializable");
+        assert!(body.len() <= hub_limit, "{}", body.len());
+        assert!(
+            body.len() > hub_limit - 128 * 1024,
+            "the body is near the bound: {}",
+            body.len()
+        );
+        let resources: Resources = serde_json::from_slice(&body).expect("valid resources");
+        let login = pb::RegistryLogin {
+            host: "registry.example.com".into(),
+            username: "u".into(),
+            password: "p".into(),
+            plain_http: false,
+        };
+        let encoded = sync_request(&resources, Some(login)).encoded_len();
+        assert!(
+            encoded > 4 * 1024 * 1024 && encoded <= grpc_limit,
+            "a {} byte body encodes to {encoded} bytes; the executor takes {grpc_limit}",
+            body.len()
+        );
+    }
 
     #[test]
     fn converts_every_field_and_keeps_absent_options_absent() {

@@ -24,7 +24,7 @@ pub struct Probe {
     pub resource: &'static str,
     /// `None`: cluster-wide.
     pub namespace: Option<String>,
-    pub name: Option<&'static str>,
+    pub name: Option<String>,
 }
 
 impl Probe {
@@ -35,7 +35,7 @@ impl Probe {
             self.verb,
             self.resource,
             self.group,
-            self.name.map(|n| format!("/{n}")).unwrap_or_default(),
+            self.name.as_deref().map(|n| format!("/{n}")).unwrap_or_default(),
             self.namespace.as_deref().unwrap_or("the cluster")
         )
     }
@@ -56,7 +56,7 @@ pub async fn allowed(admin: &Client, namespace: &str, service_account: &str, pro
                 group: Some(probe.group.into()),
                 resource: Some(probe.resource.into()),
                 namespace: probe.namespace.clone(),
-                name: probe.name.map(Into::into),
+                name: probe.name.clone(),
                 ..Default::default()
             }),
             ..Default::default()

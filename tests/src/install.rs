@@ -270,6 +270,19 @@ pub struct OperatorCert {
 }
 
 impl OperatorCert {
+    /// The files an operator takes from the Secret.
+    pub const FILES: [&str; 3] = ["ca.crt", "tls.crt", "tls.key"];
+
+    /// The `kubectl` arguments that print `key` of the operator's Secret, base64-encoded.
+    pub fn kubectl_args(namespace: &str, key: &str) -> Vec<String> {
+        let path = format!("{{.data.{}}}", key.replace('.', "\\."));
+        ["-n", namespace, "get", "secret", "distr-agent-operator-tls", "-o"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain([format!("jsonpath={path}")])
+            .collect()
+    }
+
     pub async fn fetch(ns: &crate::TestNamespace, dir: PathBuf) -> anyhow::Result<Self> {
         use base64::Engine as _;
         let api: Api<Secret> = ns.api();
@@ -279,22 +292,10 @@ impl OperatorCert {
         .await?;
         std::fs::create_dir_all(&dir)?;
         // As the README has an operator do it: kubectl get secret ... -o jsonpath | base64 -d.
-        for key in ["ca.crt", "tls.crt", "tls.key"] {
-            let path = format!("{{.data.{}}}", key.replace('.', "\\."));
-            let run = kubectl(
-                &[
-                    "-n",
-                    &ns.name,
-                    "get",
-                    "secret",
-                    "distr-agent-operator-tls",
-                    "-o",
-                    &format!("jsonpath={path}"),
-                ],
-                None,
-            )
-            .await?
-            .ok("kubectl get secret")?;
+        for key in Self::FILES {
+            let args = Self::kubectl_args(&ns.name, key);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let run = kubectl(&args, None).await?.ok("kubectl get secret")?;
             let bytes = base64::engine::general_purpose::STANDARD.decode(run.stdout.trim())?;
             std::fs::write(dir.join(key), bytes)?;
         }

@@ -101,13 +101,15 @@ async fn install(ns: &TestNamespace, scope: Scope) -> anyhow::Result<String> {
 fn probes(ns: &str) -> Vec<Probe> {
     let here = || Some(ns.to_owned());
     let elsewhere = || Some("kube-system".to_owned());
-    let p = |verb, group, resource, namespace, name| Probe {
+    let p = |verb, group, resource, namespace, name: Option<&str>| Probe {
         verb,
         group,
         resource,
         namespace,
-        name,
+        name: name.map(str::to_owned),
     };
+    let executor_rights = format!("distr-agent-{ns}");
+    let updater_rights = format!("distr-agent-{ns}-updater");
     vec![
         p("get", "", "secrets", here(), Some("distr-agent-auth")),
         p("list", "", "secrets", here(), None),
@@ -136,6 +138,34 @@ fn probes(ns: &str) -> Vec<Probe> {
         p("create", "apps", "deployments", elsewhere(), None),
         p("list", "", "nodes", None, None),
         p("create", "rbac.authorization.k8s.io", "clusterrolebindings", None, None),
+        p(
+            "patch",
+            "rbac.authorization.k8s.io",
+            "clusterrolebindings",
+            None,
+            Some(&executor_rights),
+        ),
+        p(
+            "update",
+            "rbac.authorization.k8s.io",
+            "clusterrolebindings",
+            None,
+            Some(&executor_rights),
+        ),
+        p(
+            "patch",
+            "rbac.authorization.k8s.io",
+            "clusterrolebindings",
+            None,
+            Some(&updater_rights),
+        ),
+        p(
+            "update",
+            "rbac.authorization.k8s.io",
+            "clusterrolebindings",
+            None,
+            Some(&updater_rights),
+        ),
     ]
 }
 
@@ -143,11 +173,12 @@ fn probes(ns: &str) -> Vec<Probe> {
 fn expected(service_account: &str, scope: Scope, probe: &Probe, ns: &str) -> bool {
     let in_ns = probe.namespace.as_deref() == Some(ns);
     match service_account {
-        "distr-agent-poller" => false,
+        // The poller, and the Go agent's ServiceAccount after a take-over.
+        "distr-agent-poller" | "distr-agent" => false,
         "distr-agent-updater" => {
             in_ns
                 && matches!(
-                    (probe.verb, probe.resource, probe.name),
+                    (probe.verb, probe.resource, probe.name.as_deref()),
                     ("patch", "deployments", Some("distr-agent-executor"))
                         | ("get", "configmaps", Some("distr-agent-env"))
                 )
@@ -157,23 +188,24 @@ fn expected(service_account: &str, scope: Scope, probe: &Probe, ns: &str) -> boo
     }
 }
 
-async fn least_privilege(ns: &TestNamespace, scope: Scope) -> anyhow::Result<()> {
+/// Asks the API server about every probe for every account, prints the matrix, and fails on
+/// any answer other than `expected`'s.
+async fn access_matrix(ns: &TestNamespace, scope: Scope, title: &str, accounts: &[&str]) -> anyhow::Result<()> {
     let probes = probes(&ns.name);
-    let accounts = ["distr-agent-poller", "distr-agent-updater", "distr-agent-executor"];
     let mut table = format!(
-        "\nSubjectAccessReview matrix, {} scope\n{:<72}",
+        "\nSubjectAccessReview matrix, {} scope{title}\n{:<92}",
         scope.as_str(),
         "request"
     );
     for account in accounts {
-        table.push_str(&format!(" {:>9}", account.trim_start_matches("distr-agent-")));
+        table.push_str(&format!(" {:>11}", account.trim_start_matches("distr-agent-")));
     }
     let mut wrong = Vec::new();
     for probe in &probes {
-        table.push_str(&format!("\n{:<72}", probe.label().replace(&ns.name, "<ns>")));
-        for account in accounts {
+        table.push_str(&format!("\n{:<92}", probe.label().replace(&ns.name, "<ns>")));
+        for &account in accounts {
             let allowed = access::allowed(&ns.client, &ns.name, account, probe).await?;
-            table.push_str(&format!(" {:>9}", if allowed { "allowed" } else { "-" }));
+            table.push_str(&format!(" {:>11}", if allowed { "allowed" } else { "-" }));
             if allowed != expected(account, scope, probe, &ns.name) {
                 wrong.push(format!(
                     "{account}: {} is {}",
@@ -185,6 +217,17 @@ async fn least_privilege(ns: &TestNamespace, scope: Scope) -> anyhow::Result<()>
     }
     eprintln!("{table}\n");
     assert!(wrong.is_empty(), "{wrong:#?}");
+    Ok(())
+}
+
+async fn least_privilege(ns: &TestNamespace, scope: Scope) -> anyhow::Result<()> {
+    access_matrix(
+        ns,
+        scope,
+        "",
+        &["distr-agent-poller", "distr-agent-updater", "distr-agent-executor"],
+    )
+    .await?;
 
     // The poller holds nothing beyond what every authenticated identity holds: the same rules
     // as a ServiceAccount nobody bound, and no binding anywhere names it.
@@ -308,6 +351,97 @@ async fn cluster_scope_installs_restricted_and_pins_the_agent_deployments() -> a
         .await
         .expect_err("refused");
     assert!(error.to_string().contains("run only images of"), "{error}");
+    // The executor's image ships helm: a command, args or an init container of the agent's own
+    // image would run anything under cluster-admin.
+    let executor_image = "ghcr.io/distr-sh/distr-agent/executor:0.1.0";
+    let helm_install = json!(["/usr/local/bin/helm", "install", "x", "oci://registry.example/x"]);
+    let escapes = |container: &str| {
+        let own_image = format!("ghcr.io/distr-sh/distr-agent/{container}:0.1.0");
+        [
+            (
+                "a command override",
+                json!({"spec": {"template": {"spec": {"containers": [
+                    {"name": container, "command": helm_install}
+                ]}}}}),
+                "no command or args",
+            ),
+            (
+                "an args override",
+                json!({"spec": {"template": {"spec": {"containers": [
+                    {"name": container, "args": ["install", "x", "oci://registry.example/x"]}
+                ]}}}}),
+                "no command or args",
+            ),
+            (
+                "an added initContainer",
+                json!({"spec": {"template": {"spec": {"initContainers": [
+                    {"name": "init", "image": own_image, "command": helm_install}
+                ]}}}}),
+                "no init or ephemeral containers",
+            ),
+            (
+                "a second container",
+                json!({"spec": {"template": {"spec": {"containers": [
+                    {"name": "sidecar", "image": own_image}
+                ]}}}}),
+                "its one container",
+            ),
+        ]
+    };
+    for (name, container) in AGENT_DEPLOYMENTS.into_iter().zip(["poller", "executor", "updater"]) {
+        for (what, patch, message) in escapes(container) {
+            let Err(error) = deployments
+                .patch(name, &PatchParams::default(), &Patch::Strategic(&patch))
+                .await
+            else {
+                panic!("{what} on {name} was admitted");
+            };
+            assert!(error.to_string().contains(message), "{what} on {name}: {error}");
+        }
+    }
+    // The same by any other route: a pod of the executor's image and ServiceAccount with a
+    // command, and an ephemeral container added to the running executor pod.
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "borrowed-helm"},
+        "spec": {
+            "serviceAccountName": "distr-agent-executor",
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "executor", "image": executor_image,
+                "command": ["/usr/local/bin/helm", "install", "x", "oci://registry.example/x"],
+                "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}]
+        }
+    }))?;
+    let error = ns
+        .api::<Pod>()
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect_err("a command under the executor's ServiceAccount is refused");
+    assert!(
+        error.to_string().contains("no command, args or init containers"),
+        "{error}"
+    );
+    let executor_pod = ns
+        .api::<Pod>()
+        .list(&ListParams::default().labels("app=distr-agent-executor"))
+        .await?
+        .items
+        .into_iter()
+        .next()
+        .and_then(|p| p.metadata.name)
+        .ok_or_else(|| anyhow::anyhow!("no executor pod"))?;
+    let debug = json!({"spec": {"ephemeralContainers": [{
+        "name": "debugger", "image": executor_image, "command": ["/usr/local/bin/helm", "version"],
+        "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}
+    }]}});
+    let error = ns
+        .api::<Pod>()
+        .patch_ephemeral_containers(&executor_pod, &PatchParams::default(), &Patch::Strategic(&debug))
+        .await
+        .expect_err("an ephemeral container in the executor pod is refused");
+    assert!(
+        error.to_string().contains("ServiceAccount distr-agent-executor"),
+        "{error}"
+    );
     // A new version of the agent itself passes.
     let upgrade = json!({"spec": {"template": {"spec": {"containers": [
         {"name": "executor", "image": "ghcr.io/distr-sh/distr-agent/executor:0.2.0"}
@@ -322,17 +456,76 @@ async fn cluster_scope_installs_restricted_and_pins_the_agent_deployments() -> a
     Ok(())
 }
 
-/// Applies `manifest` document by document, in order, the way the Go agent's self-update
-/// does: create what is missing, plainly update what exists, stop at the first error.
-async fn apply_like_the_go_agent(kubeconfig: &Path, namespace: &str, manifest: &str) -> anyhow::Result<usize> {
-    let mut applied = 0;
-    for doc in manifest.split("\n---").map(str::trim).filter(|d| {
+/// The documents of a rendered manifest, comments and empty ones left out.
+fn documents(manifest: &str) -> impl Iterator<Item = &str> {
+    manifest.split("\n---").map(str::trim).filter(|d| {
         d.lines()
             .any(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty() && l.trim() != "---")
-    }) {
+    })
+}
+
+/// `Kind/name` of each document of `manifest`, in order.
+fn kinds_and_names(manifest: &str) -> anyhow::Result<Vec<String>> {
+    documents(manifest)
+        .map(|doc| {
+            let object: Value = serde_yaml::from_str(doc)?;
+            Ok(format!(
+                "{}/{}",
+                object["kind"].as_str().unwrap_or_default(),
+                object["metadata"]["name"].as_str().unwrap_or_default()
+            ))
+        })
+        .collect()
+}
+
+/// The binding that moves the executor's rights away from the Go agent's ServiceAccount.
+fn rights_removing_binding(scope: Scope, ns: &str) -> String {
+    match scope {
+        Scope::Cluster => format!("ClusterRoleBinding/distr-agent-{ns}"),
+        Scope::Namespace => "RoleBinding/distr-agent".to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn the_go_agent_replaces_its_deployment_next_to_last_and_loses_its_rights_last() -> anyhow::Result<()> {
+    let work = TestEnv::get().test_dir("deploy-order");
+    for scope in [Scope::Namespace, Scope::Cluster] {
+        let mut params = example_params("namespace")?;
+        params["targetScope"] = json!(scope.as_str());
+        let ns = params["targetNamespace"].as_str().unwrap_or_default().to_owned();
+        let manifest = install::render(&install::template_path(), &params, &work).await?;
+        let order = kinds_and_names(&manifest)?;
+        // The Go agent's pod stops once its Deployment is replaced: nothing but the binding
+        // that takes its rights away may follow, and no other binding names it any more.
+        assert_eq!(
+            order[order.len() - 2..],
+            ["Deployment/distr-agent".to_owned(), rights_removing_binding(scope, &ns)],
+            "{} scope: {order:#?}",
+            scope.as_str()
+        );
+        let first_deployment = order.iter().position(|o| o.starts_with("Deployment/"));
+        assert_eq!(first_deployment, Some(order.len() - 4), "{order:#?}");
+    }
+    Ok(())
+}
+
+/// Applies `manifest` document by document, in order, the way the Go agent's self-update
+/// does: create what is missing, plainly update what exists, stop at the first error. Once it
+/// has replaced its own Deployment `distr-agent` its pod is stopping: at most one more document
+/// is applied in its grace period.
+async fn apply_like_the_go_agent(kubeconfig: &Path, namespace: &str, manifest: &str) -> anyhow::Result<usize> {
+    let mut applied = 0;
+    let mut replaced_itself = false;
+    for doc in documents(manifest) {
         let object: Value = serde_yaml::from_str(doc)?;
         let kind = object["kind"].as_str().unwrap_or_default();
         let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        anyhow::ensure!(
+            !replaced_itself || applied + 1 == documents(manifest).count(),
+            "{kind}/{name} comes after the Go agent's own Deployment and before the last document: \
+             its pod may be gone before it gets there"
+        );
+        replaced_itself |= kind == "Deployment" && name == "distr-agent";
         let kubectl = |args: Vec<String>| {
             let mut all = vec!["-n".to_owned(), namespace.into()];
             all.extend(args);
@@ -354,7 +547,16 @@ async fn apply_like_the_go_agent(kubeconfig: &Path, namespace: &str, manifest: &
 
 #[tokio::test]
 async fn the_go_agent_hands_over_to_the_three_pods_by_applying_our_manifest() -> anyhow::Result<()> {
-    let test = "takeover";
+    take_over("takeover", Scope::Namespace).await
+}
+
+#[tokio::test]
+async fn the_cluster_scoped_go_agent_hands_over_to_the_three_pods_by_applying_our_manifest() -> anyhow::Result<()> {
+    take_over("takeover-cluster", Scope::Cluster).await
+}
+
+/// A take-over from the Go agent installed in `scope`.
+async fn take_over(test: &str, scope: Scope) -> anyhow::Result<()> {
     let env = TestEnv::get();
     let ns = TestNamespace::create(test).await?;
     let hub = HubSim::start(HubSimOptions::default()).await?;
@@ -364,7 +566,7 @@ async fn the_go_agent_hands_over_to_the_three_pods_by_applying_our_manifest() ->
 
     // The Go agent as a customer installed it, and a release it installed and tracks.
     let go_template = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/go-agent-v2.yaml.tmpl");
-    let go_params = install::hub_params(&hub, target, Some(&secret), &ns.name, Scope::Namespace);
+    let go_params = install::hub_params(&hub, target, Some(&secret), &ns.name, scope);
     install::apply(&ns.name, &install::render(&go_template, &go_params, &work).await?).await?;
     let chart_dir = charts::write_web_chart(&work.join("charts"), "takeover-web", "0.1.0")?;
     let helm_home = tempfile::tempdir()?;
@@ -395,7 +597,7 @@ async fn the_go_agent_hands_over_to_the_three_pods_by_applying_our_manifest() ->
 
     // Its self-update into our manifest, as served at the manifest endpoint (no Secret), with
     // the Go agent's own token.
-    let mut params = install::hub_params(&hub, target, None, &ns.name, Scope::Namespace);
+    let mut params = install::hub_params(&hub, target, None, &ns.name, scope);
     params["agentVersion"] = json!("0.2.0");
     let ours = install::render(&install::template_path(), &params, &work).await?;
     let go_agent = ns.token_kubeconfig("distr-agent").await?;
@@ -414,29 +616,40 @@ async fn the_go_agent_hands_over_to_the_three_pods_by_applying_our_manifest() ->
                 .starts_with("ghcr.io/distr-sh/distr-agent/")
         );
     }
-    // Neither the Go agent's ServiceAccount nor the poller's holds anything now.
+    // Neither the Go agent's ServiceAccount nor the poller's holds anything now; the executor
+    // holds what the Go agent held.
     for account in ["distr-agent", "distr-agent-poller"] {
         assert_eq!(
             access::bindings_naming(&ns.client, &ns.name, account).await?,
             Vec::<String>::new(),
             "{account}"
         );
-        let probe = Probe {
-            verb: "get",
-            group: "",
-            resource: "secrets",
-            namespace: Some(ns.name.clone()),
-            name: None,
-        };
-        assert!(
-            !access::allowed(&ns.client, &ns.name, account, &probe).await?,
-            "{account}"
-        );
     }
+    access_matrix(
+        &ns,
+        scope,
+        ", after the take-over",
+        &["distr-agent", "distr-agent-poller", "distr-agent-executor"],
+    )
+    .await?;
 
     // Our processes adopt the release as the Go agent left it: healthy, no new revision.
     let agent = Agent::run(test, ns, hub, target, ours, AgentOptions::default()).await?;
     agent.wait_status(&revision.to_string(), "healthy", "", MINUTE).await?;
+    // The poller names the manifest's agentVersion in its User-Agent (a real Hub records the
+    // version only when it names one of its agent versions), on every call.
+    let user_agents: std::collections::BTreeSet<Option<String>> = agent
+        .hub
+        .requests()
+        .into_iter()
+        .filter(|r| r.target == Some(target))
+        .map(|r| r.user_agent)
+        .collect();
+    assert_eq!(
+        user_agents,
+        [Some("DistrAgentClient/0.2.0".to_owned())].into(),
+        "the poller's User-Agent"
+    );
     let history = agent.helm_json(&["history", "web"]).await?;
     assert_eq!(history.as_array().map(Vec::len), Some(1), "{history}");
     Ok(())

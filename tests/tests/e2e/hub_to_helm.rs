@@ -185,6 +185,32 @@ async fn a_failed_upgrade_is_rolled_back_and_reported_once() -> anyhow::Result<(
     Ok(())
 }
 
+/// A resources body above tonic's default 4 MiB message limit (large values) reaches the
+/// executor in one `Sync` and is installed: the executor's gRPC limit is above the poller's
+/// bound on the Hub's body (8 MiB).
+#[tokio::test]
+async fn a_desired_state_above_four_mebibytes_is_installed() -> anyhow::Result<()> {
+    let test = "large-values";
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "large-values-web", &["0.1.0"]).await?;
+    // Compressible, so that Helm's release Secret stays small.
+    let big = deployment(
+        "big",
+        &chart,
+        "0.1.0",
+        json!({"message": "big", "padding": "x".repeat(5 * 1024 * 1024)}),
+    );
+    agent.set_deployments(vec![big.clone()]);
+    agent
+        .wait_status(&revision(&big), "running", "helm install succeeded", MINUTE)
+        .await?;
+    let body = serde_json::to_vec(&json!({"deployments": [big]}))?.len();
+    assert!(body > 4 * 1024 * 1024, "{body}");
+    let values = agent.helm_json(&["get", "values", "big"]).await?;
+    assert_eq!(values["padding"].as_str().map(str::len), Some(5 * 1024 * 1024));
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_release_stuck_waiting_does_not_delay_another() -> anyhow::Result<()> {
     let test = "concurrency";

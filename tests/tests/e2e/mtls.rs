@@ -107,6 +107,33 @@ fn files_of(secret: &Secret) -> TlsFiles {
     }
 }
 
+/// The README's debugging commands are the ones the tests run: the same `kubectl get secret`
+/// and the same grpcurl flags (the tests reach the executor on its own address; the README
+/// through a port-forward to localhost:9443).
+#[test]
+fn the_readme_debugging_commands_are_the_ones_the_tests_run() -> anyhow::Result<()> {
+    let readme = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))?;
+    let namespace = "<namespace>";
+    for key in OperatorCert::FILES {
+        let args: Vec<String> = OperatorCert::kubectl_args(namespace, key)
+            .into_iter()
+            .map(|a| if a.contains('{') { format!("'{a}'") } else { a })
+            .collect();
+        let line = format!("    kubectl {} | base64 -d >{key}\n", args.join(" "));
+        assert!(readme.contains(&line), "README.md lacks the line\n{line}");
+    }
+    let flags = OperatorCert {
+        dir: std::path::PathBuf::new(),
+    }
+    .grpcurl_flags(namespace)
+    .join(" ");
+    for call in ["list", "distr.agent.v1.Executor/ListReleases"] {
+        let line = format!("    grpcurl {flags} localhost:9443 {call}\n");
+        assert!(readme.contains(&line), "README.md lacks the line\n{line}");
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn callers_without_the_right_certificate_are_refused() -> anyhow::Result<()> {
     let test = "mtls-refusals";
