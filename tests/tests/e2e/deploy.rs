@@ -399,6 +399,50 @@ async fn cluster_scope_installs_restricted_and_pins_the_agent_deployments() -> a
             assert!(error.to_string().contains(message), "{what} on {name}: {error}");
         }
     }
+    // The executor starts the helm its environment names: no volume to bring another one, no
+    // environment from elsewhere.
+    for (what, patch) in [
+        (
+            "a ConfigMap volume with an executable",
+            json!({"spec": {"template": {"spec": {"volumes": [
+                {"name": "tools", "configMap": {"name": "distr-agent-env", "defaultMode": 0o755}}
+            ]}}}}),
+        ),
+        (
+            "environment from a ConfigMap",
+            json!({"spec": {"template": {"spec": {"containers": [
+                {"name": "executor", "envFrom": [{"configMapRef": {"name": "distr-agent-env"}}]}
+            ]}}}}),
+        ),
+    ] {
+        let Err(error) = deployments
+            .patch("distr-agent-executor", &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+        else {
+            panic!("{what} on the executor was admitted");
+        };
+        assert!(
+            error.to_string().contains("only emptyDir volumes and takes no envFrom"),
+            "{what}: {error}"
+        );
+    }
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "borrowed-volume"},
+        "spec": {
+            "serviceAccountName": "distr-agent-executor",
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "executor", "image": executor_image,
+                "volumeMounts": [{"name": "tools", "mountPath": "/tools"}],
+                "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}],
+            "volumes": [{"name": "tools", "configMap": {"name": "distr-agent-env", "defaultMode": 0o755}}]
+        }
+    }))?;
+    let error = ns
+        .api::<Pod>()
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect_err("a ConfigMap volume under the executor's ServiceAccount is refused");
+    assert!(error.to_string().contains("mount only emptyDir"), "{error}");
     // The same by any other route: a pod of the executor's image and ServiceAccount with a
     // command, and an ephemeral container added to the running executor pod.
     let pod: Pod = serde_json::from_value(json!({
