@@ -564,6 +564,54 @@ impl Engine {
         StartError::Cluster(error.to_owned())
     }
 
+    /// Ends an attempt the manifest's content refused: `Failed`, and the version is recorded as
+    /// failed (not handed over again until the Hub names another one).
+    async fn refuse(&self, error: StartError, version: String) -> StartError {
+        let mut state = self.status();
+        state.phase = Phase::Failed;
+        state.message = format!("refused, nothing applied: {error}");
+        state.failed_version_ids.push(version);
+        tracing::warn!(message = %state.message, "self-update refused");
+        if let Err(save) = self.save(state.clone()).await {
+            tracing::warn!(error = %save, "cannot record the updater's state");
+            self.set_memory(state);
+        }
+        error
+    }
+
+    /// A server-side apply dry run of every object: an answer of the API server about the
+    /// object (4xx but a conflict or throttling) is a refusal; anything else is transient.
+    async fn dry_run(&self, objects: &[Object]) -> Result<(), StartError> {
+        for object in objects {
+            let api = self
+                .api(&object.kind)
+                .ok_or_else(|| StartError::Cluster(format!("{} is no kind the updater knows", object.kind)))?;
+            let params = PatchParams::apply(FIELD_MANAGER).force().dry_run();
+            let body = labelled(object, &self.rules.namespace);
+            let patch = Patch::Apply(&body);
+            let call = api.patch(&object.name, &params, &patch);
+            match tokio::time::timeout(API_TIMEOUT, call).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(kube::Error::Api(status)))
+                    if (400..500).contains(&status.code) && ![408, 409, 429].contains(&status.code) =>
+                {
+                    return Err(Refusal::DryRun {
+                        object: object.to_string(),
+                        reason: format!("{} ({})", status.message, status.code),
+                    }
+                    .into());
+                }
+                Ok(Err(error)) => return Err(StartError::Cluster(format!("dry run of {object}: {error}"))),
+                Err(_) => {
+                    return Err(StartError::Cluster(format!(
+                        "dry run of {object}: no answer within {API_TIMEOUT:?}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Checks `text` and applies it; returns the applied objects once they are written, and
     /// gates and finishes in the background.
     pub async fn start(&self, text: String, version: String) -> Result<Vec<Object>, StartError> {
@@ -599,19 +647,15 @@ impl Engine {
         let checked = match self.validate(&text).await {
             Ok(checked) => checked,
             Err(StartError::Cluster(error)) => return Err(self.abandon(&error).await),
-            Err(error) => {
-                let mut state = self.status();
-                state.phase = Phase::Failed;
-                state.message = format!("refused, nothing applied: {error}");
-                state.failed_version_ids.push(version);
-                tracing::warn!(message = %state.message, "self-update refused");
-                if let Err(save) = self.save(state.clone()).await {
-                    tracing::warn!(error = %save, "cannot record the updater's state");
-                    self.set_memory(state);
-                }
-                return Err(error);
-            }
+            Err(error) => return Err(self.refuse(error, version).await),
         };
+        // The API server checks every object first (an immutable field changed, an invalid
+        // value): a refusal of any is a refusal of the whole manifest, nothing applied.
+        match self.dry_run(&checked.apply).await {
+            Ok(()) => {}
+            Err(StartError::Cluster(error)) => return Err(self.abandon(&error).await),
+            Err(error) => return Err(self.refuse(error, version).await),
+        }
         // Record the intent and what the cluster has now before the first write.
         let mut previous = BTreeMap::new();
         for object in &checked.apply {
@@ -886,9 +930,9 @@ mod tests {
         requests: Arc<Mutex<Vec<(String, String, Value)>>>,
     }
 
-    type Answer = dyn Fn(&str, &str) -> (u16, Value) + Send + Sync;
+    type Answer = dyn Fn(&str, &str, bool) -> (u16, Value) + Send + Sync;
 
-    fn fake_api(answer: impl Fn(&str, &str) -> (u16, Value) + Send + Sync + 'static) -> FakeApi {
+    fn fake_api(answer: impl Fn(&str, &str, bool) -> (u16, Value) + Send + Sync + 'static) -> FakeApi {
         let answer: Arc<Answer> = Arc::new(answer);
         let requests = Arc::new(Mutex::new(Vec::new()));
         let recorded = requests.clone();
@@ -898,13 +942,19 @@ mod tests {
             async move {
                 let method = request.method().to_string();
                 let path = request.uri().path().to_owned();
+                let dry_run = request.uri().query().unwrap_or_default().contains("dryRun=All");
                 let body = request.into_body().collect_bytes().await.unwrap_or_default();
                 let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                recorded
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((method.clone(), path.clone(), body));
-                let (code, answer) = answer(&method, &path);
+                recorded.lock().unwrap_or_else(|e| e.into_inner()).push((
+                    method.clone(),
+                    if dry_run {
+                        format!("{path} (dry run)")
+                    } else {
+                        path.clone()
+                    },
+                    body,
+                ));
+                let (code, answer) = answer(&method, &path, dry_run);
                 Ok::<_, std::convert::Infallible>(
                     http::Response::builder()
                         .status(code)
@@ -927,6 +977,13 @@ mod tests {
         (
             code,
             json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "from the fake", "reason": reason, "code": code}),
+        )
+    }
+
+    fn dry_run_answer() -> (u16, Value) {
+        (
+            200,
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "distr-agent"}}),
         )
     }
 
@@ -973,7 +1030,7 @@ mod tests {
             failed_version_ids: vec!["v9".into()],
             ..Default::default()
         };
-        let api = fake_api(move |method, path| match (method, path.ends_with(STATE_CONFIGMAP)) {
+        let api = fake_api(move |method, path, _| match (method, path.ends_with(STATE_CONFIGMAP)) {
             ("GET", true) => state_configmap(&stored),
             _ => status(500),
         });
@@ -990,14 +1047,17 @@ mod tests {
     #[tokio::test]
     async fn an_attempt_that_cannot_read_or_record_ends_failed_and_is_tried_again() {
         // The read before the first write fails.
-        let api = fake_api(|method, path| match (method, path.ends_with(STATE_CONFIGMAP)) {
-            ("GET", true) => status(404),
-            ("PATCH", true) => (
-                200,
-                json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": STATE_CONFIGMAP, "resourceVersion": "8"}}),
-            ),
-            _ => status(500),
-        });
+        let api = fake_api(
+            |method, path, dry_run| match (method, path.ends_with(STATE_CONFIGMAP)) {
+                _ if dry_run => dry_run_answer(),
+                ("GET", true) => status(404),
+                ("PATCH", true) => (
+                    200,
+                    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": STATE_CONFIGMAP, "resourceVersion": "8"}}),
+                ),
+                _ => status(500),
+            },
+        );
         let engine = engine_on(&api);
         let shutdown = active(&engine).await;
         let started = engine.start(MANIFEST.into(), "v2".into()).await;
@@ -1012,7 +1072,8 @@ mod tests {
         shutdown.cancel();
 
         // The state cannot be recorded before the first write.
-        let api = fake_api(|method, _| match method {
+        let api = fake_api(|method, _, dry_run| match method {
+            _ if dry_run => dry_run_answer(),
             "GET" => status(404),
             _ => status(500),
         });
@@ -1027,7 +1088,9 @@ mod tests {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|(method, path, _)| method == "PATCH" && !path.ends_with(STATE_CONFIGMAP))
+            .filter(|(method, path, _)| {
+                method == "PATCH" && !path.ends_with(STATE_CONFIGMAP) && !path.ends_with("(dry run)")
+            })
             .map(|(_, path, _)| path.clone())
             .collect();
         assert!(writes.is_empty(), "nothing applied: {writes:?}");
@@ -1039,7 +1102,7 @@ mod tests {
         let manifest = format!(
             "{MANIFEST}---\napiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: distr-agent\nrules: []\n"
         );
-        let api = fake_api(|method, path| match (method, path.ends_with(STATE_CONFIGMAP)) {
+        let api = fake_api(|method, path, _| match (method, path.ends_with(STATE_CONFIGMAP)) {
             ("GET", true) => status(404),
             ("PATCH", true) => (
                 200,
@@ -1068,7 +1131,7 @@ mod tests {
             ..Default::default()
         }));
         let stored = holder.clone();
-        let api = fake_api(move |method, path| match (method, path.ends_with(STATE_CONFIGMAP)) {
+        let api = fake_api(move |method, path, _| match (method, path.ends_with(STATE_CONFIGMAP)) {
             ("GET", true) => state_configmap(&stored.lock().unwrap_or_else(|e| e.into_inner())),
             ("PATCH", true) => (
                 200,
@@ -1122,11 +1185,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_conflicting_write_stops_the_updater_from_acting() {
-        let api = fake_api(|method, path| match (method, path.ends_with(STATE_CONFIGMAP)) {
-            ("GET", true) => state_configmap(&State::default()),
-            ("PATCH", true) => status(409),
-            _ => status(404),
-        });
+        let api = fake_api(
+            |method, path, dry_run| match (method, path.ends_with(STATE_CONFIGMAP)) {
+                _ if dry_run => dry_run_answer(),
+                ("GET", true) => state_configmap(&State::default()),
+                ("PATCH", true) => status(409),
+                _ => status(404),
+            },
+        );
         let engine = engine_on(&api);
         let shutdown = active(&engine).await;
         let started = engine.start(MANIFEST.into(), "v2".into()).await;
@@ -1137,7 +1203,7 @@ mod tests {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .any(|(method, path, _)| method == "PATCH" && path.contains("deployments"));
+            .any(|(method, path, _)| method == "PATCH" && path.contains("deployments") && !path.ends_with("(dry run)"));
         assert!(!applied, "nothing applied after losing the state");
         shutdown.cancel();
     }
@@ -1178,7 +1244,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_updater_labels_what_it_applies_and_prunes_only_that() {
-        let api = fake_api(|method, path| match method {
+        let api = fake_api(|method, path, _| match method {
             "GET" if path.ends_with("networkpolicies/distr-agent-poller") => (
                 200,
                 json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -1207,5 +1273,46 @@ mod tests {
             .map(|(_, path, _)| path.rsplit('/').next().unwrap_or_default().to_owned())
             .collect();
         assert_eq!(deleted, ["distr-agent-poller"], "only what the updater applied");
+    }
+
+    #[tokio::test]
+    async fn a_manifest_the_api_server_refuses_in_a_dry_run_is_refused_whole_before_any_write() {
+        let api = fake_api(
+            |method, path, dry_run| match (method, path.ends_with(STATE_CONFIGMAP), dry_run) {
+                ("GET", _, _) => status(404),
+                ("PATCH", true, false) => (
+                    200,
+                    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": STATE_CONFIGMAP, "resourceVersion": "8"}}),
+                ),
+                ("PATCH", false, true) => (
+                    422,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid",
+                    "message": "Deployment.apps \"distr-agent\" is invalid: spec.selector: field is immutable", "code": 422}),
+                ),
+                _ => status(500),
+            },
+        );
+        let engine = engine_on(&api);
+        let shutdown = active(&engine).await;
+        let started = engine.start(MANIFEST.into(), "v2".into()).await;
+        assert!(
+            matches!(started, Err(StartError::Refused(Refusal::DryRun { .. }))),
+            "{started:?}"
+        );
+        let state = engine.status();
+        assert_eq!(state.phase, Phase::Failed);
+        assert!(state.message.contains("field is immutable"), "{}", state.message);
+        assert_eq!(state.failed_version_ids, ["v2"]);
+        let requests = api.requests.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let state_writes: Vec<State> = requests
+            .iter()
+            .filter(|(method, path, _)| method == "PATCH" && path.ends_with(STATE_CONFIGMAP))
+            .filter_map(|(_, _, body)| serde_json::from_str(body["data"]["state.json"].as_str()?).ok())
+            .collect();
+        assert!(
+            state_writes.iter().all(|s| s.phase != Phase::Applying),
+            "no intent recorded, nothing applied"
+        );
+        shutdown.cancel();
     }
 }

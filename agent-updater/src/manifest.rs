@@ -64,6 +64,8 @@ pub enum Refusal {
     Deployment { object: String, reason: String },
     #[error("the manifest holds no Deployment of the agent")]
     NoDeployment,
+    #[error("the API server refuses {object} (dry run): {reason}")]
+    DryRun { object: String, reason: String },
     #[error(
         "{object} differs from what the cluster has: this version needs other rights, which the updater cannot grant; apply it with kubectl"
     )]

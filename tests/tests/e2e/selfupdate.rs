@@ -291,8 +291,13 @@ async fn manifests_that_reach_beyond_the_agent_are_refused_whole() -> anyhow::Re
     let foreign = format!(
         "{good}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  selector:\n    matchLabels: {{app: web}}\n  template:\n    metadata:\n      labels: {{app: web}}\n    spec:\n      containers:\n        - name: web\n          image: registry.example/web:1\n"
     );
+    // The poller's Deployment with another selector, which is immutable: only the API server
+    // knows, and refuses it in the dry run before anything is written.
+    let immutable = good.replace("app: distr-agent\n", "app: distr-agent-moved\n");
+    assert_ne!(immutable, good);
     let mut client = agent.updater_client("poller")?;
     for (case, manifest, expected) in [
+        ("an immutable field changed", immutable, "field is immutable"),
         ("an object in another namespace", other_ns, "not the agent's namespace"),
         ("a ClusterRoleBinding", crb, "needs other rights"),
         ("a changed Role", wider_role, "needs other rights"),
