@@ -23,7 +23,7 @@ use std::{
 use agent_runtime::tls::client::ReloadingChannel as Channel;
 use distr_agent_proto::v1::{self as pb, executor_client::ExecutorClient};
 use futures::StreamExt as _;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use prometheus_client::{
     metrics::{counter::Counter, gauge::Gauge},
@@ -117,9 +117,17 @@ pub struct Cycle<H, E> {
     last_known: Arc<std::sync::Mutex<Vec<Uuid>>>,
     post_deadline: Duration,
     metrics: PollerMetrics,
+    /// An agent update the poller handed over is under way (set by the self-update step): the
+    /// executor may be down for its own rollout, which is no error of the deployments.
+    agent_update: Arc<AtomicBool>,
 }
 
 impl<H: Hub, E: Executor> Cycle<H, E> {
+    /// The flag the self-update step sets while an agent update it handed over is under way.
+    pub fn agent_update_flag(&self) -> Arc<AtomicBool> {
+        self.agent_update.clone()
+    }
+
     pub fn new(hub: H, executor: E, status_refresh: Duration) -> Self {
         Self {
             hub,
@@ -128,6 +136,7 @@ impl<H: Hub, E: Executor> Cycle<H, E> {
             last_known: Arc::default(),
             post_deadline: POST_DEADLINE,
             metrics: PollerMetrics::default(),
+            agent_update: Arc::default(),
         }
     }
 
@@ -170,9 +179,16 @@ impl<H: Hub, E: Executor> Cycle<H, E> {
     }
 
     /// An `error` for every deployment last seen, worded after what went wrong.
+    /// During an agent update the poller handed over, an executor that cannot be reached is
+    /// most likely being replaced: nothing is posted (the Hub keeps the last statuses) and it
+    /// is only logged.
     fn executor_failed(&mut self, status: &tonic::Status) -> Vec<StatusReport> {
         self.metrics.executor_failures.inc();
         let message = executor_error_message(status);
+        if self.agent_update.load(Ordering::Acquire) && unreachable(status) {
+            tracing::info!(error = %message, "agent executor unreachable during an agent update; the Hub keeps the last statuses");
+            return Vec::new();
+        }
         tracing::warn!(code = ?status.code(), error = %message, "agent executor call failed");
         lock(&self.last_known)
             .iter()
@@ -244,7 +260,7 @@ impl Poller {
 
     /// Follows the Hub's agent version through the updater.
     pub fn with_self_update(mut self, self_update: crate::selfupdate::SelfUpdate) -> Self {
-        self.self_update = Some(self_update);
+        self.self_update = Some(self_update.tracking(self.cycle.agent_update_flag()));
         self
     }
 
@@ -433,12 +449,22 @@ pub async fn post_due(
 /// What to tell the Hub when an executor call failed: "unreachable" only when it could not
 /// be reached (or did not answer); otherwise what it said.
 pub fn executor_error_message(status: &tonic::Status) -> String {
-    match status.code() {
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
-            format!("agent executor unreachable: {}", status.message())
-        }
-        code => format!("agent executor refused the request ({code:?}): {}", status.message()),
+    if unreachable(status) {
+        format!("agent executor unreachable: {}", status.message())
+    } else {
+        format!(
+            "agent executor refused the request ({:?}): {}",
+            status.code(),
+            status.message()
+        )
     }
+}
+
+fn unreachable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+    )
 }
 
 /// The Hub's form of an executor status; `None` for a deployment without a status yet.
@@ -664,6 +690,23 @@ mod tests {
         assert!(posted.iter().all(|status| status.status_type == StatusType::Error
             && status.message == "agent executor unreachable: connection refused"));
         assert_eq!(cycle.metrics.executor_failures.get(), 1);
+
+        // During an agent update the poller handed over, the executor's absence is only
+        // logged: the Hub keeps the last statuses.
+        let hub = Arc::new(MemoryHub::default());
+        let executor = MemoryExecutor {
+            down: Some(tonic::Status::unavailable("connection refused")),
+            ..Default::default()
+        };
+        let mut cycle = Cycle::new(hub.clone(), executor, STATUS_REFRESH);
+        cycle.agent_update_flag().store(true, Ordering::Release);
+        hub.answer(Ok(resources(&[1, 2])));
+        cycle.run().await;
+        assert!(hub.take_posted().is_empty(), "no error during the agent's update");
+        cycle.agent_update_flag().store(false, Ordering::Release);
+        hub.answer(Ok(resources(&[1, 2])));
+        cycle.run().await;
+        assert_eq!(hub.take_posted().len(), 2, "errors again once it ended");
 
         // Before any complete Hub answer there is nothing to report on.
         let hub = Arc::new(MemoryHub::default());

@@ -7,12 +7,19 @@
 use distr_agent_proto::v1::{self as pb, updater_client::UpdaterClient};
 use uuid::Uuid;
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
 use agent_runtime::tls::client::ReloadingChannel;
 
 use crate::hub::{AgentVersion, HubClient};
 
 pub struct SelfUpdate {
     updater: UpdaterClient<ReloadingChannel>,
+    /// Set while an update this poller handed over is under way.
+    under_way: Arc<AtomicBool>,
     /// The updater's last reported phase and message, to log changes once.
     reported: Option<(i32, String)>,
 }
@@ -58,17 +65,37 @@ impl SelfUpdate {
     pub fn new(updater: UpdaterClient<ReloadingChannel>) -> Self {
         Self {
             updater,
+            under_way: Arc::default(),
             reported: None,
         }
+    }
+
+    /// Sets `flag` while an update this poller handed over is under way.
+    pub fn tracking(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.under_way = flag;
+        self
     }
 
     /// One step, after the cycle's statuses are posted.
     pub async fn step(&mut self, hub: &HubClient, wanted: Option<&AgentVersion>, running: Option<Uuid>) {
         if wanted.is_none() || running.is_none() || wanted.map(|w| w.id) == running {
+            self.under_way.store(false, Ordering::Release);
             return;
         }
         let status = match self.updater.update_status(pb::UpdateStatusRequest {}).await {
-            Ok(status) => status.into_inner(),
+            Ok(status) => {
+                let status = status.into_inner();
+                let under_way = wanted.is_some_and(|w| status.target_version_id == w.id.to_string())
+                    && matches!(
+                        pb::UpdatePhase::try_from(status.phase),
+                        Ok(pb::UpdatePhase::Validating
+                            | pb::UpdatePhase::Applying
+                            | pb::UpdatePhase::Waiting
+                            | pb::UpdatePhase::RollingBack)
+                    );
+                self.under_way.store(under_way, Ordering::Release);
+                status
+            }
             Err(error) => {
                 tracing::warn!(code = ?error.code(), message = error.message(), "cannot reach the agent updater; self-update waits");
                 return;
@@ -93,11 +120,14 @@ impl SelfUpdate {
                     target_version_id: wanted.id.to_string(),
                 };
                 match self.updater.apply_agent_manifest(request).await {
-                    Ok(report) => tracing::info!(
+                    Ok(report) => {
+                        self.under_way.store(true, Ordering::Release);
+                        tracing::info!(
                         version = %wanted.name,
                         objects = report.into_inner().applied.len(),
                         "the updater applied the new agent version; waiting for it to roll out"
-                    ),
+                        );
+                    }
                     Err(error) => tracing::warn!(
                         version = %wanted.name,
                         code = ?error.code(),

@@ -2,8 +2,12 @@
 //! rollout, then prune, or roll back to what the cluster had before.
 //!
 //! The state lives in the ConfigMap `distr-agent-updater-state` and is written before every
-//! step, so an updater restarted half-way (it replaces its own Deployment, last) resumes the
-//! gate or the roll-back instead of leaving a half-updated agent.
+//! step, so an updater restarted half-way resumes the gate or the roll-back instead of leaving
+//! a half-updated agent. The updater's own Deployment rolls out with a surge (the old pod stays
+//! until the new one is ready), so two updaters can run at once: the state names the updater
+//! acting on an update under way (its holder) and a heartbeat the holder renews; another
+//! updater stands by while that heartbeat moves, and every write of the state is conditional on
+//! the `resourceVersion` last seen, so that two writers can never both win.
 
 use std::{
     collections::BTreeMap,
@@ -25,15 +29,21 @@ use kube::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 use crate::manifest::{self, Object, Refusal, Rules};
 
 pub const STATE_CONFIGMAP: &str = "distr-agent-updater-state";
 const FIELD_MANAGER: &str = "distr-agent-updater";
 const PART_OF: &str = "app.kubernetes.io/part-of";
+/// Set on every object the updater applies: only such objects are ever pruned.
+pub const APPLIED_BY: &str = "agent.distr.sh/applied-by";
+const APPLIED_BY_VALUE: &str = "distr-agent-updater";
 const API_TIMEOUT: Duration = Duration::from_secs(15);
 /// In `State::previous`: an object that existed but is not recorded (a Secret).
 const NOT_RECORDED: &str = "not recorded";
+/// A holder's heartbeat that has not moved for this many periods is stale: its updater is gone.
+const STALE_PERIODS: u32 = 3;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -48,9 +58,16 @@ pub enum Phase {
     Failed,
 }
 
+impl Phase {
+    /// An update is under way: an updater must finish it (or roll it back).
+    pub fn under_way(self) -> bool {
+        matches!(self, Phase::Applying | Phase::Waiting | Phase::RollingBack)
+    }
+}
+
 /// What the updater did last, as kept in its state ConfigMap.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct State {
     pub phase: Phase,
     pub target_version_id: String,
@@ -62,6 +79,10 @@ pub struct State {
     /// Each object the update touches as it was before (`null`: it did not exist), by
     /// `Kind/name`.
     pub previous: BTreeMap<String, Value>,
+    /// The updater acting on the update (`<pod>/<pid>`); empty once it let go.
+    pub holder: String,
+    /// When the holder last said it is alive, renewed while an update is under way.
+    pub heartbeat: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +95,23 @@ pub enum StartError {
     FailedBefore(String),
     #[error("{0}")]
     Cluster(String),
+    /// Not this updater's turn: its state is not loaded yet, or another updater acts.
+    #[error("{0}")]
+    NotReady(String),
+}
+
+/// Whether this updater may act.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The state is not read yet.
+    Loading,
+    /// Another updater (named) acts on an update under way and is alive.
+    Standby(String),
+    /// This updater acts.
+    Active,
+    /// Another updater wrote the state after this one (or this one let go): it acts no more
+    /// until it has read the state again.
+    Lost,
 }
 
 /// Runs updates, one at a time.
@@ -82,8 +120,15 @@ pub struct Engine {
     client: kube::Client,
     rules: Rules,
     gate_timeout: Duration,
+    heartbeat: Duration,
+    identity: String,
     state: Arc<Mutex<State>>,
+    mode: Arc<Mutex<Mode>>,
+    /// The state ConfigMap's `resourceVersion` as last read or written (None: none exists).
+    resource_version: Arc<Mutex<Option<String>>>,
     busy: Arc<tokio::sync::Mutex<()>>,
+    /// Serializes the writes of the state (steps and heartbeats).
+    writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn key(object: &Object) -> String {
@@ -121,6 +166,10 @@ fn not_found(error: &str) -> bool {
     error.ends_with("(404)")
 }
 
+fn conflict(error: &str) -> bool {
+    error.ends_with("(409)")
+}
+
 /// The object as an apply configuration: what the cluster keeps for itself removed.
 fn apply_config(mut live: Value) -> Value {
     if let Some(meta) = live.get_mut("metadata").and_then(Value::as_object_mut) {
@@ -144,6 +193,18 @@ fn apply_config(mut live: Value) -> Value {
     live
 }
 
+/// The object as the updater applies it: in the agent's namespace, labelled as applied by the
+/// updater (what makes it prunable later).
+fn labelled(object: &Object, namespace: &str) -> Value {
+    let mut body = object.body.clone();
+    body["metadata"]["namespace"] = json!(namespace);
+    if !body["metadata"]["labels"].is_object() {
+        body["metadata"]["labels"] = json!({});
+    }
+    body["metadata"]["labels"][APPLIED_BY] = json!(APPLIED_BY_VALUE);
+    body
+}
+
 fn previous_version(state: &State) -> String {
     state
         .previous
@@ -151,6 +212,17 @@ fn previous_version(state: &State) -> String {
         .and_then(|config| config["data"]["DISTR_AGENT_VERSION_ID"].as_str())
         .unwrap_or_default()
         .to_owned()
+}
+
+/// The recorded objects in the order a roll-back re-applies them: the apply order
+/// (dependencies first, the Deployments executor, poller, then the updater's own last).
+pub fn rollback_order(previous: &BTreeMap<String, Value>) -> Vec<(&str, &str, &Value)> {
+    let mut entries: Vec<(&str, &str, &Value)> = previous
+        .iter()
+        .filter_map(|(key, live)| key.split_once('/').map(|(kind, name)| (kind, name, live)))
+        .collect();
+    entries.sort_by_key(|(kind, name, _)| manifest::position(kind, name));
+    entries
 }
 
 /// Rolled out: the controller saw the latest spec and every replica is updated, ready and
@@ -168,19 +240,76 @@ pub fn rolled_out(deployment: &Value) -> bool {
         && count("replicas") == wanted
 }
 
+/// This process's identity as a holder: its pod (host) name and process id.
+pub fn identity() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "updater".into());
+    format!("{host}/{}", std::process::id())
+}
+
+/// Watches another holder's heartbeat on this process's own clock (no clock is shared with the
+/// other pod): stale once it has not moved for [`STALE_PERIODS`] periods.
+#[derive(Default)]
+struct Watch {
+    seen: Option<(String, Option<DateTime<Utc>>, Instant)>,
+}
+
+impl Watch {
+    fn stale(&mut self, state: &State, period: Duration) -> bool {
+        let now = (state.holder.clone(), state.heartbeat);
+        match &self.seen {
+            Some((holder, beat, since)) if (holder, beat) == (&now.0, &now.1) => {
+                since.elapsed() >= period * STALE_PERIODS
+            }
+            _ => {
+                self.seen = Some((now.0, now.1, Instant::now()));
+                false
+            }
+        }
+    }
+}
+
 impl Engine {
-    pub fn new(client: kube::Client, rules: Rules, gate_timeout: Duration) -> Self {
+    pub fn new(client: kube::Client, rules: Rules, gate_timeout: Duration, heartbeat: Duration) -> Self {
         Self {
             client,
             rules,
             gate_timeout,
+            heartbeat,
+            identity: identity(),
             state: Arc::new(Mutex::new(State::default())),
+            mode: Arc::new(Mutex::new(Mode::Loading)),
+            resource_version: Arc::new(Mutex::new(None)),
             busy: Arc::new(tokio::sync::Mutex::new(())),
+            writes: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
     pub fn status(&self) -> State {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_memory(&self, state: State) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_mode(&self, mode: Mode) {
+        *self.mode.lock().unwrap_or_else(|e| e.into_inner()) = mode;
+    }
+
+    fn acting(&self) -> bool {
+        self.mode() == Mode::Active
     }
 
     /// The version the agent ran before the last update, from the recorded ConfigMap.
@@ -238,17 +367,71 @@ impl Engine {
         }
     }
 
-    /// Records `state` in memory and in the state ConfigMap.
-    async fn save(&self, mut state: State) -> Result<(), String> {
-        state.changed_at = Some(Utc::now());
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state.clone();
-        let text = serde_json::to_string(&state).map_err(|e| e.to_string())?;
-        let body = json!({
+    /// Reads the state ConfigMap: the state (default when there is none) and its
+    /// `resourceVersion`.
+    async fn read_state(&self) -> Result<(State, Option<String>), String> {
+        let Some(cm) = self.get("ConfigMap", STATE_CONFIGMAP).await? else {
+            return Ok((State::default(), None));
+        };
+        let version = cm["metadata"]["resourceVersion"].as_str().map(str::to_owned);
+        let state = match cm["data"]["state.json"].as_str() {
+            None => State::default(),
+            Some(text) => serde_json::from_str::<State>(text)
+                .map_err(|error| format!("the updater's state ConfigMap holds no state: {error}"))?,
+        };
+        Ok((state, version))
+    }
+
+    /// Writes `state` as it is, conditional on the `resourceVersion` last seen. The caller
+    /// holds `writes`. A conflict means another updater wrote since: this one acts no more.
+    async fn write_locked(&self, state: &State) -> Result<(), String> {
+        if !self.acting() {
+            return Err("another updater acts on the update; this one no longer writes".into());
+        }
+        let text = serde_json::to_string(state).map_err(|e| e.to_string())?;
+        let mut body = json!({
             "apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": STATE_CONFIGMAP, "labels": {PART_OF: "distr-agent"}},
+            "metadata": {"name": STATE_CONFIGMAP, "namespace": self.rules.namespace, "labels": {PART_OF: "distr-agent"}},
             "data": {"state.json": text},
         });
-        self.apply("ConfigMap", STATE_CONFIGMAP, &body).await
+        let version = self.resource_version.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(version) = version {
+            // Server-side apply takes a `resourceVersion` as a precondition.
+            body["metadata"]["resourceVersion"] = json!(version);
+        }
+        let api = self.api("ConfigMap").ok_or("no ConfigMap API")?;
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let written = timed(
+            "recording the updater's state",
+            api.patch(STATE_CONFIGMAP, &params, &Patch::Apply(&body)),
+        )
+        .await;
+        match written {
+            Ok(object) => {
+                *self.resource_version.lock().unwrap_or_else(|e| e.into_inner()) = object.metadata.resource_version;
+                Ok(())
+            }
+            Err(error) if conflict(&error) => {
+                tracing::warn!(%error, "another updater wrote the state since this one read it; this one stops acting");
+                self.set_mode(Mode::Lost);
+                Err(error)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Records `state`, as changed now by this updater, in memory and in the state ConfigMap.
+    async fn save(&self, mut state: State) -> Result<(), String> {
+        let _writing = self.writes.lock().await;
+        if !self.acting() {
+            return Err("another updater acts on the update; this one no longer writes".into());
+        }
+        let now = Utc::now();
+        state.changed_at = Some(now);
+        state.holder.clone_from(&self.identity);
+        state.heartbeat = Some(now);
+        self.set_memory(state.clone());
+        self.write_locked(&state).await
     }
 
     async fn set(&self, phase: Phase, message: &str) -> Result<(), String> {
@@ -259,43 +442,199 @@ impl Engine {
         self.save(state).await
     }
 
-    /// Loads the state and finishes an update a previous updater left half-way.
-    pub async fn resume(&self) {
-        let stored = match self.get("ConfigMap", STATE_CONFIGMAP).await {
-            Ok(Some(cm)) => cm["data"]["state.json"]
-                .as_str()
-                .and_then(|text| serde_json::from_str::<State>(text).ok()),
-            Ok(None) => None,
-            Err(error) => {
-                tracing::warn!(%error, "cannot read the updater's state");
-                None
+    /// Renews the heartbeat of the update under way, if this updater acts on one.
+    async fn renew(&self) -> Result<(), String> {
+        let _writing = self.writes.lock().await;
+        let mut state = self.status();
+        if !self.acting() || !state.phase.under_way() {
+            return Ok(());
+        }
+        state.holder.clone_from(&self.identity);
+        state.heartbeat = Some(Utc::now());
+        self.set_memory(state.clone());
+        self.write_locked(&state).await
+    }
+
+    /// On shutdown: lets go of the update under way, so that the next updater takes it over
+    /// at once instead of waiting for the heartbeat to go stale.
+    pub async fn release(&self) {
+        let _writing = self.writes.lock().await;
+        let mut state = self.status();
+        if !self.acting() || !state.phase.under_way() {
+            return;
+        }
+        state.holder.clear();
+        state.heartbeat = None;
+        match self.write_locked(&state).await {
+            Ok(()) => {
+                tracing::info!(version = %state.target_version_id, "let go of the update under way for the next updater")
             }
-        };
-        let Some(state) = stored else { return };
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state.clone();
-        let _guard = self.busy.lock().await;
-        match state.phase {
-            Phase::Applying | Phase::Waiting => {
-                tracing::info!(version = %state.target_version_id, "resuming an interrupted self-update");
-                match manifest::check(&state.manifest, &self.rules) {
-                    Ok(checked) => self.finish(checked, state.phase == Phase::Applying).await,
-                    Err(refusal) => self.roll_back(&refusal.to_string()).await,
+            Err(error) => tracing::warn!(%error, "cannot let go of the update under way"),
+        }
+        self.set_mode(Mode::Lost);
+    }
+
+    /// Loads the state (readiness waits for it), stands by while another live updater acts on
+    /// an update, takes over an update whose holder is gone, and renews the heartbeat while an
+    /// update is under way. Runs until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken, loaded: impl FnOnce()) {
+        let mut loaded = Some(loaded);
+        let mut watch = Watch::default();
+        let mut standing_by = false;
+        while !shutdown.is_cancelled() {
+            match self.mode() {
+                Mode::Loading | Mode::Lost | Mode::Standby(_) => match self.read_state().await {
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read the updater's state; no update is taken until it is read")
+                    }
+                    Ok((state, version)) => {
+                        *self.resource_version.lock().unwrap_or_else(|e| e.into_inner()) = version;
+                        if let Some(loaded) = loaded.take() {
+                            loaded();
+                        }
+                        let other = !state.holder.is_empty() && state.holder != self.identity;
+                        if state.phase.under_way() && other && !watch.stale(&state, self.heartbeat) {
+                            if !standing_by {
+                                tracing::info!(holder = %state.holder, version = %state.target_version_id, "another updater acts on the update under way; standing by while its heartbeat moves");
+                                standing_by = true;
+                            }
+                            self.set_mode(Mode::Standby(state.holder.clone()));
+                            self.set_memory(state);
+                        } else {
+                            standing_by = false;
+                            watch = Watch::default();
+                            self.set_memory(state.clone());
+                            let _writing = self.writes.lock().await;
+                            self.set_mode(Mode::Active);
+                            drop(_writing);
+                            if state.phase.under_way() {
+                                self.take_over(state).await;
+                            }
+                        }
+                    }
+                },
+                Mode::Active => {
+                    if let Err(error) = self.renew().await {
+                        tracing::warn!(%error, "cannot renew the updater's heartbeat");
+                    }
                 }
             }
-            Phase::RollingBack => self.roll_back(&state.message.clone()).await,
-            _ => {}
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(self.heartbeat) => {}
+            }
         }
+    }
+
+    /// Finishes (or rolls back) an update another updater (or this one, before a restart) left
+    /// under way, in the background.
+    async fn take_over(&self, state: State) {
+        let guard = self.busy.clone().lock_owned().await;
+        if let Err(error) = self.save(state.clone()).await {
+            tracing::warn!(%error, "cannot take over the update under way");
+            return;
+        }
+        tracing::info!(version = %state.target_version_id, previous_holder = %state.holder, "resuming an interrupted self-update");
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            match state.phase {
+                Phase::Applying | Phase::Waiting => match manifest::check(&state.manifest, &engine.rules) {
+                    Ok(checked) => engine.finish(checked, state.phase == Phase::Applying).await,
+                    Err(refusal) => engine.roll_back(&refusal.to_string()).await,
+                },
+                Phase::RollingBack => engine.roll_back(&state.message).await,
+                _ => {}
+            }
+        });
+    }
+
+    /// Ends an attempt that wrote nothing: `Failed` without recording the version as failed,
+    /// so that the poller hands it over again on a later cycle.
+    async fn abandon(&self, error: &str) -> StartError {
+        let mut state = self.status();
+        state.phase = Phase::Failed;
+        state.message = format!("nothing applied: {error}; the version is tried again on a later cycle");
+        tracing::warn!(version = %state.target_version_id, message = %state.message, "self-update not started");
+        if let Err(error) = self.save(state.clone()).await {
+            tracing::warn!(%error, "cannot record the updater's state");
+            // Whatever the write did, this updater's answer is Failed.
+            self.set_memory(state);
+        }
+        StartError::Cluster(error.to_owned())
+    }
+
+    /// Ends an attempt the manifest's content refused: `Failed`, and the version is recorded as
+    /// failed (not handed over again until the Hub names another one).
+    async fn refuse(&self, error: StartError, version: String) -> StartError {
+        let mut state = self.status();
+        state.phase = Phase::Failed;
+        state.message = format!("refused, nothing applied: {error}");
+        state.failed_version_ids.push(version);
+        tracing::warn!(message = %state.message, "self-update refused");
+        if let Err(save) = self.save(state.clone()).await {
+            tracing::warn!(error = %save, "cannot record the updater's state");
+            self.set_memory(state);
+        }
+        error
+    }
+
+    /// A server-side apply dry run of every object: an answer of the API server about the
+    /// object (4xx but a conflict or throttling) is a refusal; anything else is transient.
+    async fn dry_run(&self, objects: &[Object]) -> Result<(), StartError> {
+        for object in objects {
+            let api = self
+                .api(&object.kind)
+                .ok_or_else(|| StartError::Cluster(format!("{} is no kind the updater knows", object.kind)))?;
+            let params = PatchParams::apply(FIELD_MANAGER).force().dry_run();
+            let body = labelled(object, &self.rules.namespace);
+            let patch = Patch::Apply(&body);
+            let call = api.patch(&object.name, &params, &patch);
+            match tokio::time::timeout(API_TIMEOUT, call).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(kube::Error::Api(status)))
+                    if (400..500).contains(&status.code) && ![408, 409, 429].contains(&status.code) =>
+                {
+                    return Err(Refusal::DryRun {
+                        object: object.to_string(),
+                        reason: format!("{} ({})", status.message, status.code),
+                    }
+                    .into());
+                }
+                Ok(Err(error)) => return Err(StartError::Cluster(format!("dry run of {object}: {error}"))),
+                Err(_) => {
+                    return Err(StartError::Cluster(format!(
+                        "dry run of {object}: no answer within {API_TIMEOUT:?}"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks `text` and applies it; returns the applied objects once they are written, and
     /// gates and finishes in the background.
     pub async fn start(&self, text: String, version: String) -> Result<Vec<Object>, StartError> {
+        match self.mode() {
+            Mode::Active => {}
+            Mode::Loading => return Err(StartError::NotReady("the updater has not read its state yet".into())),
+            Mode::Standby(holder) => {
+                return Err(StartError::NotReady(format!(
+                    "another updater ({holder}) acts on the update to version {}; this one waits until it ends or that updater is gone",
+                    self.status().target_version_id
+                )));
+            }
+            Mode::Lost => return Err(StartError::NotReady("the updater is re-reading its state".into())),
+        }
         let guard = self
             .busy
             .clone()
             .try_lock_owned()
             .map_err(|_| StartError::Busy(self.status().target_version_id))?;
         let mut state = self.status();
+        if state.phase.under_way() {
+            return Err(StartError::Busy(state.target_version_id));
+        }
         if state.failed_version_ids.contains(&version) {
             return Err(StartError::FailedBefore(version));
         }
@@ -304,26 +643,26 @@ impl Engine {
         state.message = "checking the manifest".into();
         state.manifest.clear();
         state.previous.clear();
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+        self.set_memory(state);
         let checked = match self.validate(&text).await {
             Ok(checked) => checked,
-            Err(error) => {
-                let mut state = self.status();
-                state.phase = Phase::Failed;
-                state.message = format!("refused, nothing applied: {error}");
-                state.failed_version_ids.push(version);
-                tracing::warn!(message = %state.message, "self-update refused");
-                self.save(state).await.map_err(StartError::Cluster)?;
-                return Err(error);
-            }
+            Err(StartError::Cluster(error)) => return Err(self.abandon(&error).await),
+            Err(error) => return Err(self.refuse(error, version).await),
         };
+        // The API server checks every object first (an immutable field changed, an invalid
+        // value): a refusal of any is a refusal of the whole manifest, nothing applied.
+        match self.dry_run(&checked.apply).await {
+            Ok(()) => {}
+            Err(StartError::Cluster(error)) => return Err(self.abandon(&error).await),
+            Err(error) => return Err(self.refuse(error, version).await),
+        }
         // Record the intent and what the cluster has now before the first write.
         let mut previous = BTreeMap::new();
         for object in &checked.apply {
-            let live = self
-                .get(&object.kind, &object.name)
-                .await
-                .map_err(StartError::Cluster)?;
+            let live = match self.get(&object.kind, &object.name).await {
+                Ok(live) => live,
+                Err(error) => return Err(self.abandon(&error).await),
+            };
             let recorded = match live {
                 None => Value::Null,
                 // A Secret's data never goes into the state ConfigMap: it is left as it is on
@@ -338,7 +677,12 @@ impl Engine {
         state.message = format!("applying {} objects", checked.apply.len());
         state.manifest = text;
         state.previous = previous;
-        self.save(state).await.map_err(StartError::Cluster)?;
+        if let Err(error) = self.save(state).await {
+            if !self.acting() {
+                return Err(StartError::NotReady(error));
+            }
+            return Err(self.abandon(&error).await);
+        }
         if let Err(error) = self.apply_all(&checked.apply).await {
             let engine = self.clone();
             let reason = error.clone();
@@ -357,6 +701,8 @@ impl Engine {
         Ok(applied)
     }
 
+    /// Checks the manifest, and its RBAC against the cluster's: a difference is a refusal; an
+    /// error reading the cluster is not (`Cluster`: tried again later).
     async fn validate(&self, text: &str) -> Result<manifest::Checked, StartError> {
         let checked = manifest::check(text, &self.rules)?;
         for object in &checked.compare {
@@ -379,8 +725,10 @@ impl Engine {
 
     async fn apply_all(&self, objects: &[Object]) -> Result<(), String> {
         for object in objects {
-            let mut body = object.body.clone();
-            body["metadata"]["namespace"] = json!(self.rules.namespace);
+            if !self.acting() {
+                return Err("another updater took over the update".into());
+            }
+            let body = labelled(object, &self.rules.namespace);
             self.apply(&object.kind, &object.name, &body).await?;
         }
         Ok(())
@@ -403,7 +751,11 @@ impl Engine {
             .filter(|o| o.kind == "Deployment")
             .map(|o| o.name.clone())
             .collect();
-        match self.gate(&deployments).await {
+        let gated = self.gate(&deployments).await;
+        if !self.acting() {
+            return tracing::info!("another updater took over the update; this one stops");
+        }
+        match gated {
             Ok(took) => {
                 self.prune(&checked.apply).await;
                 let message = format!("the new version rolled out in {:.1}s", took.as_secs_f64());
@@ -415,7 +767,8 @@ impl Engine {
         }
     }
 
-    /// Waits until every Deployment in `names` rolled out, or the gate's deadline.
+    /// Waits until every Deployment in `names` rolled out, or the gate's deadline (or until
+    /// this updater no longer acts).
     async fn gate(&self, names: &[String]) -> Result<Duration, String> {
         let started = Instant::now();
         loop {
@@ -430,6 +783,9 @@ impl Engine {
             if waiting.is_empty() {
                 return Ok(started.elapsed());
             }
+            if !self.acting() {
+                return Err("another updater took over the update".into());
+            }
             if started.elapsed() >= self.gate_timeout {
                 return Err(format!(
                     "not rolled out within {}s: {}",
@@ -441,7 +797,8 @@ impl Engine {
         }
     }
 
-    /// Deletes the agent's own objects the new manifest no longer has.
+    /// Deletes the agent's own objects the new manifest no longer has, of those the updater
+    /// applied itself (labelled [`APPLIED_BY`]).
     async fn prune(&self, applied: &[Object]) {
         let kept: Vec<String> = applied.iter().map(key).collect();
         for (kind, name) in manifest::prunable() {
@@ -449,30 +806,41 @@ impl Engine {
                 continue;
             }
             match self.get(kind, name).await {
-                Ok(Some(live)) if live["metadata"]["labels"][PART_OF] == "distr-agent" => {
+                Ok(Some(live)) if live["metadata"]["labels"][APPLIED_BY] == APPLIED_BY_VALUE => {
                     match self.delete(kind, name).await {
                         Ok(()) => tracing::info!(kind, name, "pruned an object the new version no longer has"),
                         Err(error) => tracing::warn!(kind, name, %error, "cannot prune"),
                     }
                 }
-                Ok(_) => {}
+                Ok(Some(_)) => {
+                    tracing::info!(
+                        kind,
+                        name,
+                        "kept an object the new version no longer has: the updater did not apply it"
+                    )
+                }
+                Ok(None) => {}
                 Err(error) => tracing::warn!(kind, name, %error, "cannot check an object for pruning"),
             }
         }
     }
 
-    /// Re-applies what the cluster had before, deletes what the update created, waits for the
-    /// previous Deployments, and records the version as failed.
+    /// Re-applies what the cluster had before (in the apply order), deletes what the update
+    /// created, waits for the previous Deployments, and records the version as failed.
     async fn roll_back(&self, reason: &str) {
-        let _ = self.set(Phase::RollingBack, reason).await;
+        if !self.acting() {
+            return;
+        }
+        if let Err(error) = self.set(Phase::RollingBack, reason).await {
+            tracing::warn!(%error, "cannot record the updater's state");
+        }
         let previous = self.status().previous;
         let mut errors = Vec::new();
         let mut deployments = Vec::new();
-        // Reverse order: the updater's own Deployment first, then the others, then the rest.
-        for (key, live) in previous.iter().rev() {
-            let Some((kind, name)) = key.split_once('/') else {
-                continue;
-            };
+        for (kind, name, live) in rollback_order(&previous) {
+            if !self.acting() {
+                return;
+            }
             let result = if live.as_str() == Some(NOT_RECORDED) {
                 continue;
             } else if live.is_null() {
@@ -492,6 +860,9 @@ impl Engine {
         } else {
             Err(errors)
         };
+        if !self.acting() {
+            return;
+        }
         let mut state = self.status();
         state.phase = Phase::Failed;
         state.message = match restored {
@@ -502,8 +873,9 @@ impl Engine {
             state.failed_version_ids.push(state.target_version_id.clone());
         }
         tracing::warn!(version = %state.target_version_id, message = %state.message, "self-update failed");
-        if let Err(error) = self.save(state).await {
+        if let Err(error) = self.save(state.clone()).await {
             tracing::warn!(%error, "cannot record the updater's state");
+            self.set_memory(state);
         }
     }
 }
@@ -550,5 +922,397 @@ mod tests {
             apply_config(live),
             json!({"metadata": {"name": "x", "annotations": {"keep": "1"}}, "spec": {}})
         );
+    }
+
+    /// A Kubernetes API answering from `answer(method, path)`; every request is recorded.
+    struct FakeApi {
+        client: kube::Client,
+        requests: Arc<Mutex<Vec<(String, String, Value)>>>,
+    }
+
+    type Answer = dyn Fn(&str, &str, bool) -> (u16, Value) + Send + Sync;
+
+    fn fake_api(answer: impl Fn(&str, &str, bool) -> (u16, Value) + Send + Sync + 'static) -> FakeApi {
+        let answer: Arc<Answer> = Arc::new(answer);
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let recorded = requests.clone();
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let answer = answer.clone();
+            let recorded = recorded.clone();
+            async move {
+                let method = request.method().to_string();
+                let path = request.uri().path().to_owned();
+                let dry_run = request.uri().query().unwrap_or_default().contains("dryRun=All");
+                let body = request.into_body().collect_bytes().await.unwrap_or_default();
+                let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                recorded.lock().unwrap_or_else(|e| e.into_inner()).push((
+                    method.clone(),
+                    if dry_run {
+                        format!("{path} (dry run)")
+                    } else {
+                        path.clone()
+                    },
+                    body,
+                ));
+                let (code, answer) = answer(&method, &path, dry_run);
+                Ok::<_, std::convert::Infallible>(
+                    http::Response::builder()
+                        .status(code)
+                        .header("content-type", "application/json")
+                        .body(kube::client::Body::from(
+                            serde_json::to_vec(&answer).unwrap_or_default(),
+                        ))
+                        .expect("a response"),
+                )
+            }
+        });
+        FakeApi {
+            client: kube::Client::new(service, "agent"),
+            requests,
+        }
+    }
+
+    fn status(code: u16) -> (u16, Value) {
+        let reason = if code == 404 { "NotFound" } else { "InternalError" };
+        (
+            code,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "from the fake", "reason": reason, "code": code}),
+        )
+    }
+
+    fn dry_run_answer() -> (u16, Value) {
+        (
+            200,
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "distr-agent"}}),
+        )
+    }
+
+    fn engine_on(api: &FakeApi) -> Engine {
+        Engine::new(
+            api.client.clone(),
+            Rules {
+                namespace: "agent".into(),
+                image_repository: "ghcr.io/distr-sh/distr-agent".into(),
+            },
+            Duration::from_secs(1),
+            Duration::from_millis(100),
+        )
+    }
+
+    const MANIFEST: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: distr-agent\nspec:\n  template:\n    spec:\n      serviceAccountName: distr-agent-poller\n      containers:\n        - name: c\n          image: ghcr.io/distr-sh/distr-agent/poller:0.2.0\n";
+
+    fn state_configmap(state: &State) -> (u16, Value) {
+        (
+            200,
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": STATE_CONFIGMAP, "namespace": "agent", "resourceVersion": "7"},
+                "data": {"state.json": serde_json::to_string(state).unwrap_or_default()}}),
+        )
+    }
+
+    async fn active(engine: &Engine) -> CancellationToken {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(engine.clone().run(shutdown.clone(), || {}));
+        for _ in 0..100 {
+            if engine.mode() == Mode::Active {
+                return shutdown;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("not active: {:?}", engine.mode());
+    }
+
+    #[tokio::test]
+    async fn no_update_is_taken_before_the_state_is_loaded_and_the_loaded_state_is_kept() {
+        let stored = State {
+            phase: Phase::Failed,
+            target_version_id: "v9".into(),
+            failed_version_ids: vec!["v9".into()],
+            ..Default::default()
+        };
+        let api = fake_api(move |method, path, _| match (method, path.ends_with(STATE_CONFIGMAP)) {
+            ("GET", true) => state_configmap(&stored),
+            _ => status(500),
+        });
+        let engine = engine_on(&api);
+        let early = engine.start(MANIFEST.into(), "v10".into()).await;
+        assert!(matches!(early, Err(StartError::NotReady(_))), "{early:?}");
+        let shutdown = active(&engine).await;
+        let again = engine.start(MANIFEST.into(), "v9".into()).await;
+        assert!(matches!(again, Err(StartError::FailedBefore(_))), "{again:?}");
+        assert_eq!(engine.status().failed_version_ids, ["v9"]);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_attempt_that_cannot_read_or_record_ends_failed_and_is_tried_again() {
+        // The read before the first write fails.
+        let api = fake_api(
+            |method, path, dry_run| match (method, path.ends_with(STATE_CONFIGMAP)) {
+                _ if dry_run => dry_run_answer(),
+                ("GET", true) => status(404),
+                ("PATCH", true) => (
+                    200,
+                    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": STATE_CONFIGMAP, "resourceVersion": "8"}}),
+                ),
+                _ => status(500),
+            },
+        );
+        let engine = engine_on(&api);
+        let shutdown = active(&engine).await;
+        let started = engine.start(MANIFEST.into(), "v2".into()).await;
+        assert!(matches!(started, Err(StartError::Cluster(_))), "{started:?}");
+        let state = engine.status();
+        assert_eq!(state.phase, Phase::Failed, "{state:?}");
+        assert!(state.message.contains("tried again"), "{}", state.message);
+        assert!(
+            state.failed_version_ids.is_empty(),
+            "a transient error blacklists nothing"
+        );
+        shutdown.cancel();
+
+        // The state cannot be recorded before the first write.
+        let api = fake_api(|method, _, dry_run| match method {
+            _ if dry_run => dry_run_answer(),
+            "GET" => status(404),
+            _ => status(500),
+        });
+        let engine = engine_on(&api);
+        let shutdown = active(&engine).await;
+        let started = engine.start(MANIFEST.into(), "v2".into()).await;
+        assert!(matches!(started, Err(StartError::Cluster(_))), "{started:?}");
+        assert_eq!(engine.status().phase, Phase::Failed);
+        assert!(engine.status().failed_version_ids.is_empty());
+        let writes: Vec<String> = api
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(method, path, _)| {
+                method == "PATCH" && !path.ends_with(STATE_CONFIGMAP) && !path.ends_with("(dry run)")
+            })
+            .map(|(_, path, _)| path.clone())
+            .collect();
+        assert!(writes.is_empty(), "nothing applied: {writes:?}");
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_transient_error_comparing_rbac_is_no_refusal() {
+        let manifest = format!(
+            "{MANIFEST}---\napiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: distr-agent\nrules: []\n"
+        );
+        let api = fake_api(|method, path, _| match (method, path.ends_with(STATE_CONFIGMAP)) {
+            ("GET", true) => status(404),
+            ("PATCH", true) => (
+                200,
+                json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": STATE_CONFIGMAP, "resourceVersion": "8"}}),
+            ),
+            _ => status(503),
+        });
+        let engine = engine_on(&api);
+        let shutdown = active(&engine).await;
+        let started = engine.start(manifest, "v2".into()).await;
+        assert!(matches!(started, Err(StartError::Cluster(_))), "{started:?}");
+        let state = engine.status();
+        assert_eq!(state.phase, Phase::Failed);
+        assert!(state.failed_version_ids.is_empty(), "not blacklisted: {state:?}");
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn another_live_updater_is_left_alone_until_its_heartbeat_stops() {
+        let holder = Arc::new(Mutex::new(State {
+            phase: Phase::Waiting,
+            target_version_id: "v2".into(),
+            holder: "other-pod/1".into(),
+            heartbeat: Some(Utc::now()),
+            manifest: MANIFEST.into(),
+            ..Default::default()
+        }));
+        let stored = holder.clone();
+        let api = fake_api(move |method, path, _| match (method, path.ends_with(STATE_CONFIGMAP)) {
+            ("GET", true) => state_configmap(&stored.lock().unwrap_or_else(|e| e.into_inner())),
+            ("PATCH", true) => (
+                200,
+                json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": STATE_CONFIGMAP, "resourceVersion": "8"}}),
+            ),
+            _ => status(404),
+        });
+        let engine = engine_on(&api);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(engine.clone().run(shutdown.clone(), || {}));
+        // The other updater renews its heartbeat: this one stands by and takes nothing.
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            holder.lock().unwrap_or_else(|e| e.into_inner()).heartbeat = Some(Utc::now());
+            assert_eq!(engine.mode(), Mode::Standby("other-pod/1".into()));
+        }
+        let refused = engine.start(MANIFEST.into(), "v3".into()).await;
+        assert!(matches!(refused, Err(StartError::NotReady(_))), "{refused:?}");
+        let written = |api: &FakeApi| {
+            api.requests
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|(method, _, _)| method != "GET")
+                .count()
+        };
+        assert_eq!(written(&api), 0, "a standby writes nothing");
+        // The heartbeat stops: after three periods this one takes the update over.
+        for _ in 0..20 {
+            if engine.mode() == Mode::Active {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(engine.mode(), Mode::Active);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let requests = api.requests.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let takeover = requests
+            .iter()
+            .find(|(method, _, _)| method == "PATCH")
+            .expect("the take-over is written");
+        let state: State =
+            serde_json::from_str(takeover.2["data"]["state.json"].as_str().unwrap_or_default()).expect("a state");
+        assert_eq!(state.holder, engine.identity);
+        assert_eq!(
+            takeover.2["metadata"]["resourceVersion"], "7",
+            "conditional on the version read"
+        );
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_conflicting_write_stops_the_updater_from_acting() {
+        let api = fake_api(
+            |method, path, dry_run| match (method, path.ends_with(STATE_CONFIGMAP)) {
+                _ if dry_run => dry_run_answer(),
+                ("GET", true) => state_configmap(&State::default()),
+                ("PATCH", true) => status(409),
+                _ => status(404),
+            },
+        );
+        let engine = engine_on(&api);
+        let shutdown = active(&engine).await;
+        let started = engine.start(MANIFEST.into(), "v2".into()).await;
+        assert!(matches!(started, Err(StartError::NotReady(_))), "{started:?}");
+        assert_eq!(engine.mode(), Mode::Lost);
+        let applied = api
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(method, path, _)| method == "PATCH" && path.contains("deployments") && !path.ends_with("(dry run)"));
+        assert!(!applied, "nothing applied after losing the state");
+        shutdown.cancel();
+    }
+
+    #[test]
+    fn a_roll_back_re_applies_in_the_apply_order() {
+        let previous: BTreeMap<String, Value> = [
+            "Deployment/distr-agent",
+            "Deployment/distr-agent-executor",
+            "Deployment/distr-agent-updater",
+            "ConfigMap/distr-agent-env",
+            "NetworkPolicy/distr-agent-poller",
+            "Secret/distr-agent-image-pull",
+            "Service/distr-agent-executor",
+            "ServiceAccount/distr-agent-poller",
+        ]
+        .into_iter()
+        .map(|key| (key.to_owned(), Value::Null))
+        .collect();
+        let order: Vec<String> = rollback_order(&previous)
+            .into_iter()
+            .map(|(kind, name, _)| format!("{kind}/{name}"))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "ServiceAccount/distr-agent-poller",
+                "ConfigMap/distr-agent-env",
+                "Secret/distr-agent-image-pull",
+                "Service/distr-agent-executor",
+                "NetworkPolicy/distr-agent-poller",
+                "Deployment/distr-agent-executor",
+                "Deployment/distr-agent",
+                "Deployment/distr-agent-updater",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_updater_labels_what_it_applies_and_prunes_only_that() {
+        let api = fake_api(|method, path, _| match method {
+            "GET" if path.ends_with("networkpolicies/distr-agent-poller") => (
+                200,
+                json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                    "metadata": {"name": "distr-agent-poller", "labels": {PART_OF: "distr-agent", APPLIED_BY: APPLIED_BY_VALUE}}}),
+            ),
+            "GET" if path.ends_with("networkpolicies/distr-agent-executor") => (
+                200,
+                json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                    "metadata": {"name": "distr-agent-executor", "labels": {PART_OF: "distr-agent"}}}),
+            ),
+            "DELETE" => (200, json!({"kind": "Status", "apiVersion": "v1", "status": "Success"})),
+            _ => status(404),
+        });
+        let engine = engine_on(&api);
+        let checked = manifest::check(MANIFEST, &engine.rules).expect("valid");
+        let body = labelled(&checked.apply[0], "agent");
+        assert_eq!(body["metadata"]["labels"][APPLIED_BY], APPLIED_BY_VALUE);
+        assert_eq!(body["metadata"]["namespace"], "agent");
+        engine.prune(&checked.apply).await;
+        let deleted: Vec<String> = api
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(method, _, _)| method == "DELETE")
+            .map(|(_, path, _)| path.rsplit('/').next().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(deleted, ["distr-agent-poller"], "only what the updater applied");
+    }
+
+    #[tokio::test]
+    async fn a_manifest_the_api_server_refuses_in_a_dry_run_is_refused_whole_before_any_write() {
+        let api = fake_api(
+            |method, path, dry_run| match (method, path.ends_with(STATE_CONFIGMAP), dry_run) {
+                ("GET", _, _) => status(404),
+                ("PATCH", true, false) => (
+                    200,
+                    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": STATE_CONFIGMAP, "resourceVersion": "8"}}),
+                ),
+                ("PATCH", false, true) => (
+                    422,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid",
+                    "message": "Deployment.apps \"distr-agent\" is invalid: spec.selector: field is immutable", "code": 422}),
+                ),
+                _ => status(500),
+            },
+        );
+        let engine = engine_on(&api);
+        let shutdown = active(&engine).await;
+        let started = engine.start(MANIFEST.into(), "v2".into()).await;
+        assert!(
+            matches!(started, Err(StartError::Refused(Refusal::DryRun { .. }))),
+            "{started:?}"
+        );
+        let state = engine.status();
+        assert_eq!(state.phase, Phase::Failed);
+        assert!(state.message.contains("field is immutable"), "{}", state.message);
+        assert_eq!(state.failed_version_ids, ["v2"]);
+        let requests = api.requests.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let state_writes: Vec<State> = requests
+            .iter()
+            .filter(|(method, path, _)| method == "PATCH" && path.ends_with(STATE_CONFIGMAP))
+            .filter_map(|(_, _, body)| serde_json::from_str(body["data"]["state.json"].as_str()?).ok())
+            .collect();
+        assert!(
+            state_writes.iter().all(|s| s.phase != Phase::Applying),
+            "no intent recorded, nothing applied"
+        );
+        shutdown.cancel();
     }
 }

@@ -54,7 +54,9 @@ impl Updater for UpdaterService {
             Err(error @ (StartError::Busy(_) | StartError::FailedBefore(_))) => {
                 Err(Status::failed_precondition(error.to_string()))
             }
-            Err(error @ StartError::Cluster(_)) => Err(Status::unavailable(error.to_string())),
+            Err(error @ (StartError::Cluster(_) | StartError::NotReady(_))) => {
+                Err(Status::unavailable(error.to_string()))
+            }
         }
     }
 

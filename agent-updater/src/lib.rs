@@ -40,6 +40,12 @@ pub struct Args {
     #[arg(long, env = "AGENT_UPDATE_TIMEOUT_SECONDS", default_value_t = 300)]
     pub update_timeout_seconds: u64,
 
+    /// How often the updater acting on an update renews its heartbeat in the state, in
+    /// seconds; another updater takes the update over once the heartbeat has not moved for
+    /// three periods.
+    #[arg(long, env = "AGENT_UPDATE_HEARTBEAT_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub update_heartbeat_seconds: u64,
+
     /// gRPC connections older than this are closed gracefully, in seconds, so that clients
     /// reconnect with their current certificates.
     #[arg(long, env = "AGENT_GRPC_MAX_CONNECTION_AGE_SECONDS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
@@ -89,16 +95,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             image_repository: args.image_repository.clone(),
         },
         Duration::from_secs(args.update_timeout_seconds),
+        Duration::from_secs(args.update_heartbeat_seconds),
     );
-    // An update a previous updater left half-way is finished (or rolled back) first.
-    tokio::spawn({
-        let engine = engine.clone();
-        async move { engine.resume().await }
-    });
+    // The state is read before any update is taken (ApplyAgentManifest answers UNAVAILABLE
+    // until then, and readiness waits for it); an update a previous updater left half-way is
+    // finished (or rolled back) once no other live updater acts on it.
+    let state_ready = runtime.readiness.gate("state");
+    tokio::spawn(engine.clone().run(runtime.shutdown.clone(), move || state_ready.open()));
     let mut server = GrpcServer::bind(args.grpc_addr, &[distr_agent_proto::FILE_DESCRIPTOR_SET]).await?;
     server
         .add_service(
-            UpdaterServer::new(grpc::UpdaterService::new(engine))
+            UpdaterServer::new(grpc::UpdaterService::new(engine.clone()))
                 .max_decoding_message_size(agent_runtime::grpc::MAX_MESSAGE_BYTES),
         )
         .await;
@@ -116,6 +123,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_connection_age: Duration::from_secs(args.grpc_max_connection_age_seconds),
     };
     let served = server.serve(tls, runtime.shutdown.clone()).await;
+    // The next updater (this pod's successor) takes over an update under way at once.
+    engine.release().await;
     runtime.finish().await;
     served
 }

@@ -64,6 +64,8 @@ pub enum Refusal {
     Deployment { object: String, reason: String },
     #[error("the manifest holds no Deployment of the agent")]
     NoDeployment,
+    #[error("the API server refuses {object} (dry run): {reason}")]
+    DryRun { object: String, reason: String },
     #[error(
         "{object} differs from what the cluster has: this version needs other rights, which the updater cannot grant; apply it with kubectl"
     )]
@@ -166,11 +168,17 @@ fn object(index: usize, body: Value) -> Result<Object, Refusal> {
 
 /// Position in the apply order: by kind as listed, Deployments executor, poller, updater.
 fn order(object: &Object) -> (usize, usize) {
+    position(&object.kind, &object.name)
+}
+
+/// Position of `kind` `name` in the apply order (dependencies first, the updater's own
+/// Deployment last); unknown kinds after all others.
+pub fn position(kind: &str, name: &str) -> (usize, usize) {
     WRITABLE
         .iter()
         .enumerate()
-        .find(|(_, (_, kind, _))| *kind == object.kind)
-        .map(|(k, (_, _, names))| (k, names.iter().position(|n| *n == object.name).unwrap_or(0)))
+        .find(|(_, (_, k, _))| *k == kind)
+        .map(|(k, (_, _, names))| (k, names.iter().position(|n| *n == name).unwrap_or(0)))
         .unwrap_or((usize::MAX, 0))
 }
 

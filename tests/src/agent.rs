@@ -335,6 +335,37 @@ impl Processes {
         self.updater.wait_ready(Duration::from_secs(30)).await
     }
 
+    /// Starts another updater as the first was started, on a port of its own (a second pod of
+    /// the updater's Deployment during a surge); returns it and its address.
+    pub async fn start_another_updater(&self) -> anyhow::Result<(AgentProcess, String)> {
+        let port = free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let mut env = self.updater_env.clone();
+        env.insert("AGENT_GRPC_ADDR".into(), addr.clone());
+        let mut updater = AgentProcess::start(&self.test, "agent-updater", &pairs(&env)).await?;
+        updater.wait_ready(Duration::from_secs(30)).await?;
+        Ok((updater, addr))
+    }
+
+    /// Starts the updater again (after it was killed) as before; waits until it is ready.
+    pub async fn start_updater_again(&mut self) -> anyhow::Result<()> {
+        self.updater = AgentProcess::start(&self.test, "agent-updater", &pairs(&self.updater_env)).await?;
+        self.updater.wait_ready(Duration::from_secs(30)).await
+    }
+
+    /// A gRPC client of the updater listening on `addr`, with the certificate mounted for
+    /// `client`.
+    pub fn updater_client_at(
+        &self,
+        client: &str,
+        addr: &str,
+    ) -> anyhow::Result<
+        distr_agent_proto::v1::updater_client::UpdaterClient<agent_runtime::tls::client::ReloadingChannel>,
+    > {
+        let channel = self.channel(client, addr, agent_runtime::tls::Role::Updater)?;
+        Ok(distr_agent_proto::v1::updater_client::UpdaterClient::new(channel))
+    }
+
     /// A channel to `addr`, which must present `server`'s identity, with the certificate
     /// mounted for `client` (`"poller"`, `"updater"` or `"operator"`).
     pub fn channel(

@@ -47,13 +47,34 @@ async fn images(agent: &Agent) -> anyhow::Result<Vec<String>> {
     Ok(images)
 }
 
+/// The pod template of each agent Deployment, whole.
+async fn templates(agent: &Agent) -> anyhow::Result<Vec<serde_json::Value>> {
+    let api = agent.ns.api::<Deployment>();
+    let mut templates = Vec::new();
+    for name in AGENT_DEPLOYMENTS {
+        let d = api.get(name).await?;
+        templates.push(serde_json::to_value(d.spec.map(|s| s.template))?);
+    }
+    Ok(templates)
+}
+
 async fn wait_phase(
     agent: &Agent,
     version: Uuid,
     phase: pb::UpdatePhase,
     timeout: Duration,
 ) -> anyhow::Result<pb::UpdateStatusResponse> {
-    let mut client = agent.updater_client("operator")?;
+    wait_phase_at(agent, &agent.updater_addr, version, phase, timeout).await
+}
+
+async fn wait_phase_at(
+    agent: &Agent,
+    addr: &str,
+    version: Uuid,
+    phase: pb::UpdatePhase,
+    timeout: Duration,
+) -> anyhow::Result<pb::UpdateStatusResponse> {
+    let mut client = agent.updater_client_at("operator", addr)?;
     let deadline = Instant::now() + timeout;
     loop {
         let status = client
@@ -77,7 +98,10 @@ async fn wait_phase(
 fn options(version: Uuid, gate_seconds: u64) -> AgentOptions {
     AgentOptions {
         version_id: version.to_string(),
-        updater_env: vec![("AGENT_UPDATE_TIMEOUT_SECONDS", gate_seconds.to_string())],
+        updater_env: vec![
+            ("AGENT_UPDATE_TIMEOUT_SECONDS", gate_seconds.to_string()),
+            ("AGENT_UPDATE_HEARTBEAT_SECONDS", "1".into()),
+        ],
         ..Default::default()
     }
 }
@@ -93,12 +117,13 @@ async fn a_new_version_named_by_the_hub_is_applied_gated_and_pruned_while_releas
     agent.set_deployments(vec![web.clone()]);
     agent.wait_status(&revision(&web), "healthy", "", MINUTE).await?;
 
-    // Version 0.2.0 no longer has the poller's NetworkPolicy.
+    // Version 0.2.0 no longer has the executor's NetworkPolicy, which only the install
+    // (kubectl) applied: it is kept. It still has the poller's, which the updater applies.
     let v2 = Uuid::new_v4();
     let manifest = without(
         &manifest_of(&agent, "0.2.0", v2).await?,
         "NetworkPolicy",
-        "distr-agent-poller",
+        "distr-agent-executor",
     );
     agent.hub.set_manifest(agent.target, &manifest);
     let switched = Instant::now();
@@ -131,22 +156,46 @@ async fn a_new_version_named_by_the_hub_is_applied_gated_and_pruned_while_releas
         config.data.unwrap_or_default()["DISTR_AGENT_VERSION_ID"],
         v2.to_string()
     );
+    let policies = agent.ns.api::<NetworkPolicy>();
+    let executor_policy = policies.get("distr-agent-executor").await?;
+    let labels = executor_policy.metadata.labels.unwrap_or_default();
+    assert_eq!(labels["app.kubernetes.io/part-of"], "distr-agent");
     assert!(
-        agent
-            .ns
-            .api::<NetworkPolicy>()
-            .get_opt("distr-agent-poller")
-            .await?
-            .is_none(),
-        "the object the new version dropped is pruned"
+        !labels.contains_key("agent.distr.sh/applied-by"),
+        "kept: the updater did not apply it: {labels:?}"
+    );
+    let poller_policy = policies.get("distr-agent-poller").await?;
+    assert_eq!(
+        poller_policy.metadata.labels.unwrap_or_default()["agent.distr.sh/applied-by"],
+        "distr-agent-updater"
+    );
+
+    // Version 0.3.0 drops the poller's NetworkPolicy too: the updater applied it, so it is
+    // pruned; the executor's is still kept.
+    let v3 = Uuid::new_v4();
+    let manifest = without(
+        &without(
+            &manifest_of(&agent, "0.3.0", v3).await?,
+            "NetworkPolicy",
+            "distr-agent-executor",
+        ),
+        "NetworkPolicy",
+        "distr-agent-poller",
+    );
+    agent.hub.set_manifest(agent.target, &manifest);
+    agent.hub.set_agent_version(agent.target, v3, "0.3.0");
+    let done = wait_phase(&agent, v3, pb::UpdatePhase::Done, 2 * MINUTE).await?;
+    assert_eq!(done.previous_version_id, v2.to_string());
+    for image in images(&agent).await? {
+        assert!(image.ends_with(":0.3.0"), "{image}");
+    }
+    assert!(
+        policies.get_opt("distr-agent-poller").await?.is_none(),
+        "the object the updater applied and the new version dropped is pruned"
     );
     assert!(
-        agent
-            .ns
-            .api::<NetworkPolicy>()
-            .get_opt("distr-agent-executor")
-            .await?
-            .is_some()
+        policies.get_opt("distr-agent-executor").await?.is_some(),
+        "an object the updater never applied is kept"
     );
     // The release keeps its status on the Hub (refreshed every 30 s) through the update.
     let since = |agent: &Agent| -> Vec<_> {
@@ -162,7 +211,11 @@ async fn a_new_version_named_by_the_hub_is_applied_gated_and_pruned_while_releas
     .await?;
     let during = since(&agent);
     assert!(during.iter().all(|s| s.status_type == "healthy"), "{during:#?}");
-    assert_eq!(agent.hub.requests_on(Route::Manifest).len(), 1, "handed over once");
+    assert_eq!(
+        agent.hub.requests_on(Route::Manifest).len(),
+        2,
+        "each version handed over once"
+    );
     Ok(())
 }
 
@@ -171,7 +224,7 @@ async fn a_version_that_does_not_come_up_is_rolled_back_and_not_tried_again() ->
     let test = "selfupdate-bad";
     let v1 = Uuid::new_v4();
     let agent = Agent::start(test, options(v1, 15)).await?;
-    let before = images(&agent).await?;
+    let before = templates(&agent).await?;
     let v3 = Uuid::new_v4();
     // The executor of version 0.3.0 asks for a node that does not exist: it never comes up.
     let manifest = manifest_of(&agent, "0.3.0", v3).await?.replacen(
@@ -195,10 +248,11 @@ async fn a_version_that_does_not_come_up_is_rolled_back_and_not_tried_again() ->
         failed.message
     );
     assert!(failed.failed_version_ids.contains(&v3.to_string()));
-    assert_eq!(images(&agent).await?, before, "the previous Deployments are back");
-    let executor = agent.ns.api::<Deployment>().get("distr-agent-executor").await?;
-    let pod = executor.spec.and_then(|s| s.template.spec).unwrap_or_default();
-    assert!(pod.node_selector.unwrap_or_default().is_empty());
+    assert_eq!(
+        templates(&agent).await?,
+        before,
+        "the previous Deployments are back, whole"
+    );
 
     // Several poller cycles later, the failed version was not handed over again.
     let cycles = agent.hub.requests_on(Route::Resources).len();
@@ -237,8 +291,13 @@ async fn manifests_that_reach_beyond_the_agent_are_refused_whole() -> anyhow::Re
     let foreign = format!(
         "{good}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  selector:\n    matchLabels: {{app: web}}\n  template:\n    metadata:\n      labels: {{app: web}}\n    spec:\n      containers:\n        - name: web\n          image: registry.example/web:1\n"
     );
+    // The poller's Deployment with another selector, which is immutable: only the API server
+    // knows, and refuses it in the dry run before anything is written.
+    let immutable = good.replace("app: distr-agent\n", "app: distr-agent-moved\n");
+    assert_ne!(immutable, good);
     let mut client = agent.updater_client("poller")?;
     for (case, manifest, expected) in [
+        ("an immutable field changed", immutable, "field is immutable"),
         ("an object in another namespace", other_ns, "not the agent's namespace"),
         ("a ClusterRoleBinding", crb, "needs other rights"),
         ("a changed Role", wider_role, "needs other rights"),
@@ -289,7 +348,10 @@ async fn an_updater_killed_half_way_finishes_the_update() -> anyhow::Result<()> 
     let mut agent = Agent::start(
         test,
         AgentOptions {
-            updater_env: vec![("AGENT_UPDATE_TIMEOUT_SECONDS", "60".into())],
+            updater_env: vec![
+                ("AGENT_UPDATE_TIMEOUT_SECONDS", "60".into()),
+                ("AGENT_UPDATE_HEARTBEAT_SECONDS", "1".into()),
+            ],
             ..Default::default()
         },
     )
@@ -311,5 +373,113 @@ async fn an_updater_killed_half_way_finishes_the_update() -> anyhow::Result<()> 
     for image in images(&agent).await? {
         assert!(image.ends_with(":0.2.0"), "no mix of versions: {image}");
     }
+    Ok(())
+}
+
+/// The holder the updater's state ConfigMap names.
+async fn holder(agent: &Agent) -> anyhow::Result<String> {
+    let state = agent.ns.api::<ConfigMap>().get("distr-agent-updater-state").await?;
+    let text = state.data.unwrap_or_default()["state.json"].clone();
+    let state: serde_json::Value = serde_json::from_str(&text)?;
+    Ok(state["holder"].as_str().unwrap_or_default().to_owned())
+}
+
+#[tokio::test]
+async fn a_second_updater_stands_by_then_takes_over_and_rolls_back_a_bad_version() -> anyhow::Result<()> {
+    let test = "selfupdate-takeover";
+    // Self-update off in the poller: the test hands the manifest over itself, as the poller.
+    let mut agent = Agent::start(
+        test,
+        AgentOptions {
+            version_id: String::new(),
+            ..options(Uuid::nil(), 20)
+        },
+    )
+    .await?;
+    let before = templates(&agent).await?;
+    let v3 = Uuid::new_v4();
+    // The executor of version 0.3.0 asks for a node that does not exist: it never comes up.
+    let manifest = manifest_of(&agent, "0.3.0", v3).await?.replacen(
+        "      serviceAccountName: distr-agent-executor\n",
+        "      serviceAccountName: distr-agent-executor\n      nodeSelector:\n        no-such-node: \"true\"\n",
+        1,
+    );
+    let mut client = agent.updater_client("poller")?;
+    client
+        .apply_agent_manifest(pb::ApplyAgentManifestRequest {
+            manifest: manifest.clone(),
+            target_version_id: v3.to_string(),
+        })
+        .await?;
+    wait_phase(&agent, v3, pb::UpdatePhase::Waiting, MINUTE).await?;
+    let first = format!("/{}", agent.updater.pid().unwrap_or_default());
+    assert!(holder(&agent).await?.ends_with(&first));
+
+    // A second updater (the new pod of a surge) starts while the first is in the gate.
+    let (mut second, second_addr) = agent.start_another_updater().await?;
+    let mut second_client = agent.updater_client_at("poller", &second_addr)?;
+    let refused = second_client
+        .apply_agent_manifest(pb::ApplyAgentManifestRequest {
+            manifest: manifest.clone(),
+            target_version_id: Uuid::new_v4().to_string(),
+        })
+        .await
+        .expect_err("the second updater must not take an update");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    eprintln!("second updater while the first lives: {}", refused.message());
+    // Well past three heartbeats, the first still acts and the second has written nothing.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            holder(&agent).await?.ends_with(&first),
+            "the first updater holds the update"
+        );
+    }
+    assert!(second.log_text().contains("standing by"), "{}", second.log_text());
+    assert!(!second.log_text().contains("resuming an interrupted self-update"));
+
+    // The first dies: the second takes over once the heartbeat is stale, and rolls back.
+    let killed = Instant::now();
+    agent.updater.kill().await?;
+    let failed = wait_phase_at(&agent, &second_addr, v3, pb::UpdatePhase::Failed, 2 * MINUTE).await?;
+    eprintln!(
+        "first updater killed in the gate -> rolled back by the second: {:.1?} ({})",
+        killed.elapsed(),
+        failed.message
+    );
+    assert!(
+        failed.message.contains("rolled back to the previous version"),
+        "{}",
+        failed.message
+    );
+    assert!(second.log_text().contains("resuming an interrupted self-update"));
+    let second_id = format!("/{}", second.pid().unwrap_or_default());
+    assert!(holder(&agent).await?.ends_with(&second_id));
+    assert!(failed.failed_version_ids.contains(&v3.to_string()));
+    assert_eq!(
+        templates(&agent).await?,
+        before,
+        "the previous Deployments are back, whole"
+    );
+
+    // Restarted again, the updater still knows the version failed: not applied again.
+    second.kill().await?;
+    agent.start_updater_again().await?;
+    let mut client = agent.updater_client("poller")?;
+    let again = client
+        .apply_agent_manifest(pb::ApplyAgentManifestRequest {
+            manifest,
+            target_version_id: v3.to_string(),
+        })
+        .await
+        .expect_err("a failed version");
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
+    let status = agent
+        .updater_client("operator")?
+        .update_status(pb::UpdateStatusRequest {})
+        .await?
+        .into_inner();
+    assert!(status.failed_version_ids.contains(&v3.to_string()));
+    assert_eq!(templates(&agent).await?, before, "nothing applied again");
     Ok(())
 }
