@@ -416,7 +416,11 @@ async fn cluster_scope_installs_restricted_and_pins_the_agent_deployments() -> a
         ),
     ] {
         let Err(error) = deployments
-            .patch("distr-agent-executor", &PatchParams::default(), &Patch::Strategic(&patch))
+            .patch(
+                "distr-agent-executor",
+                &PatchParams::default(),
+                &Patch::Strategic(&patch),
+            )
             .await
         else {
             panic!("{what} on the executor was admitted");
