@@ -1269,10 +1269,12 @@ async fn a_shutdown_during_an_install_is_redone_by_the_next_executor() -> anyhow
         Some("deployed"),
         "{end:#?}"
     );
+    // While the executor was down the poller truthfully reports it unreachable for the Hub's
+    // revision (when a cycle falls in that gap); no other error may come from the redo.
     let errors: Vec<_> = agent
         .statuses(&revision(&v2))
         .into_iter()
-        .filter(|s| s.status_type == "error")
+        .filter(|s| s.status_type == "error" && !s.message.starts_with("agent executor unreachable"))
         .collect();
     assert!(errors.is_empty(), "{errors:#?}");
     Ok(())
