@@ -336,21 +336,14 @@ async fn cluster_scope_installs_restricted_and_pins_the_agent_deployments() -> a
         .expect_err("the poller keeps its ServiceAccount");
     assert!(error.to_string().contains("distr-agent-poller"), "{error}");
     // A pod of another image under the executor's ServiceAccount, by any other route.
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "borrowed-rights"},
-        "spec": {
-            "serviceAccountName": "distr-agent-executor",
-            "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [{"name": "shell", "image": "registry.example/tools:latest",
-                "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}]
-        }
-    }))?;
-    let error = ns
-        .api::<Pod>()
-        .create(&PostParams::default(), &pod)
-        .await
-        .expect_err("refused");
-    assert!(error.to_string().contains("run only images of"), "{error}");
+    executor_pod_refused(
+        &ns,
+        "borrowed-rights",
+        json!({"name": "shell", "image": "registry.example/tools:latest"}),
+        json!([]),
+        "run only images of",
+    )
+    .await?;
     // The executor's image ships helm: a command, args or an init container of the agent's own
     // image would run anything under cluster-admin.
     let executor_image = "ghcr.io/distr-sh/distr-agent/executor:0.1.0";
@@ -430,44 +423,25 @@ async fn cluster_scope_installs_restricted_and_pins_the_agent_deployments() -> a
             "{what}: {error}"
         );
     }
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "borrowed-volume"},
-        "spec": {
-            "serviceAccountName": "distr-agent-executor",
-            "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [{"name": "executor", "image": executor_image,
-                "volumeMounts": [{"name": "tools", "mountPath": "/tools"}],
-                "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}],
-            "volumes": [{"name": "tools", "configMap": {"name": "distr-agent-env", "defaultMode": 0o755}}]
-        }
-    }))?;
-    let error = ns
-        .api::<Pod>()
-        .create(&PostParams::default(), &pod)
-        .await
-        .expect_err("a ConfigMap volume under the executor's ServiceAccount is refused");
-    assert!(error.to_string().contains("mount only emptyDir"), "{error}");
+    executor_pod_refused(
+        &ns,
+        "borrowed-volume",
+        json!({"name": "executor", "image": executor_image,
+               "volumeMounts": [{"name": "tools", "mountPath": "/tools"}]}),
+        json!([{"name": "tools", "configMap": {"name": "distr-agent-env", "defaultMode": 0o755}}]),
+        "mount only emptyDir",
+    )
+    .await?;
     // The same by any other route: a pod of the executor's image and ServiceAccount with a
     // command, and an ephemeral container added to the running executor pod.
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "borrowed-helm"},
-        "spec": {
-            "serviceAccountName": "distr-agent-executor",
-            "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [{"name": "executor", "image": executor_image,
-                "command": ["/usr/local/bin/helm", "install", "x", "oci://registry.example/x"],
-                "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}]
-        }
-    }))?;
-    let error = ns
-        .api::<Pod>()
-        .create(&PostParams::default(), &pod)
-        .await
-        .expect_err("a command under the executor's ServiceAccount is refused");
-    assert!(
-        error.to_string().contains("no command, args or init containers"),
-        "{error}"
-    );
+    executor_pod_refused(
+        &ns,
+        "borrowed-helm",
+        json!({"name": "executor", "image": executor_image, "command": helm_install}),
+        json!([]),
+        "no command, args or init containers",
+    )
+    .await?;
     let executor_pod = ns
         .api::<Pod>()
         .list(&ListParams::default().labels("app=distr-agent-executor"))
@@ -501,6 +475,32 @@ async fn cluster_scope_installs_restricted_and_pins_the_agent_deployments() -> a
             &Patch::Strategic(&upgrade),
         )
         .await?;
+    Ok(())
+}
+
+/// Creates a pod under the executor's ServiceAccount (restricted, with `container` and
+/// `volumes`) and requires the admission policy to refuse it with `message`.
+async fn executor_pod_refused(
+    ns: &TestNamespace,
+    name: &str,
+    mut container: Value,
+    volumes: Value,
+    message: &str,
+) -> anyhow::Result<()> {
+    container["securityContext"] = json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}});
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "serviceAccountName": "distr-agent-executor",
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [container],
+            "volumes": volumes,
+        }
+    }))?;
+    let Err(error) = ns.api::<Pod>().create(&PostParams::default(), &pod).await else {
+        anyhow::bail!("the pod {name} under the executor's ServiceAccount was admitted");
+    };
+    anyhow::ensure!(error.to_string().contains(message), "{name}: {error}");
     Ok(())
 }
 
