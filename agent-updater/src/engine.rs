@@ -1,13 +1,16 @@
 //! Applying a new agent version: check, record the intent, server-side apply, gate on the
 //! rollout, then prune, or roll back to what the cluster had before.
 //!
-//! The state lives in the ConfigMap `distr-agent-updater-state` and is written before every
+//! The state lives in the Secret `distr-agent-updater-state` (a Secret, because it records the
+//! agent's Secrets as they were, to restore them on a roll-back) and is written before every
 //! step, so an updater restarted half-way resumes the gate or the roll-back instead of leaving
 //! a half-updated agent. The updater's own Deployment rolls out with a surge (the old pod stays
 //! until the new one is ready), so two updaters can run at once: the state names the updater
 //! acting on an update under way (its holder) and a heartbeat the holder renews; another
 //! updater stands by while that heartbeat moves, and every write of the state is conditional on
-//! the `resourceVersion` last seen, so that two writers can never both win.
+//! the `resourceVersion` last seen, so that two writers can never both win. The install
+//! manifest creates that Secret empty; the updater may change it but never create it (nor any
+//! Secret), so when it is missing no update is taken.
 
 use std::{
     collections::BTreeMap,
@@ -16,12 +19,15 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::api::{
-    admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
-    apps::v1::Deployment,
-    core::v1::{ConfigMap, Secret, Service, ServiceAccount},
-    networking::v1::NetworkPolicy,
-    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
+use k8s_openapi::{
+    ByteString,
+    api::{
+        admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
+        apps::v1::Deployment,
+        core::v1::{ConfigMap, Secret, Service, ServiceAccount},
+        networking::v1::NetworkPolicy,
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
+    },
 };
 use kube::{
     Api,
@@ -33,15 +39,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::manifest::{self, Object, Refusal, Rules};
 
-pub const STATE_CONFIGMAP: &str = "distr-agent-updater-state";
+pub use crate::manifest::STATE_SECRET;
+/// Why no update is taken when the state Secret is missing.
+pub const STATE_MISSING: &str =
+    "the updater's state Secret distr-agent-updater-state is missing; apply the agent's manifest again with kubectl";
+/// The key of the state in the state Secret's data.
+const STATE_KEY: &str = "state.json";
 const FIELD_MANAGER: &str = "distr-agent-updater";
 const PART_OF: &str = "app.kubernetes.io/part-of";
 /// Set on every object the updater applies: only such objects are ever pruned.
 pub const APPLIED_BY: &str = "agent.distr.sh/applied-by";
 const APPLIED_BY_VALUE: &str = "distr-agent-updater";
 const API_TIMEOUT: Duration = Duration::from_secs(15);
-/// In `State::previous`: an object that existed but is not recorded (a Secret).
-const NOT_RECORDED: &str = "not recorded";
 /// A holder's heartbeat that has not moved for this many periods is stale: its updater is gone.
 const STALE_PERIODS: u32 = 3;
 
@@ -65,8 +74,9 @@ impl Phase {
     }
 }
 
-/// What the updater did last, as kept in its state ConfigMap.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// What the updater did last, as kept in its state Secret. Its `Debug` leaves out the manifest
+/// and the recorded objects, which hold the agent's Secrets.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct State {
     pub phase: Phase,
@@ -83,6 +93,22 @@ pub struct State {
     pub holder: String,
     /// When the holder last said it is alive, renewed while an update is under way.
     pub heartbeat: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("phase", &self.phase)
+            .field("target_version_id", &self.target_version_id)
+            .field("message", &self.message)
+            .field("changed_at", &self.changed_at)
+            .field("failed_version_ids", &self.failed_version_ids)
+            .field("manifest", &format_args!("<{} bytes>", self.manifest.len()))
+            .field("previous", &self.previous.keys().collect::<Vec<_>>())
+            .field("holder", &self.holder)
+            .field("heartbeat", &self.heartbeat)
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +150,7 @@ pub struct Engine {
     identity: String,
     state: Arc<Mutex<State>>,
     mode: Arc<Mutex<Mode>>,
-    /// The state ConfigMap's `resourceVersion` as last read or written (None: none exists).
+    /// The state Secret's `resourceVersion` as last read or written (None: it is missing).
     resource_version: Arc<Mutex<Option<String>>>,
     busy: Arc<tokio::sync::Mutex<()>>,
     /// Serializes the writes of the state (steps and heartbeats).
@@ -159,6 +185,16 @@ async fn timed<T>(what: &str, call: impl Future<Output = Result<T, kube::Error>>
         Ok(Err(kube::Error::Api(status))) => Err(format!("{what}: {} ({})", status.message, status.code)),
         Ok(Err(error)) => Err(format!("{what}: {error}")),
         Err(_) => Err(format!("{what}: no answer within {API_TIMEOUT:?}")),
+    }
+}
+
+/// What kind of JSON error, without the input it quotes.
+fn classify(error: &serde_json::Error) -> &'static str {
+    match error.classify() {
+        serde_json::error::Category::Io => "unreadable",
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Data => "not a state",
+        serde_json::error::Category::Eof => "cut short",
     }
 }
 
@@ -312,7 +348,8 @@ impl Engine {
         self.mode() == Mode::Active
     }
 
-    /// The version the agent ran before the last update, from the recorded ConfigMap.
+    /// The version the agent ran before the last update, from the recorded ConfigMap
+    /// `distr-agent-env`.
     pub fn previous_version_id(&self) -> String {
         previous_version(&self.status())
     }
@@ -367,17 +404,26 @@ impl Engine {
         }
     }
 
-    /// Reads the state ConfigMap: the state (default when there is none) and its
-    /// `resourceVersion`.
+    /// Reads the state Secret: the state (default when there is none, or no Secret) and its
+    /// `resourceVersion` (None: the Secret is missing).
     async fn read_state(&self) -> Result<(State, Option<String>), String> {
-        let Some(cm) = self.get("ConfigMap", STATE_CONFIGMAP).await? else {
+        let Some(live) = self.get("Secret", STATE_SECRET).await? else {
             return Ok((State::default(), None));
         };
-        let version = cm["metadata"]["resourceVersion"].as_str().map(str::to_owned);
-        let state = match cm["data"]["state.json"].as_str() {
+        // The error names no content: the Secret holds the agent's Secrets.
+        let secret: Secret = serde_json::from_value(live)
+            .map_err(|_| "the updater's state Secret cannot be read as a Secret".to_owned())?;
+        let version = secret.metadata.resource_version;
+        let state = match secret.data.as_ref().and_then(|data| data.get(STATE_KEY)) {
             None => State::default(),
-            Some(text) => serde_json::from_str::<State>(text)
-                .map_err(|error| format!("the updater's state ConfigMap holds no state: {error}"))?,
+            Some(bytes) => serde_json::from_slice::<State>(&bytes.0).map_err(|error| {
+                format!(
+                    "the updater's state Secret holds no state ({} at line {} column {})",
+                    classify(&error),
+                    error.line(),
+                    error.column()
+                )
+            })?,
         };
         Ok((state, version))
     }
@@ -388,28 +434,37 @@ impl Engine {
         if !self.acting() {
             return Err("another updater acts on the update; this one no longer writes".into());
         }
-        let text = serde_json::to_string(state).map_err(|e| e.to_string())?;
-        let mut body = json!({
-            "apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": STATE_CONFIGMAP, "namespace": self.rules.namespace, "labels": {PART_OF: "distr-agent"}},
-            "data": {"state.json": text},
+        // Never created here: without a `resourceVersion` (the Secret was missing when last
+        // read) a server-side apply would create it.
+        let Some(version) = self.resource_version.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Err(STATE_MISSING.into());
+        };
+        let text = serde_json::to_vec(state).map_err(|e| e.to_string())?;
+        let data = serde_json::to_value(ByteString(text)).map_err(|e| e.to_string())?;
+        let body = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {
+                "name": STATE_SECRET, "namespace": self.rules.namespace, "labels": {PART_OF: "distr-agent"},
+                // Server-side apply takes a `resourceVersion` as a precondition.
+                "resourceVersion": version,
+            },
+            "data": {STATE_KEY: data},
         });
-        let version = self.resource_version.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(version) = version {
-            // Server-side apply takes a `resourceVersion` as a precondition.
-            body["metadata"]["resourceVersion"] = json!(version);
-        }
-        let api = self.api("ConfigMap").ok_or("no ConfigMap API")?;
+        let api = self.api("Secret").ok_or("no Secret API")?;
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let written = timed(
             "recording the updater's state",
-            api.patch(STATE_CONFIGMAP, &params, &Patch::Apply(&body)),
+            api.patch(STATE_SECRET, &params, &Patch::Apply(&body)),
         )
         .await;
         match written {
             Ok(object) => {
                 *self.resource_version.lock().unwrap_or_else(|e| e.into_inner()) = object.metadata.resource_version;
                 Ok(())
+            }
+            Err(error) if not_found(&error) => {
+                *self.resource_version.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                Err(STATE_MISSING.into())
             }
             Err(error) if conflict(&error) => {
                 tracing::warn!(%error, "another updater wrote the state since this one read it; this one stops acting");
@@ -420,7 +475,7 @@ impl Engine {
         }
     }
 
-    /// Records `state`, as changed now by this updater, in memory and in the state ConfigMap.
+    /// Records `state`, as changed now by this updater, in memory and in the state Secret.
     async fn save(&self, mut state: State) -> Result<(), String> {
         let _writing = self.writes.lock().await;
         if !self.acting() {
@@ -631,6 +686,12 @@ impl Engine {
             .clone()
             .try_lock_owned()
             .map_err(|_| StartError::Busy(self.status().target_version_id))?;
+        if let Err(error) = self.state_secret_exists().await {
+            let mut state = self.status();
+            state.target_version_id.clone_from(&version);
+            self.set_memory(state);
+            return Err(self.abandon(&error).await);
+        }
         let mut state = self.status();
         if state.phase.under_way() {
             return Err(StartError::Busy(state.target_version_id));
@@ -663,14 +724,9 @@ impl Engine {
                 Ok(live) => live,
                 Err(error) => return Err(self.abandon(&error).await),
             };
-            let recorded = match live {
-                None => Value::Null,
-                // A Secret's data never goes into the state ConfigMap: it is left as it is on
-                // a roll-back.
-                Some(_) if object.kind == "Secret" => Value::String(NOT_RECORDED.into()),
-                Some(live) => apply_config(live),
-            };
-            previous.insert(key(object), recorded);
+            // A Secret is recorded with its data (the state is a Secret too), so that a
+            // roll-back restores it; neither is ever logged.
+            previous.insert(key(object), live.map_or(Value::Null, apply_config));
         }
         let mut state = self.status();
         state.phase = Phase::Applying;
@@ -699,6 +755,30 @@ impl Engine {
             engine.finish(checked, false).await;
         });
         Ok(applied)
+    }
+
+    /// The state Secret exists: known from the last read or write, or read again now (the
+    /// manifest may have been applied again since). Called with `busy` held, before anything
+    /// else of an update.
+    async fn state_secret_exists(&self) -> Result<(), String> {
+        if self
+            .resource_version
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            return Ok(());
+        }
+        let _writing = self.writes.lock().await;
+        let (state, version) = self.read_state().await?;
+        let Some(version) = version else {
+            return Err(STATE_MISSING.into());
+        };
+        // Created since (empty, by the manifest): its state is taken as this updater's.
+        tracing::info!("the updater's state Secret exists now");
+        *self.resource_version.lock().unwrap_or_else(|e| e.into_inner()) = Some(version);
+        self.set_memory(state);
+        Ok(())
     }
 
     /// Checks the manifest, and its RBAC against the cluster's: a difference is a refusal; an
@@ -841,9 +921,7 @@ impl Engine {
             if !self.acting() {
                 return;
             }
-            let result = if live.as_str() == Some(NOT_RECORDED) {
-                continue;
-            } else if live.is_null() {
+            let result = if live.is_null() {
                 self.delete(kind, name).await
             } else {
                 if kind == "Deployment" {
@@ -1001,13 +1079,28 @@ mod tests {
 
     const MANIFEST: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: distr-agent\nspec:\n  template:\n    spec:\n      serviceAccountName: distr-agent-poller\n      containers:\n        - name: c\n          image: ghcr.io/distr-sh/distr-agent/poller:0.2.0\n";
 
-    fn state_configmap(state: &State) -> (u16, Value) {
+    fn state_secret(state: &State) -> (u16, Value) {
+        let data = serde_json::to_value(ByteString(serde_json::to_vec(state).unwrap_or_default())).unwrap_or_default();
         (
             200,
-            json!({"apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": STATE_CONFIGMAP, "namespace": "agent", "resourceVersion": "7"},
-                "data": {"state.json": serde_json::to_string(state).unwrap_or_default()}}),
+            json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": STATE_SECRET, "namespace": "agent", "resourceVersion": "7"},
+                "data": {"state.json": data}}),
         )
+    }
+
+    /// The answer to a write of the state Secret.
+    fn written_answer() -> (u16, Value) {
+        (
+            200,
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": STATE_SECRET, "resourceVersion": "8"}}),
+        )
+    }
+
+    /// The state a write of the state Secret carries.
+    fn written_state(body: &Value) -> Option<State> {
+        let bytes: ByteString = serde_json::from_value(body["data"]["state.json"].clone()).ok()?;
+        serde_json::from_slice(&bytes.0).ok()
     }
 
     async fn active(engine: &Engine) -> CancellationToken {
@@ -1030,8 +1123,8 @@ mod tests {
             failed_version_ids: vec!["v9".into()],
             ..Default::default()
         };
-        let api = fake_api(move |method, path, _| match (method, path.ends_with(STATE_CONFIGMAP)) {
-            ("GET", true) => state_configmap(&stored),
+        let api = fake_api(move |method, path, _| match (method, path.ends_with(STATE_SECRET)) {
+            ("GET", true) => state_secret(&stored),
             _ => status(500),
         });
         let engine = engine_on(&api);
@@ -1047,17 +1140,12 @@ mod tests {
     #[tokio::test]
     async fn an_attempt_that_cannot_read_or_record_ends_failed_and_is_tried_again() {
         // The read before the first write fails.
-        let api = fake_api(
-            |method, path, dry_run| match (method, path.ends_with(STATE_CONFIGMAP)) {
-                _ if dry_run => dry_run_answer(),
-                ("GET", true) => status(404),
-                ("PATCH", true) => (
-                    200,
-                    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": STATE_CONFIGMAP, "resourceVersion": "8"}}),
-                ),
-                _ => status(500),
-            },
-        );
+        let api = fake_api(|method, path, dry_run| match (method, path.ends_with(STATE_SECRET)) {
+            _ if dry_run => dry_run_answer(),
+            ("GET", true) => state_secret(&State::default()),
+            ("PATCH", true) => written_answer(),
+            _ => status(500),
+        });
         let engine = engine_on(&api);
         let shutdown = active(&engine).await;
         let started = engine.start(MANIFEST.into(), "v2".into()).await;
@@ -1072,8 +1160,9 @@ mod tests {
         shutdown.cancel();
 
         // The state cannot be recorded before the first write.
-        let api = fake_api(|method, _, dry_run| match method {
+        let api = fake_api(|method, path, dry_run| match method {
             _ if dry_run => dry_run_answer(),
+            "GET" if path.ends_with(STATE_SECRET) => state_secret(&State::default()),
             "GET" => status(404),
             _ => status(500),
         });
@@ -1089,7 +1178,7 @@ mod tests {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|(method, path, _)| {
-                method == "PATCH" && !path.ends_with(STATE_CONFIGMAP) && !path.ends_with("(dry run)")
+                method == "PATCH" && !path.ends_with(STATE_SECRET) && !path.ends_with("(dry run)")
             })
             .map(|(_, path, _)| path.clone())
             .collect();
@@ -1102,12 +1191,9 @@ mod tests {
         let manifest = format!(
             "{MANIFEST}---\napiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: distr-agent\nrules: []\n"
         );
-        let api = fake_api(|method, path, _| match (method, path.ends_with(STATE_CONFIGMAP)) {
-            ("GET", true) => status(404),
-            ("PATCH", true) => (
-                200,
-                json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": STATE_CONFIGMAP, "resourceVersion": "8"}}),
-            ),
+        let api = fake_api(|method, path, _| match (method, path.ends_with(STATE_SECRET)) {
+            ("GET", true) => state_secret(&State::default()),
+            ("PATCH", true) => written_answer(),
             _ => status(503),
         });
         let engine = engine_on(&api);
@@ -1131,12 +1217,9 @@ mod tests {
             ..Default::default()
         }));
         let stored = holder.clone();
-        let api = fake_api(move |method, path, _| match (method, path.ends_with(STATE_CONFIGMAP)) {
-            ("GET", true) => state_configmap(&stored.lock().unwrap_or_else(|e| e.into_inner())),
-            ("PATCH", true) => (
-                200,
-                json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": STATE_CONFIGMAP, "resourceVersion": "8"}}),
-            ),
+        let api = fake_api(move |method, path, _| match (method, path.ends_with(STATE_SECRET)) {
+            ("GET", true) => state_secret(&stored.lock().unwrap_or_else(|e| e.into_inner())),
+            ("PATCH", true) => written_answer(),
             _ => status(404),
         });
         let engine = engine_on(&api);
@@ -1173,8 +1256,7 @@ mod tests {
             .iter()
             .find(|(method, _, _)| method == "PATCH")
             .expect("the take-over is written");
-        let state: State =
-            serde_json::from_str(takeover.2["data"]["state.json"].as_str().unwrap_or_default()).expect("a state");
+        let state = written_state(&takeover.2).expect("a state");
         assert_eq!(state.holder, engine.identity);
         assert_eq!(
             takeover.2["metadata"]["resourceVersion"], "7",
@@ -1185,14 +1267,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_conflicting_write_stops_the_updater_from_acting() {
-        let api = fake_api(
-            |method, path, dry_run| match (method, path.ends_with(STATE_CONFIGMAP)) {
-                _ if dry_run => dry_run_answer(),
-                ("GET", true) => state_configmap(&State::default()),
-                ("PATCH", true) => status(409),
-                _ => status(404),
-            },
-        );
+        let api = fake_api(|method, path, dry_run| match (method, path.ends_with(STATE_SECRET)) {
+            _ if dry_run => dry_run_answer(),
+            ("GET", true) => state_secret(&State::default()),
+            ("PATCH", true) => status(409),
+            _ => status(404),
+        });
         let engine = engine_on(&api);
         let shutdown = active(&engine).await;
         let started = engine.start(MANIFEST.into(), "v2".into()).await;
@@ -1278,12 +1358,10 @@ mod tests {
     #[tokio::test]
     async fn a_manifest_the_api_server_refuses_in_a_dry_run_is_refused_whole_before_any_write() {
         let api = fake_api(
-            |method, path, dry_run| match (method, path.ends_with(STATE_CONFIGMAP), dry_run) {
+            |method, path, dry_run| match (method, path.ends_with(STATE_SECRET), dry_run) {
+                ("GET", true, _) => state_secret(&State::default()),
                 ("GET", _, _) => status(404),
-                ("PATCH", true, false) => (
-                    200,
-                    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": STATE_CONFIGMAP, "resourceVersion": "8"}}),
-                ),
+                ("PATCH", true, false) => written_answer(),
                 ("PATCH", false, true) => (
                     422,
                     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid",
@@ -1306,13 +1384,136 @@ mod tests {
         let requests = api.requests.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let state_writes: Vec<State> = requests
             .iter()
-            .filter(|(method, path, _)| method == "PATCH" && path.ends_with(STATE_CONFIGMAP))
-            .filter_map(|(_, _, body)| serde_json::from_str(body["data"]["state.json"].as_str()?).ok())
+            .filter(|(method, path, _)| method == "PATCH" && path.ends_with(STATE_SECRET))
+            .filter_map(|(_, _, body)| written_state(body))
             .collect();
         assert!(
             state_writes.iter().all(|s| s.phase != Phase::Applying),
             "no intent recorded, nothing applied"
         );
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn without_its_state_secret_the_updater_applies_nothing_and_says_how_to_fix_it() {
+        let exists = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let present = exists.clone();
+        let api = fake_api(
+            move |method, path, dry_run| match (method, path.ends_with(STATE_SECRET)) {
+                _ if dry_run => dry_run_answer(),
+                ("GET", true) if present.load(std::sync::atomic::Ordering::SeqCst) => state_secret(&State::default()),
+                ("GET", _) => status(404),
+                ("PATCH", true) => written_answer(),
+                ("PATCH", false) => dry_run_answer(),
+                _ => status(500),
+            },
+        );
+        let engine = engine_on(&api);
+        let shutdown = active(&engine).await;
+        let started = engine.start(MANIFEST.into(), "v2".into()).await;
+        match &started {
+            Err(StartError::Cluster(message)) => assert_eq!(message, STATE_MISSING),
+            other => panic!("{other:?}"),
+        }
+        let state = engine.status();
+        assert_eq!(state.phase, Phase::Failed);
+        assert!(state.message.contains(STATE_MISSING), "{}", state.message);
+        assert!(state.message.contains("tried again"), "{}", state.message);
+        assert!(state.failed_version_ids.is_empty(), "not the version's fault");
+        let written: Vec<String> = api
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(method, _, _)| method != "GET")
+            .map(|(method, path, _)| format!("{method} {path}"))
+            .collect();
+        assert!(written.is_empty(), "nothing applied, nothing created: {written:?}");
+
+        // Once the manifest was applied again, the next attempt goes ahead.
+        exists.store(true, std::sync::atomic::Ordering::SeqCst);
+        let started = engine.start(MANIFEST.into(), "v2".into()).await;
+        assert!(started.is_ok(), "{started:?}");
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_roll_back_restores_a_recorded_secret_with_its_data() {
+        const PULL: &str = "/api/v1/namespaces/agent/secrets/distr-agent-image-pull";
+        let api = fake_api(|method, path, dry_run| match method {
+            _ if dry_run => dry_run_answer(),
+            "GET" if path.ends_with(STATE_SECRET) => state_secret(&State::default()),
+            "GET" if path == PULL => (
+                200,
+                json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+                    "metadata": {"name": "distr-agent-image-pull", "namespace": "agent", "uid": "u", "resourceVersion": "3",
+                        "labels": {PART_OF: "distr-agent"}},
+                    "data": {".dockerconfigjson": "b2xkLXB1bGwtc2VjcmV0"}}),
+            ),
+            // The new Deployment never rolls out (it did not exist before: deleted again).
+            "GET" => status(404),
+            "PATCH" if path.ends_with(STATE_SECRET) => written_answer(),
+            "PATCH" => dry_run_answer(),
+            "DELETE" => (200, json!({"kind": "Status", "apiVersion": "v1", "status": "Success"})),
+            _ => status(500),
+        });
+        let engine = engine_on(&api);
+        let shutdown = active(&engine).await;
+        let manifest = format!(
+            "{MANIFEST}---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: distr-agent-image-pull\ntype: kubernetes.io/dockerconfigjson\ndata:\n  .dockerconfigjson: bmV3LXB1bGwtc2VjcmV0\n"
+        );
+        engine.start(manifest, "v2".into()).await.expect("applied");
+        for _ in 0..100 {
+            if engine.status().phase == Phase::Failed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let state = engine.status();
+        assert_eq!(state.phase, Phase::Failed, "{state:?}");
+        assert!(
+            state.message.contains("rolled back to the previous version"),
+            "{}",
+            state.message
+        );
+        let requests = api.requests.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let pull_data: Vec<Value> = requests
+            .iter()
+            .filter(|(method, path, _)| method == "PATCH" && path == PULL)
+            .map(|(_, _, body)| body["data"][".dockerconfigjson"].clone())
+            .collect();
+        assert_eq!(
+            pull_data,
+            [json!("bmV3LXB1bGwtc2VjcmV0"), json!("b2xkLXB1bGwtc2VjcmV0")],
+            "applied, then restored as it was"
+        );
+        let restored = requests
+            .iter()
+            .rfind(|(method, path, _)| method == "PATCH" && path == PULL)
+            .map(|(_, _, body)| body.clone())
+            .unwrap_or_default();
+        assert_eq!(restored["type"], "kubernetes.io/dockerconfigjson");
+        assert!(restored["metadata"]["uid"].is_null() && restored["metadata"]["resourceVersion"].is_null());
+        // The intent recorded before the first write holds the Secret as it was, data included.
+        let intent = requests
+            .iter()
+            .filter(|(method, path, _)| method == "PATCH" && path.ends_with(STATE_SECRET))
+            .filter_map(|(_, _, body)| written_state(body))
+            .find(|s| s.phase == Phase::Applying)
+            .expect("the intent");
+        assert_eq!(
+            intent.previous["Secret/distr-agent-image-pull"]["data"][".dockerconfigjson"],
+            "b2xkLXB1bGwtc2VjcmV0"
+        );
+        assert!(intent.previous["Deployment/distr-agent"].is_null());
+        // Neither the state's nor an object's Debug shows a Secret's data or the manifest.
+        let shown = format!(
+            "{state:?} {intent:?} {:?}",
+            manifest::check(&intent.manifest, &engine.rules).expect("valid")
+        );
+        for secret in ["b2xkLXB1bGwtc2VjcmV0", "bmV3LXB1bGwtc2VjcmV0", "dockerconfigjson"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
         shutdown.cancel();
     }
 }

@@ -33,6 +33,11 @@ const WRITABLE: [(&str, &str, &[&str]); 6] = [
     ),
 ];
 
+/// The updater's own state Secret, which the install manifest creates empty (the updater may
+/// not create Secrets). A new version's manifest holds it too: the updater leaves it out, never
+/// applying, recording or pruning it, so that a self-update never overwrites its record.
+pub const STATE_SECRET: &str = "distr-agent-updater-state";
+
 /// Kinds that grant rights: they must be exactly what the cluster has already.
 const COMPARED: [(&str, &str); 6] = [
     ("rbac.authorization.k8s.io/v1", "Role"),
@@ -72,13 +77,23 @@ pub enum Refusal {
     RbacChange { object: String },
 }
 
-/// One object of the manifest.
-#[derive(Clone, Debug, PartialEq)]
+/// One object of the manifest. Its `Debug` leaves the body out: it may be a Secret.
+#[derive(Clone, PartialEq)]
 pub struct Object {
     pub api_version: String,
     pub kind: String,
     pub name: String,
     pub body: Value,
+}
+
+impl fmt::Debug for Object {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Object")
+            .field("api_version", &self.api_version)
+            .field("kind", &self.kind)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl fmt::Display for Object {
@@ -123,6 +138,9 @@ pub fn check(text: &str, rules: &Rules) -> Result<Checked, Refusal> {
                 namespace: namespace.to_owned(),
                 expected: rules.namespace.clone(),
             });
+        }
+        if (object.api_version.as_str(), object.kind.as_str(), object.name.as_str()) == ("v1", "Secret", STATE_SECRET) {
+            continue;
         }
         if COMPARED.contains(&(object.api_version.as_str(), object.kind.as_str())) {
             compare.push(object);
@@ -337,8 +355,53 @@ mod tests {
             check("kind: ConfigMap\n", &rules()),
             Err(Refusal::NotAnObject { .. })
         ));
+        let state_configmap = format!(
+            "{}---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {STATE_SECRET}\n",
+            ours()
+        );
+        assert!(matches!(
+            check(&state_configmap, &rules()),
+            Err(Refusal::NotOurs { .. })
+        ));
         let no_deployment = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: distr-agent-env\n";
         assert_eq!(check(no_deployment, &rules()), Err(Refusal::NoDeployment));
+    }
+
+    #[test]
+    fn the_updaters_state_secret_in_a_new_version_is_left_alone() {
+        let with_state = format!(
+            "{}---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {STATE_SECRET}\ntype: Opaque\ndata:\n  state.json: e30=\n",
+            ours()
+        );
+        assert_eq!(check(&with_state, &rules()), check(&ours(), &rules()));
+    }
+
+    #[test]
+    fn the_rendered_install_manifests_pass_without_their_state_secret() {
+        for scope in ["namespace", "cluster"] {
+            let path = format!("{}/../deploy/examples/{scope}.yaml", env!("CARGO_MANIFEST_DIR"));
+            // As the manifest endpoint serves it for a self-update: without the target secret.
+            let text: String = std::fs::read_to_string(&path)
+                .expect("the example")
+                .split("\n---")
+                .filter(|doc| !doc.contains("name: distr-agent-auth\n"))
+                .collect::<Vec<_>>()
+                .join("\n---");
+            let rules = Rules {
+                namespace: "distr".into(),
+                ..rules()
+            };
+            let checked = check(&text, &rules).unwrap_or_else(|e| panic!("{scope}: {e}"));
+            assert!(text.contains(&format!("name: {STATE_SECRET}\n")), "{scope}");
+            assert!(
+                checked
+                    .apply
+                    .iter()
+                    .chain(&checked.compare)
+                    .all(|o| o.name != STATE_SECRET),
+                "{scope}: the state Secret is left out"
+            );
+        }
     }
 
     #[test]

@@ -114,6 +114,11 @@ fn probes(ns: &str) -> Vec<Probe> {
         p("get", "", "secrets", here(), Some("distr-agent-auth")),
         p("list", "", "secrets", here(), None),
         p("create", "", "secrets", here(), None),
+        // The updater's state: read and changed by name, never created (the install does).
+        p("get", "", "secrets", here(), Some("distr-agent-updater-state")),
+        p("patch", "", "secrets", here(), Some("distr-agent-updater-state")),
+        p("create", "", "secrets", here(), Some("distr-agent-updater-state")),
+        p("create", "", "configmaps", here(), Some("distr-agent-updater-state")),
         p("get", "", "configmaps", here(), Some("distr-agent-env")),
         p("create", "apps", "deployments", here(), None),
         p("patch", "apps", "deployments", here(), Some("distr-agent-executor")),
@@ -181,6 +186,7 @@ fn expected(service_account: &str, scope: Scope, probe: &Probe, ns: &str) -> boo
                     (probe.verb, probe.resource, probe.name.as_deref()),
                     ("patch", "deployments", Some("distr-agent-executor"))
                         | ("get", "configmaps", Some("distr-agent-env"))
+                        | ("get" | "patch", "secrets", Some("distr-agent-updater-state"))
                 )
         }
         "distr-agent-executor" => scope == Scope::Cluster || in_ns,

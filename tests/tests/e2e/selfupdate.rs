@@ -10,16 +10,30 @@ use distr_agent_e2e::{
     install::{self, Scope},
 };
 use distr_agent_proto::v1 as pb;
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::ConfigMap, networking::v1::NetworkPolicy, rbac::v1::Role};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{ConfigMap, Secret},
+    networking::v1::NetworkPolicy,
+    rbac::v1::Role,
+};
 use serde_json::json;
 use uuid::Uuid;
 
 const MINUTE: Duration = Duration::from_secs(60);
 const AGENT_DEPLOYMENTS: [&str; 3] = ["distr-agent", "distr-agent-executor", "distr-agent-updater"];
+/// `agentDockerConfig` values (base64 docker configs) of two versions.
+const OLD_PULL: &str = "eyJhdXRocyI6eyJvbGQucmVnaXN0cnkuZXhhbXBsZSI6eyJhdXRoIjoiYjJ4a09tOXNaQT09In19fQ==";
+const NEW_PULL: &str = "eyJhdXRocyI6eyJuZXcucmVnaXN0cnkuZXhhbXBsZSI6eyJhdXRoIjoiYm1WM09tNWxkdz09In19fQ==";
 
 /// The manifest the Hub serves at its manifest endpoint for `version` (no target secret).
 async fn manifest_of(agent: &Agent, name: &str, id: Uuid) -> anyhow::Result<String> {
+    manifest_pulling_with(agent, name, id, "").await
+}
+
+/// The same with `agentDockerConfig` (base64): the pull Secret `distr-agent-image-pull`.
+async fn manifest_pulling_with(agent: &Agent, name: &str, id: Uuid, docker_config: &str) -> anyhow::Result<String> {
     let mut params = install::hub_params(&agent.hub, agent.target, None, &agent.ns.name, Scope::Namespace);
+    params["agentDockerConfig"] = json!(docker_config);
     params["agentInterval"] = json!("1s");
     params["agentVersion"] = json!(name);
     params["agentVersionId"] = json!(id.to_string());
@@ -224,10 +238,28 @@ async fn a_version_that_does_not_come_up_is_rolled_back_and_not_tried_again() ->
     let test = "selfupdate-bad";
     let v1 = Uuid::new_v4();
     let agent = Agent::start(test, options(v1, 15)).await?;
+    // The pull Secret as an install with pull credentials left it; the bad version brings
+    // other credentials, which the roll-back must take back.
+    let secrets = agent.ns.api::<Secret>();
+    secrets
+        .create(
+            &kube::api::PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "distr-agent-image-pull", "labels": {"app.kubernetes.io/part-of": "distr-agent"}},
+                "type": "kubernetes.io/dockerconfigjson",
+                "data": {".dockerconfigjson": OLD_PULL},
+            }))?,
+        )
+        .await?;
+    let pull_data = || async {
+        let secret = secrets.get("distr-agent-image-pull").await?;
+        anyhow::Ok(secret.data.unwrap_or_default())
+    };
+    let pull_before = pull_data().await?;
     let before = templates(&agent).await?;
     let v3 = Uuid::new_v4();
     // The executor of version 0.3.0 asks for a node that does not exist: it never comes up.
-    let manifest = manifest_of(&agent, "0.3.0", v3).await?.replacen(
+    let manifest = manifest_pulling_with(&agent, "0.3.0", v3, NEW_PULL).await?.replacen(
         "      serviceAccountName: distr-agent-executor\n",
         "      serviceAccountName: distr-agent-executor\n      nodeSelector:\n        no-such-node: \"true\"\n",
         1,
@@ -252,6 +284,20 @@ async fn a_version_that_does_not_come_up_is_rolled_back_and_not_tried_again() ->
         templates(&agent).await?,
         before,
         "the previous Deployments are back, whole"
+    );
+    assert_eq!(
+        pull_data().await?,
+        pull_before,
+        "the pull Secret's previous credentials are back"
+    );
+    let recorded = state(&agent).await?;
+    assert_eq!(
+        recorded["previous"]["Secret/distr-agent-image-pull"]["data"][".dockerconfigjson"], OLD_PULL,
+        "recorded with its data"
+    );
+    assert!(
+        !agent.updater.log_text().contains(OLD_PULL) && !agent.updater.log_text().contains(NEW_PULL),
+        "no Secret's data in the updater's log"
     );
 
     // Several poller cycles later, the failed version was not handed over again.
@@ -376,12 +422,18 @@ async fn an_updater_killed_half_way_finishes_the_update() -> anyhow::Result<()> 
     Ok(())
 }
 
-/// The holder the updater's state ConfigMap names.
+/// The updater's state, as its state Secret holds it.
+async fn state(agent: &Agent) -> anyhow::Result<serde_json::Value> {
+    let secret = agent.ns.api::<Secret>().get("distr-agent-updater-state").await?;
+    anyhow::ensure!(secret.type_.as_deref() == Some("Opaque"), "{:?}", secret.type_);
+    let data = secret.data.unwrap_or_default();
+    let text = data.get("state.json").map(|b| b.0.clone()).unwrap_or_default();
+    Ok(serde_json::from_slice(&text)?)
+}
+
+/// The holder the updater's state names.
 async fn holder(agent: &Agent) -> anyhow::Result<String> {
-    let state = agent.ns.api::<ConfigMap>().get("distr-agent-updater-state").await?;
-    let text = state.data.unwrap_or_default()["state.json"].clone();
-    let state: serde_json::Value = serde_json::from_str(&text)?;
-    Ok(state["holder"].as_str().unwrap_or_default().to_owned())
+    Ok(state(agent).await?["holder"].as_str().unwrap_or_default().to_owned())
 }
 
 #[tokio::test]
