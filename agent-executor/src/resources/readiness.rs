@@ -92,6 +92,28 @@ fn parse(annotation: &str, value: &str) -> Result<Vec<Expression>, String> {
         .collect()
 }
 
+/// Whether every `\\u` escape in `path` has its four hex digits. serde_json_path 0.7.2 panics
+/// (an `unreachable!` on a streaming parser's "incomplete") when a path ends inside one, as in
+/// `{.s['\\u}`: found by the fuzzer, so such paths never reach the parser.
+fn unicode_escapes_complete(path: &str) -> bool {
+    let mut chars = path.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some('u') => {
+                    let digits = chars.clone().take(4).filter(char::is_ascii_hexdigit).count();
+                    if digits < 4 {
+                        return false;
+                    }
+                }
+                Some(_) => {}
+                None => return false,
+            }
+        }
+    }
+    true
+}
+
 impl Expression {
     fn parse(text: &str) -> Result<Self, String> {
         let inner = text
@@ -106,6 +128,9 @@ impl Expression {
             return Err(format!(
                 "{text:?}: the path has more than {MAX_PATH_NESTING} brackets or parentheses"
             ));
+        }
+        if !unicode_escapes_complete(path) {
+            return Err(format!("{text:?}: a \\u escape needs four hex digits"));
         }
         let rooted = if path.starts_with(".status.") || path.starts_with(".status[") {
             format!("${path}")
@@ -284,5 +309,25 @@ mod tests {
         // Refused before the parser sees it (parsing this would take most of an hour).
         assert!(error(&nested).contains("more than 8 brackets or parentheses"));
         assert!(error(&format!("[{:?}]", "x".repeat(5000))).contains("longer than 4096 bytes"));
+        // serde_json_path panics on a path that ends inside a \u escape (found by the fuzzer):
+        // refused before it parses; complete escapes and an escaped backslash still parse.
+        for cut in [
+            r#"["{.s['\\u} == 1"]"#,
+            r#"["{.s['\\u12} == 1"]"#,
+            r#"["{.s['\\uD800\\u} == 1"]"#,
+            r#"["{.s['\\} == 1"]"#,
+        ] {
+            assert!(error(cut).contains("needs four hex digits"), "{cut}: {}", error(cut));
+        }
+        for whole in [
+            r#"["{.s['\\u0041']} == 1", "{.f} == 1"]"#,
+            r#"["{.s['\\\\u']} == 1", "{.f} == 1"]"#,
+        ] {
+            assert!(
+                parse(SUCCESS_ANNOTATION, whole).is_ok(),
+                "{whole}: {:?}",
+                parse(SUCCESS_ANNOTATION, whole).err()
+            );
+        }
     }
 }
