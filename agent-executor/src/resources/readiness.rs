@@ -35,7 +35,15 @@ pub fn declared(annotations: &BTreeMap<String, String>) -> bool {
 pub fn evaluate(annotations: &BTreeMap<String, String>, status: Option<&Value>) -> Option<Result<(), String>> {
     let success = annotations.get(SUCCESS_ANNOTATION)?;
     let failure = annotations.get(FAILURE_ANNOTATION)?;
-    Some(judge(success, failure, status))
+    Some(contained(|| judge(success, failure, status)))
+}
+
+/// Runs `evaluate` so that a panic in the JSONPath library on hostile input (serde_json_path
+/// has had one) is this object's error, never the end of the watch that judges its kind.
+fn contained(evaluate: impl FnOnce() -> Result<(), String> + std::panic::UnwindSafe) -> Result<(), String> {
+    std::panic::catch_unwind(evaluate).unwrap_or_else(|_| {
+        Err("its readiness annotations could not be evaluated (the JSONPath library failed on them)".to_owned())
+    })
 }
 
 fn judge(success: &str, failure: &str, status: Option<&Value>) -> Result<(), String> {
@@ -288,6 +296,13 @@ mod tests {
             ready("{.conditions[0].type} < 1").unwrap().is_err(),
             "no ordering of words"
         );
+    }
+
+    #[test]
+    fn a_panic_while_evaluating_is_the_objects_error() {
+        assert_eq!(contained(|| Ok(())), Ok(()));
+        let error = contained(|| panic!("a library bug")).unwrap_err();
+        assert!(error.contains("could not be evaluated"), "{error}");
     }
 
     #[test]
