@@ -21,8 +21,9 @@ step() { printf '\n==> %s (%ss)\n' "$*" $((SECONDS - started)) >&2; }
 step "test environment binaries (built once, cached)"
 bin=$(bash tests/env/build.sh)
 
-step "agent binaries and the benchmark, release mode"
-cargo build --release -p agent-poller -p agent-executor -p agent-updater -p distr-agent-e2e --bins
+step "agent binaries as the images build them (deploy/build.sh), the benchmark in release mode"
+agent_bin=$(bash deploy/build.sh -p agent-poller -p agent-executor -p agent-updater)
+cargo build --release -p distr-agent-e2e --bins
 
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 out=$root/target/bench/$stamp
@@ -34,7 +35,7 @@ for n in "${sizes[@]}"; do
   state=$out/env-$n
   DISTR_TESTENV_AUDIT=1 DISTR_TESTENV_KUBE_API_QPS=200 bash tests/env/start.sh "$state" "$bin"
   step "N = $n: benchmark"
-  DISTR_TESTENV="$state/env" DISTR_AGENT_BIN_DIR="$root/target/release" \
+  DISTR_TESTENV="$state/env" DISTR_AGENT_BIN_DIR="$agent_bin" \
     "$root/target/release/bench" run --releases "$n" --out-dir "$out"
   bash tests/env/stop.sh "$state" >/dev/null 2>&1
   state=

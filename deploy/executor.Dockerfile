@@ -11,10 +11,11 @@ RUN go install -ldflags "-s -w" "helm.sh/helm/v4/cmd/helm@${HELM_VERSION}"
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p agent-executor
+# deploy/build.sh: the release profile, glibc linked statically (see the script).
+RUN cp "$(bash deploy/build.sh --locked -p agent-executor)/agent-executor" /agent-executor
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=helm /go/bin/helm /usr/local/bin/helm
-COPY --from=build /src/target/release/agent-executor /usr/local/bin/agent-executor
+COPY --from=build /agent-executor /usr/local/bin/agent-executor
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/agent-executor"]

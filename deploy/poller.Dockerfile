@@ -3,9 +3,10 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p agent-poller
+# deploy/build.sh: the release profile, glibc linked statically (see the script).
+RUN cp "$(bash deploy/build.sh --locked -p agent-poller)/agent-poller" /agent-poller
 
 FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /src/target/release/agent-poller /usr/local/bin/agent-poller
+COPY --from=build /agent-poller /usr/local/bin/agent-poller
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/agent-poller"]

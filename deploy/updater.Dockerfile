@@ -3,9 +3,10 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p agent-updater
+# deploy/build.sh: the release profile, glibc linked statically (see the script).
+RUN cp "$(bash deploy/build.sh --locked -p agent-updater)/agent-updater" /agent-updater
 
 FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /src/target/release/agent-updater /usr/local/bin/agent-updater
+COPY --from=build /agent-updater /usr/local/bin/agent-updater
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/agent-updater"]

@@ -1,6 +1,8 @@
 use clap::Parser;
 
-#[tokio::main]
+// One thread is enough for a process that mostly waits on the network; each further thread
+// would bring its own stack and malloc arena (see the README's "Benchmark" section).
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     agent_runtime::install_crypto_provider();
     agent_poller::run(agent_poller::Args::parse()).await

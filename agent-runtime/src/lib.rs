@@ -1,13 +1,14 @@
 //! Process plumbing shared by `agent-poller`, `agent-executor` and `agent-updater`: command-line
 //! arguments common to all three, `tracing` set-up, the admin HTTP server (`/livez`, `/readyz`,
-//! `/metrics`), signal handling with one shared shutdown token, and the gRPC server set-up with
-//! health and reflection.
+//! `/metrics`), signal handling with one shared shutdown token, the gRPC server set-up with
+//! health and reflection, and the periodic return of freed heap memory to the system.
 
 pub mod admin;
 pub mod args;
 pub mod duration;
 pub mod grpc;
 pub mod logging;
+pub mod memory;
 pub mod readiness;
 pub mod shutdown;
 pub mod tls;
@@ -54,6 +55,7 @@ impl Runtime {
             agent_logs.dropped_total.clone(),
         );
         let metrics = Arc::new(Mutex::new(registry));
+        tokio::spawn(memory::trim_periodically(memory::TRIM_PERIOD, shutdown.clone()));
         let admin = admin::serve(args.admin_addr, readiness.clone(), metrics.clone(), shutdown.clone()).await?;
         tracing::info!(component, version = env!("CARGO_PKG_VERSION"), admin = %args.admin_addr, "starting");
         Ok(Self {

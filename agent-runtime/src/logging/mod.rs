@@ -3,7 +3,12 @@
 pub mod capture;
 pub mod service;
 
-use tracing_subscriber::{EnvFilter, Layer as _, filter::LevelFilter, fmt, prelude::*};
+use tracing_subscriber::{
+    Layer as _,
+    filter::{LevelFilter, Targets},
+    fmt,
+    prelude::*,
+};
 
 pub use capture::LogBuffer;
 
@@ -13,8 +18,12 @@ use crate::LogFormat;
 /// (never in a file or `kubectl logs`); lines at info and above also go to `capture`, for the
 /// Hub (debug output never leaves the process).
 pub fn init(format: LogFormat, filter: &str, capture: LogBuffer) -> anyhow::Result<()> {
-    let filter =
-        EnvFilter::try_new(filter).map_err(|error| anyhow::anyhow!("invalid log filter {filter:?}: {error}"))?;
+    // `Targets` (`target=level` directives) rather than `EnvFilter`: the latter compiles regular
+    // expressions to parse its directives, which keeps the regex engine's code resident in
+    // every process for a feature (span and field filters) the agent does not need.
+    let filter: Targets = filter
+        .parse()
+        .map_err(|error| anyhow::anyhow!("invalid log filter {filter:?}: {error}"))?;
     let captured = fmt::layer()
         .with_ansi(false)
         .without_time()

@@ -728,6 +728,10 @@ fn the_executor_image_ships_the_helm_of_the_test_environment() -> anyhow::Result
             text.contains("USER 65532:65532"),
             "{component} runs as the manifest's numeric user"
         );
+        assert!(
+            text.contains(&format!("bash deploy/build.sh --locked -p agent-{component})")),
+            "{component}'s image builds its binary the way the benchmark measures it (deploy/build.sh)"
+        );
     }
     Ok(())
 }
