@@ -7,10 +7,12 @@
 #
 # On top of the release profile (Cargo.toml: size over speed):
 # - glibc linked statically (`crt-static`): no shared libraries to map, about 2 MiB less
-#   resident memory per process. Name resolution still works: glibc 2.34 and later carry the
-#   `files` and `dns` lookups inside libc, and the images' base (distroless/cc, the same
-#   Debian glibc as the build stage) has the shared modules for anything else nsswitch.conf
-#   names. The binaries stay position-independent (static-pie, ASLR intact);
+#   resident memory per process, and no LD_PRELOAD to honour. Name resolution still works:
+#   a static glibc 2.36 (Debian 12) resolves through `files` and `dns` without loading a
+#   module (checked with strace: it reads nsswitch.conf, /etc/hosts and resolv.conf and opens
+#   no shared object); for any other source nsswitch.conf might name, the images' base
+#   (distroless/cc, the build stage's glibc) has the modules. The binaries stay
+#   position-independent (static-pie, ASLR intact);
 # - relative relocations packed (`-z pack-relative-relocs`, DT_RELR, glibc 2.36 and later):
 #   the loader no longer reads a relocation table of a few hundred KiB at start-up;
 # - identical functions folded by the linker (`--icf=all`).

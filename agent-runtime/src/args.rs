@@ -17,7 +17,7 @@ pub struct RuntimeArgs {
     #[arg(long, env = "AGENT_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
 
-    /// Log filter, in `tracing` directive syntax (`info`, `agent_executor=debug,info`, ...).
+    /// Log filter: a default level and `target=level` directives (`info`, `agent_executor=debug,info`, ...).
     #[arg(long, env = "AGENT_LOG", default_value = "info")]
     pub log_filter: String,
 
