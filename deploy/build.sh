@@ -15,7 +15,7 @@
 #   position-independent (static-pie, ASLR intact);
 # - relative relocations packed (`-z pack-relative-relocs`, DT_RELR, glibc 2.36 and later):
 #   the loader no longer reads a relocation table of a few hundred KiB at start-up;
-# - identical functions folded by the linker (`--icf=all`).
+# - identical functions folded by the linker (`--icf=all`, where the linker is lld).
 #
 # `--target` is explicit so that these flags apply to the binaries only, not to build scripts
 # and proc-macros (a proc-macro cannot be linked statically); the binaries land in
@@ -25,6 +25,10 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 triple=$(rustc -vV | sed -n 's/^host: //p')
 var=CARGO_TARGET_$(echo "$triple" | tr 'a-z-' 'A-Z_')_RUSTFLAGS
-export "$var=-C target-feature=+crt-static -C link-arg=-Wl,-z,pack-relative-relocs -C link-arg=-Wl,--icf=all"
+flags="-C target-feature=+crt-static -C link-arg=-Wl,-z,pack-relative-relocs"
+# rustc links x86_64 Linux binaries with its own lld, which folds identical code; other hosts
+# link with the system's cc and GNU ld, which has no --icf.
+[ "$triple" != x86_64-unknown-linux-gnu ] || flags="$flags -C link-arg=-Wl,--icf=all"
+export "$var=$flags"
 cargo build --release --target "$triple" "$@" >&2
 echo "$PWD/target/$triple/release"
