@@ -89,6 +89,12 @@ pub struct Args {
     #[arg(long, env = "AGENT_TLS_LEAF_LIFETIME_SECONDS", default_value_t = 7 * 86_400, value_parser = clap::value_parser!(u64).range(30..))]
     pub tls_leaf_lifetime_seconds: u64,
 
+    /// Lifetime of the operator's certificate, in seconds. It is issued only on request (an
+    /// empty Secret `distr-agent-operator-tls`), never renewed, and its Secret is deleted once
+    /// it has expired.
+    #[arg(long, env = "AGENT_TLS_OPERATOR_LIFETIME_SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(30..))]
+    pub tls_operator_lifetime_seconds: u64,
+
     /// How long a new CA is trusted before it signs, in seconds: longer than the kubelet
     /// takes to update a mounted Secret.
     #[arg(long, env = "AGENT_TLS_CA_PROPAGATION_SECONDS", default_value_t = 600)]
@@ -113,6 +119,7 @@ impl Args {
         Ok(pki::PkiConfig {
             ca_lifetime: Duration::from_secs(self.tls_ca_lifetime_seconds),
             leaf_lifetime: Duration::from_secs(self.tls_leaf_lifetime_seconds),
+            operator_lifetime: Duration::from_secs(self.tls_operator_lifetime_seconds),
             ca_propagation: Duration::from_secs(self.tls_ca_propagation_seconds),
             check_interval: Duration::from_secs(self.tls_check_seconds),
         })

@@ -228,6 +228,8 @@ impl Processes {
 
         let mut volumes = Vec::new();
         let mut tls_dirs = HashMap::new();
+        // The tests' operator asks for a certificate, as the README has a person do it.
+        install::OperatorCert::request(&ns.name).await?;
         for role in ["poller", "updater", "operator"] {
             let mount = dir.join("volumes").join(format!("{role}-tls"));
             let secret = format!("distr-agent-{role}-tls");

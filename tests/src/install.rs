@@ -263,8 +263,9 @@ pub fn write_atomically(dir: &Path, data: &BTreeMap<String, Vec<u8>>) -> anyhow:
     Ok(())
 }
 
-/// The operator's client certificate, as a person who may read Secrets in the namespace takes
-/// it from `distr-agent-operator-tls` (waiting for the executor to issue it).
+/// The operator's client certificate, as a person who may create and read Secrets in the
+/// namespace asks for it (an empty `distr-agent-operator-tls`) and takes it from that Secret
+/// (waiting for the executor to issue it).
 pub struct OperatorCert {
     pub dir: PathBuf,
 }
@@ -272,6 +273,35 @@ pub struct OperatorCert {
 impl OperatorCert {
     /// The files an operator takes from the Secret.
     pub const FILES: [&str; 3] = ["ca.crt", "tls.crt", "tls.key"];
+
+    /// The `kubectl` arguments that ask the executor for an operator certificate, as the
+    /// README gives them.
+    pub fn request_args(namespace: &str) -> Vec<String> {
+        [
+            "-n",
+            namespace,
+            "create",
+            "secret",
+            "generic",
+            "distr-agent-operator-tls",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
+    }
+
+    /// Asks for an operator certificate with the README's command; a request (or a
+    /// certificate) already there is fine.
+    pub async fn request(namespace: &str) -> anyhow::Result<()> {
+        let args = Self::request_args(namespace);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let run = kubectl(&args, None).await?;
+        if run.success || run.stderr.contains("AlreadyExists") {
+            return Ok(());
+        }
+        run.ok("kubectl create secret generic distr-agent-operator-tls")?;
+        Ok(())
+    }
 
     /// The `kubectl` arguments that print `key` of the operator's Secret, base64-encoded.
     pub fn kubectl_args(namespace: &str, key: &str) -> Vec<String> {
@@ -286,8 +316,14 @@ impl OperatorCert {
     pub async fn fetch(ns: &crate::TestNamespace, dir: PathBuf) -> anyhow::Result<Self> {
         use base64::Engine as _;
         let api: Api<Secret> = ns.api();
+        Self::request(&ns.name).await?;
         crate::wait_for("the operator certificate", Duration::from_secs(30), || async {
-            api.get_opt("distr-agent-operator-tls").await.ok().flatten()
+            let secret = api.get_opt("distr-agent-operator-tls").await.ok().flatten()?;
+            secret
+                .data?
+                .get("tls.crt")
+                .filter(|cert| !cert.0.is_empty())
+                .map(|_| ())
         })
         .await?;
         std::fs::create_dir_all(&dir)?;

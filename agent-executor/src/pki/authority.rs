@@ -8,9 +8,10 @@ use rcgen::{
 };
 use x509_parser::prelude::FromDer as _;
 
-/// Certificates are valid from a little before they are issued, for clocks that lag behind:
-/// a minute, or a tenth of very short lifetimes (so the renewal point stays after issuance).
-const CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// Certificates are valid from a little before they are issued, for nodes whose clocks lag
+/// behind the executor's: five minutes (as public CAs backdate), or a tenth of very short
+/// lifetimes (so the renewal point stays after issuance).
+const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 fn skew(lifetime: Duration) -> Duration {
     CLOCK_SKEW.min(lifetime / 10)

@@ -183,6 +183,7 @@ mod tests {
         PkiConfig {
             ca_lifetime: 30 * DAY,
             leaf_lifetime: DAY,
+            operator_lifetime: DAY / 24,
             ca_propagation: Duration::from_secs(600),
             check_interval: Duration::from_secs(30),
         }

@@ -1,8 +1,10 @@
 //! The executor's certificate authority: a private CA kept in the Secret `distr-agent-ca` and
 //! a leaf certificate per component, each in a Secret of its own that only that component's
-//! pod mounts (`distr-agent-poller-tls`, `distr-agent-updater-tls`, and
-//! `distr-agent-operator-tls` for people who may read Secrets in the namespace). The
-//! executor's own serving certificate never leaves its memory.
+//! pod mounts (`distr-agent-poller-tls`, `distr-agent-updater-tls`). The executor's own
+//! serving certificate never leaves its memory. People get a certificate only when they ask:
+//! an empty Secret `distr-agent-operator-tls` (made by someone who may create Secrets in the
+//! namespace) is filled with a short-lived operator certificate, which is never renewed; once
+//! it has expired the Secret is deleted, and asking again means creating it again.
 //!
 //! A check runs when a watch sees one of these Secrets change (so a deleted or altered
 //! Secret is put right at once) and each [`PkiConfig::check_interval`]; it reads the Secrets
@@ -49,6 +51,8 @@ use crate::cluster::kube_util::{self, ApiError};
 pub struct PkiConfig {
     pub ca_lifetime: Duration,
     pub leaf_lifetime: Duration,
+    /// Lifetime of an operator certificate issued on request.
+    pub operator_lifetime: Duration,
     /// How long a new CA sits in the trust bundle before it signs.
     pub ca_propagation: Duration,
     pub check_interval: Duration,
@@ -233,17 +237,48 @@ impl Pki {
             source,
         };
         let stored = self.read(&name).await.map_err(api_error)?;
-        if let Some(files) = stored.as_ref().and_then(files_of)
-            && leaf_is_current(&files, signing, bundle, now)
-        {
-            return Ok(());
-        }
-        let leaf = signing.issue(
-            &LeafSpec::for_role(role, &self.namespace),
-            self.config.leaf_lifetime,
-            now,
-        )?;
+        let lifetime = if role == Role::Operator {
+            match operator_plan(stored.as_ref(), bundle, now) {
+                OperatorPlan::Nothing => return Ok(()),
+                OperatorPlan::Issue => self.config.operator_lifetime,
+                OperatorPlan::Remove { resource_version } => {
+                    let params = kube::api::DeleteParams {
+                        preconditions: Some(kube::api::Preconditions {
+                            resource_version: Some(resource_version),
+                            uid: None,
+                        }),
+                        ..Default::default()
+                    };
+                    return match kube_util::call(self.secrets.delete(&name, &params)).await {
+                        Ok(_) => {
+                            tracing::info!(secret = %name, "the operator certificate expired; removed its Secret");
+                            Ok(())
+                        }
+                        Err(error) if error.is_conflict() || error.is_not_found() => Ok(()),
+                        Err(error) => Err(api_error(error)),
+                    };
+                }
+            }
+        } else {
+            if let Some(files) = stored.as_ref().and_then(files_of)
+                && leaf_is_current(&files, signing, bundle, now)
+            {
+                return Ok(());
+            }
+            self.config.leaf_lifetime
+        };
+        let leaf = signing.issue(&LeafSpec::for_role(role, &self.namespace), lifetime, now)?;
         let mut secret = leaf_secret(&name, &self.namespace, &leaf, bundle);
+        if role == Role::Operator
+            && let Some(stored) = &stored
+        {
+            // The request keeps its type (`kubectl create secret generic` makes it Opaque) and
+            // its labels: replacing the object would make the request vanish for a moment.
+            secret.type_.clone_from(&stored.type_);
+            let mut labels = stored.metadata.labels.clone().unwrap_or_default();
+            labels.extend(managed_labels());
+            secret.metadata.labels = Some(labels);
+        }
         let written = match &stored {
             None => kube_util::call(self.secrets.create(&PostParams::default(), &secret)).await,
             Some(stored) if stored.type_.as_deref() == secret.type_.as_deref() => {
@@ -268,6 +303,47 @@ impl Pki {
             Err(error) if error.is_conflict() => Err(PkiError::Conflict { name }),
             Err(error) => Err(api_error(error)),
         }
+    }
+}
+
+/// What the operator's Secret asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum OperatorPlan {
+    /// No Secret (nobody asked), or a certificate that is still valid: leave it alone.
+    Nothing,
+    /// A Secret without a certificate: a request.
+    Issue,
+    /// A certificate that has expired, that no CA of the trust bundle vouches for any more (the
+    /// CA was replaced to revoke it), or that cannot be read: delete the Secret of this version.
+    Remove { resource_version: String },
+}
+
+fn operator_plan(stored: Option<&Secret>, bundle: &str, now: SystemTime) -> OperatorPlan {
+    let Some(secret) = stored else {
+        return OperatorPlan::Nothing;
+    };
+    let cert = secret.data.as_ref().and_then(|data| data.get("tls.crt"));
+    let Some(cert) = cert.filter(|cert| !cert.0.is_empty()) else {
+        return OperatorPlan::Issue;
+    };
+    let unexpired = std::str::from_utf8(&cert.0)
+        .ok()
+        .and_then(|pem| Validity::of_pem(pem).ok())
+        .is_some_and(|validity| !validity.expired(now));
+    let trusted = files_of(secret).is_some_and(|files| {
+        let by_bundle = TlsFiles {
+            ca_bundle: bundle.as_bytes().to_vec(),
+            ..files
+        };
+        // Any namespace will do: only the chain and the key are checked here.
+        match Credentials::from_files(by_bundle, "-") {
+            Ok(_) => true,
+            Err(error) => error.depends_on_time(),
+        }
+    });
+    match (unexpired && trusted, secret.metadata.resource_version.clone()) {
+        (false, Some(resource_version)) => OperatorPlan::Remove { resource_version },
+        _ => OperatorPlan::Nothing,
     }
 }
 
@@ -338,5 +414,107 @@ fn leaf_secret(name: &str, namespace: &str, leaf: &Issued, bundle: &str) -> Secr
             ("ca.crt".to_owned(), bytes(bundle)),
         ])),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn secret(data: Option<BTreeMap<String, ByteString>>) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(leaf_secret_name(Role::Operator)),
+                resource_version: Some("42".into()),
+                ..Default::default()
+            },
+            data,
+            ..Default::default()
+        }
+    }
+
+    /// An operator's Secret filled by a new CA, and that CA's bundle.
+    fn with_cert(lifetime: Duration, now: SystemTime) -> (Secret, String) {
+        let ca = Authority::generate("ns1", 24 * HOUR, now).expect("CA");
+        let leaf = ca
+            .issue(&LeafSpec::for_role(Role::Operator, "ns1"), lifetime, now)
+            .expect("leaf");
+        let mut secret = leaf_secret("distr-agent-operator-tls", "ns1", &leaf, &ca.cert_pem);
+        secret.metadata.resource_version = Some("42".into());
+        (secret, ca.cert_pem)
+    }
+
+    #[test]
+    fn an_operator_certificate_is_issued_only_on_request() {
+        let now = SystemTime::now();
+        assert_eq!(operator_plan(None, "", now), OperatorPlan::Nothing, "nobody asked");
+        // `kubectl create secret generic distr-agent-operator-tls` makes a Secret without data.
+        assert_eq!(operator_plan(Some(&secret(None)), "", now), OperatorPlan::Issue);
+        assert_eq!(
+            operator_plan(Some(&secret(Some(BTreeMap::new()))), "", now),
+            OperatorPlan::Issue
+        );
+    }
+
+    #[test]
+    fn an_operator_certificate_is_not_renewed_and_removed_once_expired() {
+        let issued_at = SystemTime::now() - 2 * HOUR;
+        let (mut stored, bundle) = with_cert(HOUR, issued_at);
+        stored.metadata.resource_version = Some("7".into());
+        // Past two thirds of its lifetime: a component's leaf would be renewed; this one is not.
+        let at_three_quarters = issued_at + HOUR * 3 / 4;
+        assert_eq!(
+            operator_plan(Some(&stored), &bundle, at_three_quarters),
+            OperatorPlan::Nothing
+        );
+        assert_eq!(
+            operator_plan(Some(&stored), &bundle, issued_at + 2 * HOUR),
+            OperatorPlan::Remove {
+                resource_version: "7".into()
+            }
+        );
+    }
+
+    #[test]
+    fn an_unreadable_operator_certificate_is_removed() {
+        let garbage = secret(Some(BTreeMap::from([(
+            "tls.crt".to_owned(),
+            ByteString(b"not a certificate".to_vec()),
+        )])));
+        assert_eq!(
+            operator_plan(Some(&garbage), "", SystemTime::now()),
+            OperatorPlan::Remove {
+                resource_version: "42".into()
+            }
+        );
+    }
+
+    #[test]
+    fn an_operator_certificate_of_a_replaced_ca_is_removed() {
+        let now = SystemTime::now();
+        let (stored, _) = with_cert(HOUR, now);
+        let (_, new_bundle) = with_cert(HOUR, now);
+        assert_eq!(
+            operator_plan(Some(&stored), &new_bundle, now),
+            OperatorPlan::Remove {
+                resource_version: "42".into()
+            }
+        );
+    }
+
+    #[test]
+    fn leaves_are_backdated_for_clocks_that_lag() {
+        let now = SystemTime::now();
+        let ca = Authority::generate("ns1", 24 * HOUR, now).expect("CA");
+        let leaf = ca
+            .issue(&LeafSpec::for_role(Role::Poller, "ns1"), 7 * 24 * HOUR, now)
+            .expect("leaf");
+        let validity = Validity::of_pem(&leaf.cert_pem).expect("validity");
+        let backdated = now
+            .duration_since(validity.not_before)
+            .expect("not_before is in the past");
+        assert!(backdated >= Duration::from_secs(299), "{backdated:?}");
     }
 }

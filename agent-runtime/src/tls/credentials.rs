@@ -9,7 +9,7 @@ use std::{
 };
 
 use rustls::{
-    ClientConfig, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
     client::danger::HandshakeSignatureValid,
     crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject as _},
@@ -46,8 +46,21 @@ pub enum TlsError {
     /// The pieces do not fit together: wrong key, a chain the bundle does not trust, expired.
     #[error("the certificate is not usable: {0}")]
     Invalid(String),
+    /// The set is sound but not valid at this moment by this process's clock: not yet valid
+    /// (the issuer's clock runs ahead of ours) or expired. Unlike the other errors this one
+    /// can go away without the files changing.
+    #[error("the certificate is not valid now: {0}")]
+    NotValidNow(String),
     #[error("cannot build the TLS configuration: {0}")]
     Config(String),
+}
+
+impl TlsError {
+    /// True when the same files may be accepted later without changing: they failed only
+    /// because of the time (a clock behind the issuer's, or an expiry being replaced).
+    pub fn depends_on_time(&self) -> bool {
+        matches!(self, Self::NotValidNow(_))
+    }
 }
 
 /// The PEM bytes of a component's credentials, as the executor writes them into a Secret.
@@ -152,7 +165,15 @@ impl Credentials {
             .map_err(|e| TlsError::Config(e.to_string()))?;
         verifier
             .verify_client_cert(&leaf, &chain[1..], UnixTime::now())
-            .map_err(|e| TlsError::Invalid(format!("ca.crt does not vouch for tls.crt: {e}")))?;
+            .map_err(|e| match e {
+                rustls::Error::InvalidCertificate(
+                    CertificateError::Expired
+                    | CertificateError::ExpiredContext { .. }
+                    | CertificateError::NotValidYet
+                    | CertificateError::NotValidYetContext { .. },
+                ) => TlsError::NotValidNow(e.to_string()),
+                e => TlsError::Invalid(format!("ca.crt does not vouch for tls.crt: {e}")),
+            })?;
 
         let (serial, not_after) = leaf_facts(&leaf)?;
         let h2 = vec![b"h2".to_vec()];

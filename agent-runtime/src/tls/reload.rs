@@ -2,7 +2,10 @@
 //!
 //! The kubelet updates a Secret volume by swapping a `..data` symlink, so the three files can
 //! be read half-way through a swap; such a set fails validation and is simply read again on
-//! the next tick. A set that fails validation never replaces working credentials.
+//! the next tick. A set that fails validation never replaces working credentials. A set
+//! refused only because of the time (not yet valid on a node whose clock runs behind the
+//! executor's, or expired) is checked again on every tick, since the same files become usable
+//! once the clock passes `notBefore`; any other refusal is remembered until the files change.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -18,6 +21,7 @@ pub fn watch_dir(dir: PathBuf, namespace: String, interval: Duration, shutdown: 
     tokio::spawn(async move {
         let mut seen: Option<TlsFiles> = None;
         let mut rejected: Option<TlsFiles> = None;
+        let mut refused_logged: Option<TlsFiles> = None;
         let mut waiting_logged = false;
         loop {
             match TlsFiles::read_dir(&dir) {
@@ -40,9 +44,17 @@ pub fn watch_dir(dir: PathBuf, namespace: String, interval: Duration, shutdown: 
                         tx.send_replace(Some(Arc::new(credentials)));
                     }
                     Err(error) => {
-                        // Possibly a half-swapped set: the next tick reads the whole new one.
-                        rejected = Some(files);
-                        tracing::warn!(dir = %dir.display(), %error, "TLS certificate files not usable; keeping the current credentials");
+                        // Logged once per set of files, however often a time-dependent
+                        // refusal is checked again.
+                        if refused_logged.as_ref() != Some(&files) {
+                            tracing::warn!(dir = %dir.display(), %error, retried = error.depends_on_time(), "TLS certificate files not usable; keeping the current credentials");
+                            refused_logged = Some(files.clone());
+                        }
+                        // Otherwise possibly a half-swapped set: the next tick reads the
+                        // whole new one.
+                        if !error.depends_on_time() {
+                            rejected = Some(files);
+                        }
                     }
                 },
             }
@@ -82,5 +94,77 @@ impl prometheus_client::collector::Collector for CertificateExpiry {
             Some(&unit),
             prometheus_client::metrics::MetricType::Gauge,
         )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+
+    /// A CA and a poller leaf of `namespace` whose validity starts `ahead` from now, as a
+    /// node whose clock runs behind the issuer's sees a freshly issued leaf.
+    fn files_valid_from(namespace: &str, ahead: Duration) -> TlsFiles {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let now = SystemTime::now();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca_params.not_before = (now - Duration::from_secs(60)).into();
+        ca_params.not_after = (now + Duration::from_secs(3600)).into();
+        let ca_key = KeyPair::generate().expect("CA key");
+        let ca = ca_params.self_signed(&ca_key).expect("CA");
+        let issuer = Issuer::from_ca_cert_pem(&ca.pem(), ca_key).expect("issuer");
+        let mut leaf_params =
+            CertificateParams::new(vec![format!("poller.{namespace}.distr-agent.internal")]).expect("leaf params");
+        leaf_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        leaf_params.not_before = (now + ahead).into();
+        leaf_params.not_after = (now + Duration::from_secs(3600)).into();
+        let leaf_key = KeyPair::generate().expect("leaf key");
+        let leaf = leaf_params.signed_by(&leaf_key, &issuer).expect("leaf");
+        TlsFiles {
+            cert_chain: leaf.pem().into_bytes(),
+            key: leaf_key.serialize_pem().into_bytes(),
+            ca_bundle: ca.pem().into_bytes(),
+        }
+    }
+
+    fn write(dir: &std::path::Path, files: &TlsFiles) {
+        std::fs::write(dir.join(super::super::credentials::CERT_FILE), &files.cert_chain).expect("write tls.crt");
+        std::fs::write(dir.join(super::super::credentials::KEY_FILE), &files.key).expect("write tls.key");
+        std::fs::write(dir.join(super::super::credentials::CA_FILE), &files.ca_bundle).expect("write ca.crt");
+    }
+
+    #[tokio::test]
+    async fn a_set_not_yet_valid_is_loaded_once_the_clock_reaches_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // X.509 times have whole seconds: two seconds ahead is at least one second ahead.
+        let files = files_valid_from("ns1", Duration::from_secs(2));
+        let refused = Credentials::from_files(files.clone(), "ns1").expect_err("not yet valid");
+        assert!(refused.depends_on_time(), "{refused}");
+        write(dir.path(), &files);
+
+        let shutdown = CancellationToken::new();
+        let mut credentials = watch_dir(
+            dir.path().to_owned(),
+            "ns1".into(),
+            Duration::from_millis(100),
+            shutdown.clone(),
+        );
+        let loaded = tokio::time::timeout(Duration::from_secs(10), first(&mut credentials, &shutdown))
+            .await
+            .expect("the same files are accepted once they are valid")
+            .expect("credentials");
+        assert_eq!(loaded.files.cert_chain, files.cert_chain);
+        shutdown.cancel();
+    }
+
+    #[test]
+    fn only_time_refusals_are_checked_again() {
+        let mut files = files_valid_from("ns1", Duration::ZERO);
+        // Another CA's bundle: no clock makes this set usable.
+        files.ca_bundle = files_valid_from("ns1", Duration::ZERO).ca_bundle;
+        let refused = Credentials::from_files(files, "ns1").expect_err("untrusted");
+        assert!(!refused.depends_on_time(), "{refused}");
     }
 }

@@ -114,6 +114,8 @@ fn files_of(secret: &Secret) -> TlsFiles {
 fn the_readme_debugging_commands_are_the_ones_the_tests_run() -> anyhow::Result<()> {
     let readme = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))?;
     let namespace = "<namespace>";
+    let request = format!("    kubectl {}\n", OperatorCert::request_args(namespace).join(" "));
+    assert!(readme.contains(&request), "README.md lacks the line\n{request}");
     for key in OperatorCert::FILES {
         let args: Vec<String> = OperatorCert::kubectl_args(namespace, key)
             .into_iter()
@@ -368,15 +370,15 @@ async fn a_deleted_certificate_secret_is_issued_again_at_once() -> anyhow::Resul
     };
     let agent = Agent::start("mtls-restore", options).await?;
     let secrets = agent.ns.api::<Secret>();
-    let name = "distr-agent-operator-tls";
+    let name = "distr-agent-poller-tls";
     let uid_of = |secret: Secret| secret.metadata.uid.unwrap_or_default();
-    let before = wait_for("the operator certificate", MINUTE, || async {
+    let before = wait_for("the poller certificate", MINUTE, || async {
         secrets.get_opt(name).await.ok()?.map(uid_of)
     })
     .await?;
     secrets.delete(name, &Default::default()).await?;
     let deleted_at = Instant::now();
-    let after = wait_for("the operator certificate issued again", MINUTE, || async {
+    let after = wait_for("the poller certificate issued again", MINUTE, || async {
         secrets
             .get_opt(name)
             .await
@@ -390,5 +392,178 @@ async fn a_deleted_certificate_secret_is_issued_again_at_once() -> anyhow::Resul
         deleted_at.elapsed().as_millis()
     );
     assert_ne!(after, before);
+    Ok(())
+}
+
+/// A person gets an operator certificate only by asking (an empty Secret, the README's
+/// `kubectl create secret generic`); it lives as long as configured, is not renewed, and its
+/// Secret is deleted once it has expired; asking again gives a new one.
+#[tokio::test]
+async fn the_operator_certificate_is_issued_on_request_and_removed_once_expired() -> anyhow::Result<()> {
+    let lifetime = 30;
+    let options = AgentOptions {
+        executor_env: vec![("AGENT_TLS_OPERATOR_LIFETIME_SECONDS", lifetime.to_string())],
+        ..AgentOptions::default()
+    };
+    let agent = Agent::start("mtls-operator-on-request", options).await?;
+    let secrets = agent.ns.api::<Secret>();
+    let name = "distr-agent-operator-tls";
+    // The harness asked, as a person does: the Secret is filled with a short-lived certificate.
+    let issued = wait_for("the requested operator certificate", MINUTE, || async {
+        let secret = secrets.get_opt(name).await.ok()??;
+        Credentials::from_files(files_of(&secret), &agent.ns.name).ok()
+    })
+    .await?;
+    let left = issued.remaining();
+    eprintln!("operator certificate issued, valid for {} s more", left.as_secs());
+    assert!(left <= Duration::from_secs(lifetime), "valid for {left:?}");
+    assert_eq!(
+        agent_runtime::tls::PeerIdentity::from_certificate(&first_der(&issued.files.cert_chain)?, &agent.ns.name).role,
+        Some(Role::Operator)
+    );
+
+    // Expired: the Secret goes, and nothing issues another one unasked.
+    let started = Instant::now();
+    wait_for("the expired operator Secret to be deleted", MINUTE, || async {
+        secrets.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await?;
+    eprintln!("operator Secret deleted {:?} after the wait began", started.elapsed());
+    assert!(
+        agent
+            .executor
+            .log_text()
+            .contains("the operator certificate expired; removed its Secret"),
+        "the executor says why the Secret went"
+    );
+    // A window, not a condition: the check runs every second here, so three seconds without
+    // a new Secret show that an expired certificate is not renewed unasked.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        secrets.get_opt(name).await?.is_none(),
+        "an operator certificate was issued unasked"
+    );
+
+    // Asking again gives a new certificate.
+    OperatorCert::request(&agent.ns.name).await?;
+    let again = wait_for("a new operator certificate", MINUTE, || async {
+        let secret = secrets.get_opt(name).await.ok()??;
+        Credentials::from_files(files_of(&secret), &agent.ns.name).ok()
+    })
+    .await?;
+    assert_ne!(again.serial, issued.serial);
+    Ok(())
+}
+
+fn first_der(pem: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let der = CertificateDer::pem_slice_iter(pem)
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no certificate"))??;
+    Ok(der.to_vec())
+}
+
+/// Revoking a leaked leaf: the README's procedure replaces the CA (delete `distr-agent-ca`).
+/// The executor makes a new CA and issues every leaf again; once the new bundle is mounted,
+/// no call fails, and the old certificates are refused.
+#[tokio::test]
+async fn replacing_the_ca_revokes_the_old_certificates() -> anyhow::Result<()> {
+    let test = "mtls-revoke";
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = charts::push_web_chart(test, "revoke-web", &["0.1.0"]).await?;
+    let web = deployment("web", &chart, "0.1.0", json!({}));
+    agent.set_deployments(vec![web.clone()]);
+    agent.wait_status(&revision(&web), "healthy", "", MINUTE).await?;
+    // The leaked certificate: the operator's, taken as the README says.
+    let leaked_dir = distr_agent_e2e::TestEnv::get().test_dir(test).join("leaked");
+    let leaked = OperatorCert::fetch(&agent.ns, leaked_dir).await?;
+    let leaked_ca = std::fs::read_to_string(leaked.dir.join("ca.crt"))?;
+    let leaked_cert = ClientCert {
+        cert: std::fs::read_to_string(leaked.dir.join("tls.crt"))?,
+        key: std::fs::read_to_string(leaked.dir.join("tls.key"))?,
+    };
+    let addr = agent.executor_addr.clone();
+    raw_client(&addr, &leaked_ca, Some(&leaked_cert), &agent.ns.name)?
+        .list_releases(pb::ListReleasesRequest::default())
+        .await?;
+
+    // The README's procedure.
+    let deleted = Instant::now();
+    let args = ["-n", agent.ns.name.as_str(), "delete", "secret", "distr-agent-ca"];
+    distr_agent_e2e::install::kubectl(&args, None)
+        .await?
+        .ok("kubectl delete secret distr-agent-ca")?;
+
+    // The new bundle reaches the poller's and the updater's mounts, and each loads it.
+    let mut settled = Vec::new();
+    for role in ["poller", "updater"] {
+        let dir = agent.tls_dirs[role].clone();
+        wait_for(
+            &format!("the new trust bundle in the {role}'s mount"),
+            MINUTE,
+            || async {
+                let bundle = std::fs::read_to_string(dir.join("ca.crt")).ok()?;
+                (bundle != leaked_ca).then_some(())
+            },
+        )
+        .await?;
+        settled.push((role, deleted.elapsed()));
+    }
+    let mounted = Instant::now();
+    let poller_log_at = agent.poller.log_text().len();
+    let (poller_loaded, updater_loaded) = (
+        count(&agent.poller, "loaded TLS credentials"),
+        count(&agent.updater, "loaded TLS credentials"),
+    );
+    logged_again(&agent.poller, "loaded TLS credentials", poller_loaded.saturating_sub(1)).await?;
+    logged_again(
+        &agent.updater,
+        "loaded TLS credentials",
+        updater_loaded.saturating_sub(1),
+    )
+    .await?;
+
+    // From then on the poller's calls succeed: a status posted after the new bundle was in
+    // place is healthy, and the poller logged no failed call to the executor meanwhile.
+    let since = chrono::Utc::now();
+    agent.wait_status(&revision(&web), "healthy", "", MINUTE).await?;
+    wait_for("a status posted with the new certificates", MINUTE, || async {
+        agent
+            .statuses(&revision(&web))
+            .into_iter()
+            .any(|s| s.received_at > since && s.status_type == "healthy")
+            .then_some(())
+    })
+    .await?;
+    let after: Vec<String> = agent.poller.log_text()[poller_log_at..]
+        .lines()
+        .filter(|l| (l.contains("WARN") || l.contains("ERROR")) && l.contains("executor"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        after.is_empty(),
+        "failed calls after the new bundle was mounted: {after:#?}"
+    );
+    for (role, took) in &settled {
+        eprintln!(
+            "CA replaced: the {role}'s mount holds the new bundle {} ms after the delete",
+            took.as_millis()
+        );
+    }
+    eprintln!(
+        "calls succeed again {} ms after the delete",
+        (mounted - deleted).as_millis()
+    );
+
+    // The leaked certificate no longer opens a connection, even to a client that trusts the
+    // new CA (so the refusal is the executor's, not the client's).
+    let new_ca = std::fs::read_to_string(agent.tls_dirs["poller"].join("ca.crt"))?;
+    let refused = raw_client(&addr, &new_ca, Some(&leaked_cert), &agent.ns.name)?
+        .list_releases(pb::ListReleasesRequest::default())
+        .await;
+    assert!(
+        refused.is_err(),
+        "the old operator certificate still works after the CA was replaced"
+    );
+    eprintln!("the old certificate is refused: {}", refused.unwrap_err());
     Ok(())
 }
