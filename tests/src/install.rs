@@ -296,7 +296,7 @@ impl OperatorCert {
         let args = Self::request_args(namespace);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let run = kubectl(&args, None).await?;
-        if run.success || run.stderr.contains("AlreadyExists") {
+        if run.success || run.stderr.contains("already exists") {
             return Ok(());
         }
         run.ok("kubectl create secret generic distr-agent-operator-tls")?;
