@@ -6,6 +6,7 @@
 //! one way, from the reconciler to the worker.
 
 pub(crate) mod ops;
+pub mod namespace;
 pub mod plan;
 pub mod reconciler;
 pub mod recovery;
