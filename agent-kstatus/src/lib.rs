@@ -34,7 +34,11 @@ pub fn deployment(object: &Deployment) -> Result<(), String> {
     }
     generation_observed(object.metadata.generation, status.observed_generation)?;
     behind("ReadyReplicas", status.ready_replicas.unwrap_or(0).into(), desired)?;
-    behind("AvailableReplicas", status.available_replicas.unwrap_or(0).into(), desired)?;
+    behind(
+        "AvailableReplicas",
+        status.available_replicas.unwrap_or(0).into(),
+        desired,
+    )?;
     behind("UpdatedReplicas", status.updated_replicas.unwrap_or(0).into(), desired)?;
     extra_pods(status.replicas.unwrap_or(0).into(), desired)
 }
@@ -223,7 +227,11 @@ mod tests {
         for (c, expected, case) in table {
             assert_eq!(deployment(&web(*c)), expected.map_err(str::to_owned), "{case}");
             let value = serde_json::to_value(web(*c)).expect("serialisable");
-            assert_eq!(deployment_value(&value), expected.map_err(str::to_owned), "{case} (JSON)");
+            assert_eq!(
+                deployment_value(&value),
+                expected.map_err(str::to_owned),
+                "{case} (JSON)"
+            );
         }
     }
 
@@ -270,7 +278,14 @@ mod tests {
         );
     }
 
-    fn db(desired: i32, replicas: i32, ready: i32, updated: i32, partition: Option<i32>, strategy: &str) -> StatefulSet {
+    fn db(
+        desired: i32,
+        replicas: i32,
+        ready: i32,
+        updated: i32,
+        partition: Option<i32>,
+        strategy: &str,
+    ) -> StatefulSet {
         StatefulSet {
             metadata: ObjectMeta {
                 name: Some("db".into()),

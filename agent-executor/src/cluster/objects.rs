@@ -321,7 +321,9 @@ impl Feed {
     }
 
     async fn dynamic(&self, client: kube::Client) {
-        let Some(api) = self.dynamic_api::<DynamicObject>(client).await else { return };
+        let Some(api) = self.dynamic_api::<DynamicObject>(client).await else {
+            return;
+        };
         self.follow(
             watcher(api, watcher::Config::default()).default_backoff(),
             health::judge_dynamic,
@@ -332,7 +334,9 @@ impl Feed {
     /// Existence only: every object listed is ready.
     async fn metadata(&self, client: kube::Client) {
         // An `Api` of `PartialObjectMeta` makes metadata-only requests.
-        let Some(api) = self.dynamic_api::<PartialObjectMeta<DynamicObject>>(client).await else { return };
+        let Some(api) = self.dynamic_api::<PartialObjectMeta<DynamicObject>>(client).await else {
+            return;
+        };
         self.follow(
             watcher(api, watcher::Config::default()).default_backoff(),
             |_: &PartialObjectMeta<DynamicObject>| Verdict::Ready,

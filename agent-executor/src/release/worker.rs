@@ -1126,8 +1126,12 @@ mod tests {
         {
             let mut state = setup.ops.state();
             state.tracked = Some(record(OWN_ID, "rev-1", None, Phase::Progressing));
-            state.revisions.push(StoredRelease::for_test(1, ReleaseStatus::PendingInstall));
-            state.recoveries.push_back(Outcome::Waiting("waiting for the interrupted helm operation".into()));
+            state
+                .revisions
+                .push(StoredRelease::for_test(1, ReleaseStatus::PendingInstall));
+            state
+                .recoveries
+                .push_back(Outcome::Waiting("waiting for the interrupted helm operation".into()));
         }
         setup.worker.reconcile(&item("rev-1")).await;
         assert_eq!(setup.ops.state().recover_calls, 1);
@@ -1159,7 +1163,9 @@ mod tests {
         {
             let mut state = setup.ops.state();
             state.tracked = Some(record(OTHER_ID, "old", Some(1), Phase::Ready));
-            state.revisions.push(StoredRelease::for_test(1, ReleaseStatus::Deployed));
+            state
+                .revisions
+                .push(StoredRelease::for_test(1, ReleaseStatus::Deployed));
         }
         setup.worker.reconcile(&item("rev-1")).await;
         assert_eq!(setup.ops.state().helm_calls, ["uninstall", "install"]);
@@ -1173,7 +1179,9 @@ mod tests {
         {
             let mut state = setup.ops.state();
             state.tracked = Some(record(OTHER_ID, "theirs", Some(1), Phase::Ready));
-            state.revisions.push(StoredRelease::for_test(1, ReleaseStatus::Deployed));
+            state
+                .revisions
+                .push(StoredRelease::for_test(1, ReleaseStatus::Deployed));
         }
         let mut contested = item("rev-1");
         contested.rivals = vec![OTHER_ID.to_uppercase()];
@@ -1207,7 +1215,9 @@ mod tests {
             let mut state = setup.ops.state();
             state.tracked = Some(record(OTHER_ID, "theirs", Some(1), Phase::Ready));
             state.tracked_secret = Some("planted-web".into());
-            state.revisions.push(StoredRelease::for_test(1, ReleaseStatus::Deployed));
+            state
+                .revisions
+                .push(StoredRelease::for_test(1, ReleaseStatus::Deployed));
         }
         setup.worker.remove().await.unwrap();
         assert!(setup.ops.state().helm_calls.is_empty(), "not uninstalled");
@@ -1233,7 +1243,9 @@ mod tests {
             // As `Reconciler::rollback` leaves it: Helm's new revision 2 (a copy of an older
             // one), recorded with the roll-back.
             let mut state = setup.ops.state();
-            state.revisions.push(StoredRelease::for_test(2, ReleaseStatus::Deployed));
+            state
+                .revisions
+                .push(StoredRelease::for_test(2, ReleaseStatus::Deployed));
             let mut tracked = state.tracked.clone().unwrap();
             tracked.helm_revision = Some(2);
             tracked.rolled_back_to = Some(2);
@@ -1246,8 +1258,10 @@ mod tests {
             message.starts_with("rolled back by an operator: helm revision 2 ("),
             "{message}"
         );
-        assert!(message.contains("runs, not this revision; status check passed"), "{message}");
+        assert!(
+            message.contains("runs, not this revision; status check passed"),
+            "{message}"
+        );
         assert_eq!(setup.ops.state().helm_calls, ["install"], "no upgrade back");
     }
-
 }

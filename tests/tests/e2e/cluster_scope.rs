@@ -29,7 +29,13 @@ async fn releases(home: &Path, namespace: &str) -> anyhow::Result<Vec<(String, S
     };
     Ok(listed
         .iter()
-        .map(|release| (text(release, "name"), text(release, "revision"), text(release, "status")))
+        .map(|release| {
+            (
+                text(release, "name"),
+                text(release, "revision"),
+                text(release, "status"),
+            )
+        })
         .collect())
 }
 
@@ -38,8 +44,8 @@ fn web(revision: &str) -> Vec<(String, String, String)> {
 }
 
 #[tokio::test]
-async fn a_cluster_scoped_executor_moves_to_another_namespace_only_once_the_old_one_is_undeployed()
--> anyhow::Result<()> {
+async fn a_cluster_scoped_executor_moves_to_another_namespace_only_once_the_old_one_is_undeployed() -> anyhow::Result<()>
+{
     let test = "cluster-scope";
     let agent = Agent::start(
         test,
@@ -66,7 +72,12 @@ async fn a_cluster_scoped_executor_moves_to_another_namespace_only_once_the_old_
     let second = revise(&first, json!({"values": {"message": "second"}}));
     agent.set_deployments(vec![second.clone()]);
     let refused = agent
-        .wait_status(&revision(&second), "error", "a change of namespace uninstalls nothing", MINUTE)
+        .wait_status(
+            &revision(&second),
+            "error",
+            "a change of namespace uninstalls nothing",
+            MINUTE,
+        )
         .await?;
     assert!(
         refused.message.contains(&format!(
@@ -92,10 +103,7 @@ async fn a_cluster_scoped_executor_moves_to_another_namespace_only_once_the_old_
     agent.hub.set_namespace(agent.target, Some(&apps.name));
     agent.set_deployments(Vec::new());
     wait_for("the release uninstalled from the old namespace", MINUTE, || async {
-        releases(home.path(), &apps.name)
-            .await
-            .ok()
-            .filter(Vec::is_empty)
+        releases(home.path(), &apps.name).await.ok().filter(Vec::is_empty)
     })
     .await?;
 
@@ -138,9 +146,10 @@ async fn a_namespace_scoped_executor_refuses_another_namespace_and_keeps_its_rel
         .wait_status(&revision(&second), "error", "namespace-scoped", MINUTE)
         .await?;
     assert!(
-        refused
-            .message
-            .contains(&format!("only to its own namespace {}, not to {}", agent.ns.name, other.name)),
+        refused.message.contains(&format!(
+            "only to its own namespace {}, not to {}",
+            agent.ns.name, other.name
+        )),
         "{}",
         refused.message
     );

@@ -159,7 +159,10 @@ async fn a_failed_upgrade_is_rolled_back_and_reported_once() -> anyhow::Result<(
     assert_eq!(latest["status"], "deployed", "{history}");
     let tracking = agent.ns.api::<Secret>().get(&tracking_secret("web")).await?;
     let record: serde_json::Value = serde_json::from_slice(&tracking.data.unwrap_or_default()["release"].0)?;
-    assert_eq!(record["helmRevision"], 3, "tracking follows Helm's rollback revision: {record}");
+    assert_eq!(
+        record["helmRevision"], 3,
+        "tracking follows Helm's rollback revision: {record}"
+    );
 
     // The following cycles: no revision-skew error and no new upgrade of the same revision.
     // A wrong retry would come after the first retry delay (30 s, `plan::retry_delay`), so

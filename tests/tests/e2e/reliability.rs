@@ -1083,7 +1083,11 @@ async fn the_operator_reads_a_release_and_rolls_it_back_through_grpcurl() -> any
     let healthy = agent
         .wait_status(&revision(&next), "healthy", "status check passed", 2 * MINUTE)
         .await?;
-    assert!(healthy.message.starts_with("status check passed"), "{}", healthy.message);
+    assert!(
+        healthy.message.starts_with("status check passed"),
+        "{}",
+        healthy.message
+    );
     let record = tracking_record(&agent, "web").await?;
     assert!(record.get("rolledBackTo").is_none(), "{record}");
     assert_eq!(record["helmRevision"], 5, "{record}");
