@@ -19,7 +19,7 @@ const MINUTE: Duration = Duration::from_secs(60);
 
 /// The releases Helm has in `namespace`: name, revision, status.
 async fn releases(home: &Path, namespace: &str) -> anyhow::Result<Vec<(String, String, String)>> {
-    let listed = tools::helm(home, &["ls", "-a", "-n", namespace, "-o", "json"])
+    let listed = tools::helm(home, &["ls", "-n", namespace, "-o", "json"])
         .await?
         .ok("helm ls")?;
     let listed: Vec<serde_json::Value> = serde_json::from_str(&listed.stdout)?;

@@ -76,7 +76,7 @@ async fn a_planted_secret_never_makes_the_executor_uninstall_a_release_it_did_no
     agent.set_deployments(Vec::new());
     agent.start_executor_again().await?;
     wait_for("web uninstalled", MINUTE, || async {
-        let listed = agent.helm_json(&["ls", "-a"]).await.ok()?;
+        let listed = agent.helm_json(&["ls"]).await.ok()?;
         let names: Vec<&str> = listed
             .as_array()?
             .iter()
