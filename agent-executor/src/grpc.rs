@@ -253,8 +253,10 @@ fn to_status(error: ReconcileError) -> Status {
 
 /// Converts a `SyncRequest`. Fails only when the request as a whole is unusable.
 fn desired_state(request: pb::SyncRequest) -> Result<DesiredState, Status> {
-    if !request.namespace.is_empty() {
-        validate::namespace(&request.namespace).map_err(|error| Status::invalid_argument(error.to_string()))?;
+    // Absent or empty: unchanged.
+    let namespace = request.namespace.filter(|namespace| !namespace.is_empty());
+    if let Some(namespace) = &namespace {
+        validate::namespace(namespace).map_err(|error| Status::invalid_argument(error.to_string()))?;
     }
     let hub_registry = match request.hub_registry {
         Some(login)
@@ -277,7 +279,7 @@ fn desired_state(request: pb::SyncRequest) -> Result<DesiredState, Status> {
         _ => None,
     };
     Ok(DesiredState {
-        namespace: request.namespace,
+        namespace,
         deployments: request.deployments.into_iter().map(deployment).collect(),
         hub_registry,
     })
@@ -527,13 +529,21 @@ mod tests {
     #[test]
     fn malformed_requests_are_invalid_arguments() {
         let bad_namespace = pb::SyncRequest {
-            namespace: "Bad NS".into(),
+            namespace: Some("Bad NS".into()),
             ..Default::default()
         };
         assert_eq!(
             desired_state(bad_namespace).unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
+        // Absent and empty both mean unchanged.
+        for namespace in [None, Some(String::new())] {
+            let request = pb::SyncRequest {
+                namespace,
+                ..Default::default()
+            };
+            assert_eq!(desired_state(request).unwrap().namespace, None);
+        }
         let no_host = pb::SyncRequest {
             hub_registry: Some(pb::RegistryLogin {
                 host: String::new(),

@@ -50,9 +50,14 @@ pub struct Args {
     #[arg(long, env = "AGENT_GRPC_ADDR", default_value = "0.0.0.0:9443")]
     pub grpc_addr: SocketAddr,
 
-    /// Namespace of the releases when the Hub names none (the agent's own namespace).
+    /// The agent's own namespace (that of the releases until the Hub names another).
     #[arg(long, env = "AGENT_NAMESPACE")]
     pub namespace: String,
+
+    /// Where the executor may deploy (the manifest's `targetScope`): `namespace`, only to its
+    /// own namespace; `cluster`, to the namespace the Hub names.
+    #[arg(long, env = "AGENT_SCOPE", value_enum, default_value_t = release::namespace::Scope::Namespace)]
+    pub scope: release::namespace::Scope,
 
     /// The helm v4 binary.
     #[arg(long, env = "AGENT_HELM_BIN", default_value = "helm")]
@@ -182,6 +187,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         client,
         helm,
         args.namespace.clone(),
+        args.scope,
         release::slots::HelmLimits {
             concurrent: usize::from(args.max_concurrent_helm),
             active_phase: Duration::from_secs(args.helm_active_phase_seconds),
@@ -210,7 +216,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     server
         .add_service(AgentLogsService::server(runtime.agent_logs.clone()))
         .await;
-    tracing::info!(addr = %server.local_addr()?, namespace = %args.namespace, "gRPC server listening");
+    tracing::info!(addr = %server.local_addr()?, namespace = %args.namespace, scope = ?args.scope, "gRPC server listening");
     grpc_ready.open();
 
     {

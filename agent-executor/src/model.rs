@@ -85,8 +85,8 @@ impl RegistryLogin {
 /// tracks that are not listed here are uninstalled.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct DesiredState {
-    /// Namespace of the releases; empty means the executor's own namespace.
-    pub namespace: String,
+    /// Namespace of the releases; `None` (the Hub named none) means unchanged.
+    pub namespace: Option<String>,
     pub deployments: Vec<Deployment>,
     pub hub_registry: Option<RegistryLogin>,
 }

@@ -7,7 +7,8 @@ use crate::hub::{Deployment, HelmOptions, Resources};
 /// The desired state for the executor. `hub_registry` is the Hub registry login, if any.
 pub fn sync_request(resources: &Resources, hub_registry: Option<pb::RegistryLogin>) -> pb::SyncRequest {
     pb::SyncRequest {
-        namespace: resources.namespace.clone().unwrap_or_default(),
+        // Absent stays absent: the executor keeps the namespace in use (never "the default").
+        namespace: resources.namespace.clone().filter(|namespace| !namespace.is_empty()),
         deployments: resources.deployments.iter().map(deployment).collect(),
         hub_registry,
     }
@@ -130,7 +131,7 @@ mod tests {
         }))
         .expect("valid resources");
         let request = sync_request(&resources, None);
-        assert_eq!(request.namespace, "customer");
+        assert_eq!(request.namespace.as_deref(), Some("customer"));
         let d = &request.deployments[0];
         assert_eq!(d.release_name, "web");
         assert_eq!(d.chart_name, "web");
@@ -145,5 +146,16 @@ mod tests {
             options.rollback_on_failure, None,
             "absent stays absent; the executor applies the defaults"
         );
+    }
+
+    #[test]
+    fn an_absent_namespace_stays_absent() {
+        for body in [
+            serde_json::json!({"deployments": []}),
+            serde_json::json!({"namespace": "", "deployments": []}),
+        ] {
+            let resources: Resources = serde_json::from_value(body).expect("valid resources");
+            assert_eq!(sync_request(&resources, None).namespace, None);
+        }
     }
 }

@@ -644,7 +644,7 @@ mod tests {
         assert!(cycle.run().await.is_some());
         let synced = &cycle.executor.synced;
         assert_eq!(synced.len(), 1);
-        assert_eq!(synced[0].namespace, "apps");
+        assert_eq!(synced[0].namespace.as_deref(), Some("apps"));
         assert_eq!(synced[0].deployments.len(), 2, "the whole desired state");
         let posted = hub.take_posted();
         assert_eq!(

@@ -8,6 +8,8 @@
 //! Until a watch has listed its objects once, lookups wait for it (up to 10 s);
 //! when it cannot run (a kind the executor may not list, a kind the API server does not
 //! know) they answer [`Lookup::Unknown`] at once and the caller reads the object itself.
+//! Kinds that carry no readiness of their own (ConfigMap, RBAC, ...) are only checked to
+//! exist, from a watch of their metadata.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -27,7 +29,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Resource, ResourceExt as _,
-    api::DynamicObject,
+    api::{ApiResource, DynamicObject, PartialObjectMeta},
     core::GroupVersionKind,
     discovery::Scope,
     runtime::{
@@ -77,6 +79,8 @@ struct WatchKey {
     kind: String,
     /// Empty for a cluster-scoped kind.
     namespace: String,
+    /// Only whether the objects exist ([`health::existence_only`]): a metadata watch.
+    metadata_only: bool,
 }
 
 struct KindWatch {
@@ -203,6 +207,7 @@ impl ObjectWatches {
             version: object.version().to_owned(),
             kind: object.kind.clone(),
             namespace: object.namespace.clone().unwrap_or_else(|| namespace.to_owned()),
+            metadata_only: health::existence_only(object),
         };
         let watch = self.watch(key);
         *watch.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
@@ -266,6 +271,7 @@ impl Feed {
             () = stop.cancelled() => {}
             () = async {
                 match (self.key.group.as_str(), self.key.kind.as_str()) {
+                    _ if self.key.metadata_only => self.metadata(client).await,
                     ("apps", "Deployment") => self.typed(Api::<Deployment>::namespaced(client, &namespace), health::typed(health::deployment)).await,
                     ("apps", "StatefulSet") => self.typed(Api::<StatefulSet>::namespaced(client, &namespace), health::typed(health::stateful_set)).await,
                     ("apps", "DaemonSet") => self.typed(Api::<DaemonSet>::namespaced(client, &namespace), health::typed(health::daemon_set)).await,
@@ -293,23 +299,47 @@ impl Feed {
         .await;
     }
 
-    async fn dynamic(&self, client: kube::Client) {
+    /// The API of the watched kind (objects `K` of it: whole or metadata only), resolved by
+    /// discovery; `None` (the watch failing) when it cannot be.
+    async fn dynamic_api<K>(&self, client: kube::Client) -> Option<Api<K>>
+    where
+        K: Resource<DynamicType = ApiResource, Scope = kube::core::DynamicResourceScope>,
+    {
         let gvk = GroupVersionKind::gvk(&self.key.group, &self.key.version, &self.key.kind);
         let (resource, capabilities) = match kube::discovery::pinned_kind(&client, &gvk).await {
             Ok(found) => found,
             Err(error) => {
                 tracing::debug!(kind = %self.key.kind, %error, "cannot resolve a kind to watch; its objects are read directly");
                 self.sync.send_replace(WatchState::Failing);
-                return;
+                return None;
             }
         };
-        let api: Api<DynamicObject> = match capabilities.scope {
+        Some(match capabilities.scope {
             Scope::Cluster => Api::all_with(client, &resource),
             Scope::Namespaced => Api::namespaced_with(client, &self.key.namespace, &resource),
+        })
+    }
+
+    async fn dynamic(&self, client: kube::Client) {
+        let Some(api) = self.dynamic_api::<DynamicObject>(client).await else {
+            return;
         };
         self.follow(
             watcher(api, watcher::Config::default()).default_backoff(),
             health::judge_dynamic,
+        )
+        .await;
+    }
+
+    /// Existence only: every object listed is ready.
+    async fn metadata(&self, client: kube::Client) {
+        // An `Api` of `PartialObjectMeta` makes metadata-only requests.
+        let Some(api) = self.dynamic_api::<PartialObjectMeta<DynamicObject>>(client).await else {
+            return;
+        };
+        self.follow(
+            watcher(api, watcher::Config::default()).default_backoff(),
+            |_: &PartialObjectMeta<DynamicObject>| Verdict::Ready,
         )
         .await;
     }
@@ -453,7 +483,9 @@ mod tests {
                 ..Default::default()
             }),
             status: Some(DeploymentStatus {
+                replicas: Some(1),
                 ready_replicas: Some(ready),
+                available_replicas: Some(ready),
                 updated_replicas: Some(1),
                 observed_generation: Some(1),
                 ..Default::default()
@@ -479,6 +511,7 @@ mod tests {
                 version: "v1".into(),
                 kind: "Deployment".into(),
                 namespace: "apps".into(),
+                metadata_only: false,
             },
             watch: kind_watch.clone(),
             sync: sync_tx,

@@ -6,6 +6,12 @@
 //! optional key `lastLogTimestamp` (owned by log collection; never touched here). A record
 //! whose `id` is the nil UUID is an adoption request for the Hub deployment with that release
 //! name.
+//!
+//! Only the canonical Secret holds a record of what the agent deployed: a Secret of another
+//! name carrying the label is read only as an adoption request (nil id), never as a record
+//! the agent acts on destructively (uninstall, recovery). Whoever may create a Secret in the
+//! namespace (or a chart that renders one) must not make the agent uninstall a release it did
+//! not install.
 
 use std::collections::BTreeMap;
 
@@ -90,6 +96,11 @@ pub struct TrackingRecord {
     pub phase: Phase,
     #[serde(rename = "logsEnabled", default)]
     pub logs_enabled: bool,
+    /// The Helm revision an operator's `Rollback` went back to: until the Hub sends another
+    /// revision, the cluster runs that one, not `revisionId`. Absent otherwise (and in the
+    /// records of older agents, which ignore it).
+    #[serde(rename = "rolledBackTo", default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_to: Option<u32>,
 }
 
 fn positive_or_none<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
@@ -133,6 +144,27 @@ pub fn secret_name(release: &str) -> String {
 pub struct Tracked {
     pub secret: String,
     pub record: TrackingRecord,
+}
+
+impl Tracked {
+    /// Read from the canonical Secret of its release: the agent's own record.
+    pub fn is_canonical(&self) -> bool {
+        self.secret == secret_name(&self.record.release_name)
+    }
+
+    /// A record of something the agent deployed, which it may act on destructively
+    /// (uninstall, recovery): read from the canonical Secret and not an adoption request.
+    pub fn is_own_record(&self) -> bool {
+        self.is_canonical() && !self.record.is_adoption_request()
+    }
+}
+
+/// Whether a record read from the Secret `secret` counts at all: the canonical Secret's
+/// record, or an adoption request (nil id) in a Secret of any name. A Secret of another name
+/// that claims a deployment id is ignored: only the agent writes records of what it deployed,
+/// and it writes them to the canonical Secret.
+pub fn admissible(secret: &str, record: &TrackingRecord) -> bool {
+    secret == secret_name(&record.release_name) || record.is_adoption_request()
 }
 
 /// One tracking Secret found by [`TrackingStore::list`].
@@ -260,9 +292,9 @@ impl TrackingStore {
         &self.namespace
     }
 
-    /// The tracking record of `release`: the canonical Secret, or else a Secret labelled for
-    /// the release (an operator's adoption request under another name). `Err(Invalid)` when
-    /// the Secret exists but its record is broken.
+    /// The tracking record of `release`: the canonical Secret, or else an adoption request
+    /// (nil id) in a Secret of another name labelled for the release. `Err(Invalid)` when the
+    /// canonical Secret exists but its record is broken.
     pub async fn find(&self, release: &str) -> Result<Option<Tracked>, TrackingError> {
         let name = secret_name(release);
         let api_error = |action, source| TrackingError::Api {
@@ -288,11 +320,16 @@ impl TrackingStore {
         Ok(list.items.iter().find_map(|secret| {
             let record = decode_for(secret, release).ok()?;
             let name = secret.metadata.name.clone()?;
+            if !admissible(&name, &record) {
+                tracing::debug!(secret = %name, release, "ignoring a Secret that claims a deployment under another name than the agent's");
+                return None;
+            }
             Some(Tracked { secret: name, record })
         }))
     }
 
-    /// Every tracking Secret of the namespace, broken ones included.
+    /// Every tracking Secret of the namespace, broken ones included; a Secret of another name
+    /// than the canonical one counts only as an adoption request (see [`admissible`]).
     pub async fn list(&self) -> Result<Vec<Listed>, TrackingError> {
         let list = kube_util::call(self.api.list(&ListParams::default().labels(DEPLOYMENT_LABEL)))
             .await
@@ -306,15 +343,19 @@ impl TrackingStore {
             .iter()
             // Only tracking Secrets: not the pull Secrets, whatever labels someone gave them.
             .filter(|secret| !secret.metadata.name.as_deref().unwrap_or_default().ends_with(".pull"))
-            .map(|secret| match decode(secret) {
-                Ok(record) => Listed::Valid(Tracked {
-                    secret: secret.metadata.name.clone().unwrap_or_default(),
-                    record,
-                }),
-                Err(error) => Listed::Broken {
-                    release: release_of(secret),
-                    error,
-                },
+            .filter_map(|secret| {
+                let name = secret.metadata.name.clone().unwrap_or_default();
+                match decode(secret) {
+                    Ok(record) if admissible(&name, &record) => Some(Listed::Valid(Tracked { secret: name, record })),
+                    Ok(record) => {
+                        tracing::debug!(secret = %name, release = %record.release_name, "ignoring a Secret that claims a deployment under another name than the agent's");
+                        None
+                    }
+                    Err(error) => Some(Listed::Broken {
+                        release: release_of(secret),
+                        error,
+                    }),
+                }
             })
             .collect())
     }
@@ -379,6 +420,7 @@ mod tests {
             helm_revision: Some(3),
             phase: Phase::Ready,
             logs_enabled: true,
+            rolled_back_to: None,
         }
     }
 
@@ -391,6 +433,21 @@ mod tests {
         );
         let back: TrackingRecord = serde_json::from_str(&json).unwrap();
         assert_eq!(back, record());
+    }
+
+    #[test]
+    fn a_manual_rollback_is_recorded_and_read_back() {
+        let rolled_back = TrackingRecord {
+            helm_revision: Some(4),
+            rolled_back_to: Some(4),
+            ..record()
+        };
+        let json: serde_json::Value = serde_json::from_slice(&rolled_back.to_json()).unwrap();
+        assert_eq!(json["rolledBackTo"], 4);
+        let back: TrackingRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(back, rolled_back);
+        let plain: serde_json::Value = serde_json::from_slice(&record().to_json()).unwrap();
+        assert!(plain.get("rolledBackTo").is_none(), "{plain}");
     }
 
     #[test]
@@ -477,6 +534,29 @@ mod tests {
                 .to_string()
                 .contains("does not match")
         );
+    }
+
+    #[test]
+    fn only_the_canonical_secret_holds_a_record_of_a_deployed_release() {
+        let own = record();
+        assert!(admissible("sh.distr.agent.v1.web", &own));
+        // A Secret of another name claiming a deployment: ignored, whatever its labels say.
+        assert!(!admissible("planted-web", &own));
+        assert!(!admissible("sh.distr.agent.v1.db", &own));
+        // Under another name, only an adoption request counts.
+        let adoption = TrackingRecord {
+            id: NIL_UUID.into(),
+            ..record()
+        };
+        assert!(admissible("adopt-web", &adoption));
+        let tracked = |secret: &str, record: &TrackingRecord| Tracked {
+            secret: secret.into(),
+            record: record.clone(),
+        };
+        assert!(tracked("sh.distr.agent.v1.web", &own).is_own_record());
+        assert!(!tracked("adopt-web", &own).is_own_record());
+        assert!(!tracked("sh.distr.agent.v1.web", &adoption).is_own_record());
+        assert!(!tracked("adopt-web", &adoption).is_canonical());
     }
 
     #[test]

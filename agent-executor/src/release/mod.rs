@@ -5,6 +5,7 @@
 //! The worker knows the reconciler only through its small `Host` trait: the dependency runs
 //! one way, from the reconciler to the worker.
 
+pub mod namespace;
 pub(crate) mod ops;
 pub mod plan;
 pub mod reconciler;

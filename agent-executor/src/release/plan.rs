@@ -37,7 +37,9 @@ pub fn plan(desired: &Deployment, tracked: Option<&TrackingRecord>, latest: Opti
         (None, Some(_)) => Plan::Refuse(format!(
             "helm release {release} already exists but was not created by the agent"
         )),
-        (Some(record), _) if record.phase == Phase::Progressing => Plan::Recover,
+        // Only the agent's own record of an operation it started is recovered; an adoption
+        // request (whatever phase it claims) is not one.
+        (Some(record), _) if record.phase == Phase::Progressing && !record.is_adoption_request() => Plan::Recover,
         // The agent records `progressing` before it starts Helm: a pending revision without
         // that is someone else's operation (an operator's long `helm upgrade`), never taken
         // over (rolled back) under them.
@@ -265,6 +267,7 @@ mod tests {
             helm_revision,
             phase,
             logs_enabled: false,
+            rolled_back_to: None,
         }
     }
 
@@ -371,6 +374,25 @@ mod tests {
                 Some(&helm(4, ReleaseStatus::PendingUpgrade))
             ),
             Plan::Recover
+        );
+    }
+
+    #[test]
+    fn an_adoption_request_is_never_recovered_whatever_phase_it_claims() {
+        // Anyone may write an adoption request: a `progressing` one must not make the agent
+        // roll back or uninstall a pending revision someone else started.
+        let planted = TrackingRecord {
+            id: NIL_UUID.into(),
+            ..record("r1", Some(3), Phase::Progressing)
+        };
+        let pending = helm(4, ReleaseStatus::PendingInstall);
+        assert_eq!(
+            plan(&desired("r1"), Some(&planted), Some(&pending)),
+            Plan::Refuse(foreign_pending("web", &pending))
+        );
+        assert_eq!(
+            plan(&desired("r1"), Some(&planted), Some(&helm(3, ReleaseStatus::Deployed))),
+            Plan::Upgrade
         );
     }
 

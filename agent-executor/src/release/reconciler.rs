@@ -25,10 +25,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
-    cluster::tracking::{Listed, Phase, TrackingError, TrackingRecord, TrackingStore},
+    cluster::tracking::{Listed, Phase, Tracked, TrackingError, TrackingRecord, TrackingStore},
     helm::storage::{StorageError, StoredRelease},
     helm::{HelmDriver, HelmError},
     model::{Deployment, DeploymentStatus, DesiredState, HelmOptions, Status, StatusKind},
+    release::namespace::{self, NamespaceRecord, Resolved, Scope},
     release::ops::{KubeOps, Stores},
     release::recovery::{self, Outcome},
     release::slots::{HelmLimits, HelmSlot, HelmSlots},
@@ -140,12 +141,22 @@ pub(crate) struct Inner {
     pub(crate) health: Arc<HealthChecker>,
     pub(crate) shutdown: CancellationToken,
     default_namespace: String,
+    /// What the executor may deploy to.
+    scope: Scope,
+    /// Where a cluster-scoped executor records the namespace in use.
+    namespace_record: NamespaceRecord,
+    /// The namespace in use: `None` until read from the record (or, namespace-scoped, set to
+    /// the agent's own); `Some(None)` when none is recorded yet. Held across a `sync`'s
+    /// decision on the namespace, so two decisions never interleave.
+    in_use: tokio::sync::Mutex<Option<Option<String>>>,
     helm_slots: HelmSlots,
     state: Mutex<State>,
     op_locks: Mutex<HashMap<ReleaseKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Deployment id named by each release's tracking Secret (see [`Inner::owner_of`]).
     owners: Mutex<HashMap<ReleaseKey, String>>,
     tasks: TaskTracker,
+    /// The last reason a `sync`'s namespace was refused (logged when it changes).
+    refusal: Mutex<Option<String>>,
 }
 
 #[derive(Default)]
@@ -203,7 +214,9 @@ impl Inner {
         };
         for entry in entries {
             let record = match entry {
-                Listed::Valid(tracked) => tracked.record,
+                // Only the agent's own records lead to an uninstall.
+                Listed::Valid(tracked) if tracked.is_own_record() => tracked.record,
+                Listed::Valid(_) => continue,
                 Listed::Broken { release, error } => {
                     // A desired release reports this as its status; ListReleases shows it too.
                     tracing::debug!(%namespace, ?release, %error, "ignoring a broken tracking Secret");
@@ -255,12 +268,71 @@ impl Inner {
         }
     }
 
+    /// The namespace in use as recorded (cluster scope), or the agent's own.
+    async fn load_namespace_in_use(&self) -> Result<Option<String>, String> {
+        match self.scope {
+            Scope::Namespace => Ok(Some(self.default_namespace.clone())),
+            Scope::Cluster => self
+                .namespace_record
+                .load()
+                .await
+                .map_err(|error| format!("cannot read the namespace in use ({}): {error}", namespace::RECORD_NAME)),
+        }
+    }
+
+    /// The releases the agent installed in `namespace` (its own records there).
+    async fn releases_installed_in(&self, namespace: &str) -> Result<Vec<String>, TrackingError> {
+        let store = TrackingStore::new(self.client.clone(), namespace);
+        let mut releases: Vec<String> = store
+            .list()
+            .await?
+            .into_iter()
+            .filter_map(|entry| match entry {
+                Listed::Valid(tracked) if tracked.is_own_record() => Some(tracked.record.release_name),
+                _ => None,
+            })
+            .collect();
+        releases.sort();
+        Ok(releases)
+    }
+
+    /// The namespace of the latest `sync`, else the one in use as last read, else the
+    /// agent's own.
     fn current_namespace(&self) -> String {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state
-            .desired
-            .as_ref()
-            .map_or_else(|| self.default_namespace.clone(), |desired| desired.namespace.clone())
+        if let Some(desired) = state.desired.as_ref() {
+            return desired.namespace.clone();
+        }
+        let recorded = self.in_use.try_lock().ok().and_then(|in_use| in_use.clone().flatten());
+        recorded.unwrap_or_else(|| self.default_namespace.clone())
+    }
+
+    /// The namespace in use (read from the record the first time), or the agent's own.
+    async fn namespace_in_use(&self) -> Result<String, String> {
+        let mut in_use = self.in_use.lock().await;
+        let current = self.recorded(&mut in_use).await?;
+        Ok(current.unwrap_or_else(|| self.default_namespace.clone()))
+    }
+
+    /// The namespace in use as `in_use` (the guarded [`Inner::in_use`]) knows it, read from
+    /// the record the first time; `None` when none is recorded yet.
+    async fn recorded(&self, in_use: &mut Option<Option<String>>) -> Result<Option<String>, String> {
+        if let Some(current) = in_use {
+            return Ok(current.clone());
+        }
+        let loaded = self.load_namespace_in_use().await?;
+        *in_use = Some(loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Remembers why a `sync`'s namespace was refused, logging it when the reason changed.
+    fn refuse(&self, message: String) -> Result<String, String> {
+        let mut last = self.refusal.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_deref() != Some(message.as_str()) {
+            tracing::warn!(reason = %message, "the Hub's namespace is refused; nothing is touched");
+            *last = Some(message.clone());
+        }
+        Err(message)
     }
 
     /// Helm options of the release's desired deployment, or the defaults.
@@ -352,11 +424,12 @@ impl Reconciler {
         )));
     }
 
-    /// A reconciler for releases in `namespace` (used when a `sync` names none), running Helm
-    /// within `limits`.
-    pub fn new(client: kube::Client, helm: HelmDriver, namespace: String, limits: HelmLimits) -> Self {
+    /// A reconciler for releases in `namespace` (the agent's own, used until the Hub names
+    /// another), deploying within `scope` and running Helm within `limits`.
+    pub fn new(client: kube::Client, helm: HelmDriver, namespace: String, scope: Scope, limits: HelmLimits) -> Self {
         let shutdown = CancellationToken::new();
         let cluster = crate::cluster::Cluster::new(client.clone(), shutdown.clone());
+        let namespace_record = NamespaceRecord::new(client.clone(), &namespace);
         Self {
             inner: Arc::new(Inner {
                 health: Arc::new(HealthChecker::new(client.clone(), cluster.clone())),
@@ -366,11 +439,15 @@ impl Reconciler {
                 statuses: StatusBoard::default(),
                 shutdown,
                 default_namespace: namespace,
+                namespace_record,
+                scope,
+                in_use: tokio::sync::Mutex::new(None),
                 helm_slots: HelmSlots::new(limits),
                 state: Mutex::new(State::default()),
                 op_locks: Mutex::new(HashMap::new()),
                 owners: Mutex::new(HashMap::new()),
                 tasks: TaskTracker::new(),
+                refusal: Mutex::new(None),
             }),
         }
     }
@@ -383,10 +460,16 @@ impl Reconciler {
     pub async fn sync(&self, desired: DesiredState) -> Vec<DeploymentStatus> {
         let inner = &self.inner;
         let now = Utc::now();
-        let namespace = if desired.namespace.is_empty() {
-            inner.default_namespace.clone()
-        } else {
-            desired.namespace.clone()
+        let namespace = match self.resolve_namespace(desired.namespace.as_deref()).await {
+            Ok(namespace) => namespace,
+            Err(message) => {
+                // Touch nothing (least of all uninstall) when the namespace cannot be used.
+                return desired
+                    .deployments
+                    .iter()
+                    .map(|deployment| error_status(deployment, &message, now))
+                    .collect();
+            }
         };
         if let Err(error) = validate::namespace(&namespace) {
             // Touch nothing (least of all uninstall) when the namespace itself is unusable.
@@ -496,6 +579,52 @@ impl Reconciler {
         replies
     }
 
+    /// The namespace of this `sync`'s releases, from the one the Hub names (`None`: absent,
+    /// which means unchanged) and the one in use; `Err` says why the sync must touch nothing
+    /// (see [`namespace`]).
+    async fn resolve_namespace(&self, named: Option<&str>) -> Result<String, String> {
+        let inner = &self.inner;
+        let mut in_use = inner.in_use.lock().await;
+        let current = match inner.recorded(&mut in_use).await {
+            Ok(current) => current,
+            Err(message) => return inner.refuse(message),
+        };
+        // Namespace-scoped, nothing is recorded: the agent's own is the only one.
+        let record = inner.scope == Scope::Cluster;
+        let refused = |message: String| inner.refuse(message);
+        let to = match namespace::resolve(inner.scope, &inner.default_namespace, current.as_deref(), named) {
+            Resolved::Keep(namespace) => {
+                inner.refusal.lock().unwrap_or_else(|e| e.into_inner()).take();
+                return Ok(namespace);
+            }
+            Resolved::Refused(message) => return refused(message),
+            Resolved::Move { from, to } => {
+                if let Err(error) = validate::namespace(&to) {
+                    return refused(error.to_string());
+                }
+                if let Some(from) = from {
+                    match inner.releases_installed_in(&from).await {
+                        Ok(left) if left.is_empty() => {}
+                        Ok(left) => return refused(namespace::move_refused(&from, &to, &left)),
+                        Err(error) => {
+                            return refused(format!(
+                                "the Hub moved the deployments from namespace {from} to {to}; cannot tell which releases are left in {from}: {error}"
+                            ));
+                        }
+                    }
+                    tracing::info!(%from, %to, "no release left in the previous namespace; following the Hub");
+                }
+                to
+            }
+        };
+        if record && let Err(error) = inner.namespace_record.save(&to).await {
+            return refused(format!("cannot record the namespace {to} in use: {error}"));
+        }
+        *in_use = Some(Some(to.clone()));
+        inner.refusal.lock().unwrap_or_else(|e| e.into_inner()).take();
+        Ok(to)
+    }
+
     /// Wakes on every status change.
     pub fn follow_statuses(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.statuses.follow()
@@ -532,12 +661,23 @@ impl Reconciler {
         self.inner.statuses.all()
     }
 
-    /// Recovers, before the executor reports ready, every release of the default namespace
+    /// Recovers, before the executor reports ready, every release of the namespace in use
     /// whose last operation was interrupted. Retries while the API is unavailable; a pending
     /// revision that may still belong to a live `helm` is left to the release's worker.
     pub async fn recover_on_startup(&self) {
         let inner = &self.inner;
-        let namespace = inner.default_namespace.clone();
+        let namespace = loop {
+            match inner.namespace_in_use().await {
+                Ok(namespace) => break namespace,
+                Err(error) => {
+                    tracing::warn!(%error, "start-up recovery cannot start; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(STARTUP_RETRY) => {},
+                        () = inner.shutdown.cancelled() => return,
+                    }
+                }
+            }
+        };
         let stores = Stores::new(&inner.client, &namespace);
         loop {
             match self.recover_namespace(&namespace, &stores).await {
@@ -564,7 +704,8 @@ impl Reconciler {
             let release = tracked.record.release_name.clone();
             // Only what the agent started: a pending revision without a `progressing` record
             // is someone else's operation (see `plan::plan`).
-            let interrupted = tracked.record.phase == Phase::Progressing;
+            // Only from the agent's own record (canonical Secret, not an adoption request).
+            let interrupted = tracked.record.phase == Phase::Progressing && tracked.is_own_record();
             if let Some((revision, status)) = latest.get(&release).filter(|(_, status)| status.is_pending())
                 && !interrupted
             {
@@ -596,7 +737,7 @@ impl Reconciler {
             return Ok(false);
         };
         // Read again under the lock: a worker may have recovered it already.
-        let Some(tracked) = stores.tracking.find(release).await? else {
+        let Some(tracked) = stores.tracking.find(release).await?.filter(Tracked::is_own_record) else {
             return Ok(false);
         };
         let latest = stores.storage.latest(release).await?;
@@ -744,6 +885,8 @@ impl Reconciler {
         match result {
             Ok(()) => {
                 record.phase = Phase::Ready;
+                // The Hub's revision no longer runs: its status says so (see the worker).
+                record.rolled_back_to = record.helm_revision;
                 stores.tracking.save(&record).await?;
                 tracing::info!(release, helm_revision = ?record.helm_revision, "manual rollback done");
                 Ok(record.helm_revision.unwrap_or_default())
@@ -875,6 +1018,7 @@ mod tests {
             client,
             helm,
             "apps".into(),
+            Scope::Namespace,
             HelmLimits {
                 concurrent: 1,
                 active_phase: Duration::from_millis(200),

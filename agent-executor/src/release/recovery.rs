@@ -64,6 +64,14 @@ pub async fn recover(
     let record = &tracked.record;
     let release = record.release_name.as_str();
     let namespace = tracking.namespace();
+    if !tracked.is_own_record() {
+        // Only the agent's own record (its canonical Secret) leads to a roll-back or an
+        // uninstall; the callers never get here with another.
+        return Ok(Outcome::Waiting(format!(
+            "tracking Secret {} is not the agent's record of {release}; not recovering from it",
+            tracked.secret
+        )));
+    }
     let mut latest = latest;
     let mut undone = false;
     if let Some(pending) = latest.as_ref().filter(|latest| latest.status.is_pending()) {

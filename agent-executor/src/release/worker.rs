@@ -81,6 +81,11 @@ impl Operation {
     }
 }
 
+/// The status message of a revision an operator rolled back from.
+fn rolled_back(revision: u32, chart: &str, health: &str) -> String {
+    format!("rolled back by an operator: helm revision {revision} ({chart}) runs, not this revision; {health}")
+}
+
 /// A failed operation that left nothing behind, to retry later.
 struct Retry {
     /// Revision id the retry is for (`""` for an uninstall).
@@ -135,6 +140,8 @@ struct Memo {
     /// The deployment it was read for (id, revision, skew setting, rivals).
     deployment: (String, String, bool, Vec<String>),
     tracked: Tracked,
+    /// `name-version` of the chart of Helm's latest revision.
+    chart: String,
     objects: Vec<manifest::ManifestObject>,
 }
 
@@ -302,6 +309,7 @@ impl<H: Host, O: ReleaseOps> Worker<H, O> {
                         fingerprint: fingerprint.unwrap_or_default(),
                         deployment: memo_key(item),
                         tracked,
+                        chart: latest.chart(),
                         objects,
                     };
                     let wait = self.check_memo(item, memo).await;
@@ -373,6 +381,7 @@ impl<H: Host, O: ReleaseOps> Worker<H, O> {
             helm_revision: before_revision,
             phase: Phase::Progressing,
             logs_enabled: deployment.logs_enabled,
+            rolled_back_to: None,
         };
         if let Err(error) = self.ops.save_tracked(&record).await {
             self.report(deployment, StatusKind::Error, &format!("{op} error: {error}"));
@@ -520,7 +529,11 @@ impl<H: Host, O: ReleaseOps> Worker<H, O> {
             return self.report_error(deployment, &error.to_string());
         }
         let results = self.ops.check_health(&memo.objects).await;
-        let (kind, message) = health::summarize(&results);
+        let (kind, mut message) = health::summarize(&results);
+        if let Some(revision) = memo.tracked.record.rolled_back_to {
+            // Not what the Hub asked for: say what runs instead.
+            message = rolled_back(revision, &memo.chart, &message);
+        }
         self.report(deployment, kind, &message);
         self.memo = Some(memo);
         CHECK_INTERVAL
@@ -598,8 +611,9 @@ impl<H: Host, O: ReleaseOps> Worker<H, O> {
                 }
                 Ok(())
             }
-            // An adoption request waits for the Hub to list the release.
-            Ok(Some(tracked)) if tracked.record.is_adoption_request() => Ok(()),
+            // An adoption request waits for the Hub to list the release; only the agent's own
+            // record (its canonical Secret) leads to an uninstall.
+            Ok(Some(tracked)) if !tracked.is_own_record() => Ok(()),
             Ok(Some(tracked)) => self.uninstall(&tracked, DEFAULT_HELM_TIMEOUT).await,
             Err(error) => Err(error.to_string()),
         };
@@ -616,10 +630,10 @@ impl<H: Host, O: ReleaseOps> Worker<H, O> {
     /// The release name is the worker's own, never the one a record claims.
     async fn uninstall(&self, tracked: &Tracked, timeout: Duration) -> Result<(), String> {
         let release = self.key.release.as_str();
-        if tracked.record.release_name != release {
+        if tracked.record.release_name != release || !tracked.is_own_record() {
             return Err(format!(
-                "tracking Secret {} is for release {}, not {release}; not uninstalling",
-                tracked.secret, tracked.record.release_name
+                "tracking Secret {} is not the agent's record of release {release}; not uninstalling",
+                tracked.secret
             ));
         }
         let Some(mut slot) = self.host.helm_slot().await else {
@@ -644,17 +658,10 @@ impl<H: Host, O: ReleaseOps> Worker<H, O> {
             .await;
             return Err(format!("uninstall error: {error}"));
         }
-        let canonical = tracking::secret_name(release);
         self.ops
-            .delete_tracked(&canonical)
+            .delete_tracked(&tracked.secret)
             .await
             .map_err(|error| error.to_string())?;
-        if tracked.secret != canonical {
-            self.ops
-                .delete_tracked(&tracked.secret)
-                .await
-                .map_err(|error| error.to_string())?;
-        }
         self.ops
             .delete_pull_secret(release)
             .await
@@ -793,9 +800,19 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         tracked: Option<TrackingRecord>,
+        /// The Secret the record sits in; `None`: the canonical one.
+        tracked_secret: Option<String>,
         revisions: Vec<StoredRelease>,
         outcomes: VecDeque<HelmOutcome>,
         helm_calls: Vec<&'static str>,
+        /// What the watches say of the release's Secrets.
+        fingerprint: Option<u64>,
+        /// Reads of the tracking Secret and of Helm's storage.
+        reads: usize,
+        /// How the next recoveries end (`Waiting` when none is queued); a `Settled` record
+        /// becomes the tracking record.
+        recoveries: VecDeque<Outcome>,
+        recover_calls: usize,
     }
 
     #[derive(Default)]
@@ -833,25 +850,40 @@ mod tests {
     }
 
     impl ReleaseOps for Arc<FakeOps> {
-        async fn find_tracked(&self, _release: &str) -> Result<Option<Tracked>, TrackingError> {
-            Ok(self.state().tracked.clone().map(|record| Tracked {
-                secret: tracking::secret_name(&record.release_name),
-                record,
-            }))
+        async fn find_tracked(&self, release: &str) -> Result<Option<Tracked>, TrackingError> {
+            let mut state = self.state();
+            state.reads += 1;
+            let secret = state.tracked_secret.clone();
+            Ok(state
+                .tracked
+                .clone()
+                .filter(|record| record.release_name == release)
+                .map(|record| Tracked {
+                    secret: secret.unwrap_or_else(|| tracking::secret_name(&record.release_name)),
+                    record,
+                }))
         }
 
         async fn save_tracked(&self, record: &TrackingRecord) -> Result<(), TrackingError> {
-            self.state().tracked = Some(record.clone());
+            let mut state = self.state();
+            state.tracked = Some(record.clone());
+            // The agent writes the canonical Secret; a write moves the watches' fingerprint.
+            state.tracked_secret = None;
+            state.fingerprint = state.fingerprint.map(|f| f + 1);
             Ok(())
         }
 
         async fn delete_tracked(&self, _secret: &str) -> Result<(), TrackingError> {
-            self.state().tracked = None;
+            let mut state = self.state();
+            state.tracked = None;
+            state.fingerprint = state.fingerprint.map(|f| f + 1);
             Ok(())
         }
 
         async fn latest(&self, _release: &str) -> Result<Option<StoredRelease>, StorageError> {
-            Ok(self.state().revisions.last().cloned())
+            let mut state = self.state();
+            state.reads += 1;
+            Ok(state.revisions.last().cloned())
         }
 
         async fn history(&self, _release: &str) -> Result<Vec<StoredRelease>, StorageError> {
@@ -887,7 +919,16 @@ mod tests {
             _latest: Option<StoredRelease>,
             _timeout: Duration,
         ) -> Result<Outcome, RecoveryError> {
-            Ok(Outcome::Waiting("recovering".into()))
+            let mut state = self.state();
+            state.recover_calls += 1;
+            let outcome = state
+                .recoveries
+                .pop_front()
+                .unwrap_or_else(|| Outcome::Waiting("recovering".into()));
+            if let Outcome::Settled(record) = &outcome {
+                state.tracked = Some(record.clone());
+            }
+            Ok(outcome)
         }
 
         async fn check_health(&self, _objects: &[ManifestObject]) -> Vec<ResourceHealth> {
@@ -904,7 +945,7 @@ mod tests {
         }
 
         fn fingerprint(&self, _release: &str) -> Option<u64> {
-            None
+            self.state().fingerprint
         }
     }
 
@@ -1027,5 +1068,200 @@ mod tests {
         assert!(setup.ops.state().tracked.is_none());
         setup.worker.remove().await.unwrap();
         assert_eq!(setup.ops.state().helm_calls.len(), 2, "nothing tracked: nothing to do");
+    }
+
+    fn record(id: &str, revision: &str, helm_revision: Option<u32>, phase: Phase) -> TrackingRecord {
+        TrackingRecord {
+            id: id.into(),
+            revision_id: revision.into(),
+            release_name: "web".into(),
+            helm_revision,
+            phase,
+            logs_enabled: false,
+            rolled_back_to: None,
+        }
+    }
+
+    const OWN_ID: &str = "3f8e2a4c-0000-4e7f-9a2c-5b8d1e4f7a90";
+    const OTHER_ID: &str = "9d1c7b6a-1111-4f2e-8b3a-6c5d4e3f2a10";
+
+    #[tokio::test]
+    async fn in_steady_state_a_pass_reads_nothing_while_the_watches_say_nothing_moved() {
+        let mut setup = setup();
+        setup.ops.state().fingerprint = Some(7);
+        setup.worker.reconcile(&item("rev-1")).await;
+        setup.worker.reconcile(&item("rev-1")).await;
+        assert_eq!(status(&setup).0, StatusKind::Healthy);
+        let reads = setup.ops.state().reads;
+        for _ in 0..3 {
+            setup.worker.reconcile(&item("rev-1")).await;
+        }
+        assert_eq!(setup.ops.state().reads, reads, "checked from the memo");
+        assert_eq!(status(&setup).0, StatusKind::Healthy);
+
+        // Something moved (another writer, Helm): the next pass reads again.
+        setup.ops.state().fingerprint = Some(99);
+        setup.worker.reconcile(&item("rev-1")).await;
+        assert!(setup.ops.state().reads > reads);
+        // So does a new revision from the Hub, whatever the watches say.
+        let reads = setup.ops.state().reads;
+        setup.worker.reconcile(&item("rev-2")).await;
+        assert!(setup.ops.state().reads > reads);
+        assert_eq!(setup.ops.state().helm_calls, ["install", "upgrade"]);
+    }
+
+    #[tokio::test]
+    async fn until_the_watches_listed_every_pass_reads() {
+        let mut setup = setup();
+        setup.worker.reconcile(&item("rev-1")).await;
+        setup.worker.reconcile(&item("rev-1")).await;
+        let reads = setup.ops.state().reads;
+        setup.worker.reconcile(&item("rev-1")).await;
+        assert!(setup.ops.state().reads > reads, "no fingerprint, no memo");
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_operation_is_recovered_by_the_worker() {
+        let mut setup = setup();
+        {
+            let mut state = setup.ops.state();
+            state.tracked = Some(record(OWN_ID, "rev-1", None, Phase::Progressing));
+            state
+                .revisions
+                .push(StoredRelease::for_test(1, ReleaseStatus::PendingInstall));
+            state
+                .recoveries
+                .push_back(Outcome::Waiting("waiting for the interrupted helm operation".into()));
+        }
+        setup.worker.reconcile(&item("rev-1")).await;
+        assert_eq!(setup.ops.state().recover_calls, 1);
+        assert_eq!(
+            status(&setup),
+            (
+                StatusKind::Progressing,
+                "waiting for the interrupted helm operation".into()
+            )
+        );
+
+        // The recovery settles it (Helm's revision finished): the next pass checks its health.
+        {
+            let mut state = setup.ops.state();
+            state.revisions = vec![StoredRelease::for_test(1, ReleaseStatus::Deployed)];
+            let settled = record(OWN_ID, "rev-1", Some(1), Phase::Ready);
+            state.recoveries.push_back(Outcome::Settled(settled));
+        }
+        setup.worker.reconcile(&item("rev-1")).await;
+        setup.worker.reconcile(&item("rev-1")).await;
+        assert_eq!(setup.ops.state().recover_calls, 2);
+        assert!(setup.ops.state().helm_calls.is_empty(), "no helm operation of its own");
+        assert_eq!(status(&setup).0, StatusKind::Healthy);
+    }
+
+    #[tokio::test]
+    async fn the_release_of_a_replaced_deployment_is_uninstalled_then_installed() {
+        let mut setup = setup();
+        {
+            let mut state = setup.ops.state();
+            state.tracked = Some(record(OTHER_ID, "old", Some(1), Phase::Ready));
+            state
+                .revisions
+                .push(StoredRelease::for_test(1, ReleaseStatus::Deployed));
+        }
+        setup.worker.reconcile(&item("rev-1")).await;
+        assert_eq!(setup.ops.state().helm_calls, ["uninstall", "install"]);
+        let tracked = setup.ops.state().tracked.clone().unwrap();
+        assert_eq!((tracked.id.as_str(), tracked.phase), (OWN_ID, Phase::Ready));
+    }
+
+    #[tokio::test]
+    async fn a_release_its_rival_deployment_owns_is_left_to_it() {
+        let mut setup = setup();
+        {
+            let mut state = setup.ops.state();
+            state.tracked = Some(record(OTHER_ID, "theirs", Some(1), Phase::Ready));
+            state
+                .revisions
+                .push(StoredRelease::for_test(1, ReleaseStatus::Deployed));
+        }
+        let mut contested = item("rev-1");
+        contested.rivals = vec![OTHER_ID.to_uppercase()];
+        setup.worker.reconcile(&contested).await;
+        assert!(setup.ops.state().helm_calls.is_empty(), "neither replaced nor upgraded");
+        assert_eq!(
+            status(&setup),
+            (
+                StatusKind::Error,
+                "release name web is used by another deployment".into()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn the_record_of_another_release_is_not_this_one_s() {
+        let mut setup = setup();
+        setup.ops.state().tracked = Some(TrackingRecord {
+            release_name: "db".into(),
+            ..record(OTHER_ID, "theirs", Some(1), Phase::Ready)
+        });
+        setup.worker.remove().await.unwrap();
+        assert!(setup.ops.state().helm_calls.is_empty());
+        assert!(setup.ops.state().tracked.is_some(), "db's record kept");
+    }
+
+    #[tokio::test]
+    async fn a_record_outside_the_canonical_secret_never_leads_to_an_uninstall() {
+        let mut setup = setup();
+        {
+            let mut state = setup.ops.state();
+            state.tracked = Some(record(OTHER_ID, "theirs", Some(1), Phase::Ready));
+            state.tracked_secret = Some("planted-web".into());
+            state
+                .revisions
+                .push(StoredRelease::for_test(1, ReleaseStatus::Deployed));
+        }
+        setup.worker.remove().await.unwrap();
+        assert!(setup.ops.state().helm_calls.is_empty(), "not uninstalled");
+        let uninstall = setup
+            .worker
+            .uninstall(
+                &Tracked {
+                    secret: "planted-web".into(),
+                    record: record(OTHER_ID, "theirs", Some(1), Phase::Ready),
+                },
+                Duration::from_secs(1),
+            )
+            .await;
+        assert!(uninstall.is_err_and(|error| error.contains("not the agent's record")));
+        assert!(setup.ops.state().helm_calls.is_empty());
+    }
+
+    #[tokio::test]
+    async fn after_an_operator_s_rollback_the_status_names_it_and_what_runs() {
+        let mut setup = setup();
+        setup.worker.reconcile(&item("rev-1")).await;
+        {
+            // As `Reconciler::rollback` leaves it: Helm's new revision 2 (a copy of an older
+            // one), recorded with the roll-back.
+            let mut state = setup.ops.state();
+            state
+                .revisions
+                .push(StoredRelease::for_test(2, ReleaseStatus::Deployed));
+            let mut tracked = state.tracked.clone().unwrap();
+            tracked.helm_revision = Some(2);
+            tracked.rolled_back_to = Some(2);
+            state.tracked = Some(tracked);
+        }
+        setup.worker.reconcile(&item("rev-1")).await;
+        let (kind, message) = status(&setup);
+        assert_eq!(kind, StatusKind::Healthy);
+        assert!(
+            message.starts_with("rolled back by an operator: helm revision 2 ("),
+            "{message}"
+        );
+        assert!(
+            message.contains("runs, not this revision; status check passed"),
+            "{message}"
+        );
+        assert_eq!(setup.ops.state().helm_calls, ["install"], "no upgrade back");
     }
 }

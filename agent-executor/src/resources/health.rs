@@ -3,13 +3,13 @@
 //! The judgements are pure functions over k8s-openapi objects (unit-tested without an API
 //! server); [`HealthChecker`] takes them from the object watches ([`crate::cluster::objects`])
 //! and reads an object directly only when its watch cannot say. Kinds that carry no runtime
-//! state (ConfigMap, RBAC, ...) count as healthy without a request.
+//! state (ConfigMap, RBAC, ...) are healthy when they exist (a metadata watch says).
 
 use std::{collections::HashMap, sync::Mutex};
 
 use futures::{StreamExt, stream};
 use k8s_openapi::api::{
-    apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet},
+    apps::v1::ReplicaSet,
     batch::v1::Job,
     core::v1::{PersistentVolumeClaim, Pod, Service},
 };
@@ -29,7 +29,7 @@ use crate::{
 /// Requests in flight per health check.
 const CONCURRENT_FETCHES: usize = 8;
 
-/// Kinds counted healthy without fetching them: they have no readiness of their own.
+/// Kinds with no readiness of their own: healthy when they exist.
 const STATELESS_KINDS: &[&str] = &[
     "ConfigMap",
     "Secret",
@@ -56,6 +56,12 @@ const STATELESS_KINDS: &[&str] = &[
     "ValidatingAdmissionPolicyBinding",
     "Namespace",
 ];
+
+/// Whether only the existence of `object` counts: a kind without readiness of its own, and
+/// no readiness annotations that say otherwise.
+pub fn existence_only(object: &ManifestObject) -> bool {
+    STATELESS_KINDS.contains(&object.kind.as_str()) && !object.custom_readiness
+}
 
 /// The message of an object a release names that does not exist.
 pub const NOT_FOUND: &str = "resource not found";
@@ -234,61 +240,8 @@ pub fn pod_problem(object: &Pod) -> Option<String> {
     ))
 }
 
-/// A Deployment is healthy when all desired replicas are ready and updated and the
-/// controller has seen its latest spec; a paused one never progresses.
-pub fn deployment(object: &Deployment) -> Result<(), String> {
-    if object.spec.as_ref().and_then(|spec| spec.paused) == Some(true) {
-        return Err("Deployment is paused".to_owned());
-    }
-    let desired = i64::from(object.spec.as_ref().and_then(|spec| spec.replicas).unwrap_or(1));
-    let status = object.status.clone().unwrap_or_default();
-    let deadline_exceeded = status
-        .conditions
-        .iter()
-        .flatten()
-        .find(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
-    if let Some(condition) = deadline_exceeded {
-        return Err(format!(
-            "rollout failed: {}",
-            reason_and_message(condition.reason.as_deref(), condition.message.as_deref())
-        ));
-    }
-    behind("ReadyReplicas", status.ready_replicas.unwrap_or(0).into(), desired)?;
-    generation_observed(object.metadata.generation, status.observed_generation)?;
-    behind("UpdatedReplicas", status.updated_replicas.unwrap_or(0).into(), desired)
-}
-
-/// A StatefulSet is healthy when all desired replicas are ready (and updated, unless its
-/// update strategy is `OnDelete`) and the controller has seen its latest spec.
-pub fn stateful_set(object: &StatefulSet) -> Result<(), String> {
-    let spec = object.spec.as_ref();
-    let desired = i64::from(spec.and_then(|spec| spec.replicas).unwrap_or(1));
-    let status = object.status.clone().unwrap_or_default();
-    behind("ReadyReplicas", status.ready_replicas.unwrap_or(0).into(), desired)?;
-    generation_observed(object.metadata.generation, status.observed_generation)?;
-    let on_delete = spec
-        .and_then(|spec| spec.update_strategy.as_ref())
-        .and_then(|strategy| strategy.type_.as_deref())
-        .is_some_and(|strategy| strategy == "OnDelete");
-    if on_delete {
-        Ok(())
-    } else {
-        behind("UpdatedReplicas", status.updated_replicas.unwrap_or(0).into(), desired)
-    }
-}
-
-/// A DaemonSet is healthy when every scheduled pod is ready and updated.
-pub fn daemon_set(object: &DaemonSet) -> Result<(), String> {
-    let status = object.status.clone().unwrap_or_default();
-    let desired = i64::from(status.desired_number_scheduled);
-    behind("NumberReady", status.number_ready.into(), desired)?;
-    generation_observed(object.metadata.generation, status.observed_generation)?;
-    behind(
-        "UpdatedNumberScheduled",
-        status.updated_number_scheduled.unwrap_or(0).into(),
-        desired,
-    )
-}
+// Deployments, StatefulSets and DaemonSets: kstatus's rules, shared with the updater's gate.
+pub use agent_kstatus::{daemon_set, deployment, stateful_set};
 
 /// A ReplicaSet is healthy when all desired replicas are ready and available and none
 /// failed to be created.
@@ -472,14 +425,6 @@ impl HealthChecker {
     async fn check_one(&self, release_namespace: &str, object: &ManifestObject) -> ResourceHealth {
         let namespace = object.namespace.as_deref().unwrap_or(release_namespace);
         let kind = object.kind.as_str();
-        // Only a LoadBalancer Service has something to note; readiness annotations make any
-        // object worth a look.
-        let nothing_to_wait_for = (STATELESS_KINDS.contains(&kind)
-            || (object.group().is_empty() && kind == "Service" && object.spec_type.as_deref() != Some("LoadBalancer")))
-            && !object.custom_readiness;
-        if nothing_to_wait_for {
-            return ResourceHealth::new(object, Verdict::Ready);
-        }
         let verdict = match self.cluster.objects().lookup(namespace, object).await {
             Lookup::Known(verdict) => verdict,
             Lookup::Unknown => self.judge(namespace, object).await,
@@ -526,6 +471,7 @@ impl HealthChecker {
             ("", "PersistentVolumeClaim") => self.fetch(namespace, name, typed(persistent_volume_claim)).await,
             ("", "Service") => self.fetch(namespace, name, service).await,
             _ => match self.fetch_dynamic(namespace, object).await {
+                Ok(_) if existence_only(object) => Ok(Verdict::Ready),
                 Ok(found) => Ok(judge_dynamic(&found)),
                 // A custom resource the executor may not read (a namespace-scoped agent, a
                 // kind its Role does not name) says nothing against the release.
@@ -601,7 +547,7 @@ pub fn typed<K>(rule: fn(&K) -> Result<(), String>) -> impl Fn(&K) -> Verdict {
 mod tests {
     use k8s_openapi::{
         api::{
-            apps::v1::{DaemonSetStatus, DeploymentSpec, DeploymentStatus, StatefulSetSpec, StatefulSetStatus},
+            apps::v1::{Deployment, DeploymentSpec, DeploymentStatus},
             batch::v1::{JobCondition, JobStatus},
             core::v1::{
                 LoadBalancerIngress, LoadBalancerStatus, PersistentVolumeClaimStatus, PodCondition, PodStatus,
@@ -626,7 +572,9 @@ mod tests {
                 ..Default::default()
             }),
             status: Some(DeploymentStatus {
+                replicas: Some(replicas),
                 ready_replicas: Some(ready),
+                available_replicas: Some(ready),
                 updated_replicas: Some(updated),
                 observed_generation: Some(observed),
                 ..Default::default()
@@ -634,40 +582,39 @@ mod tests {
         }
     }
 
-    #[test]
-    fn ready_deployments_are_healthy() {
-        assert_eq!(deployment(&web(2, 2, 2, 3, 3)), Ok(()));
-        assert_eq!(deployment(&web(0, 0, 0, 1, 1)), Ok(()), "scaled to zero");
+    fn object(kind: &str) -> ManifestObject {
+        ManifestObject {
+            api_version: "apps/v1".into(),
+            kind: kind.into(),
+            name: "web".into(),
+            namespace: None,
+            spec_type: None,
+            selector: None,
+            custom_readiness: false,
+            deleted_when_finished: false,
+        }
     }
 
     #[test]
-    fn unready_deployments_say_why() {
+    fn a_rollout_whose_new_pod_crash_loops_beside_the_ready_old_one_is_not_healthy() {
+        // `kubectl rollout restart` (or an upgrade with `waitStrategy: hookOnly`) of a
+        // one-replica Deployment whose new pod never becomes ready: the old pod still serves.
+        let mut rolling = web(1, 1, 1, 2, 2);
+        rolling.status.as_mut().unwrap().replicas = Some(2);
+        let results = [ResourceHealth::new(
+            &object("Deployment"),
+            judge(&rolling, typed(deployment)),
+        )];
         assert_eq!(
-            deployment(&web(1, 0, 1, 1, 1)),
-            Err("ReadyReplicas (0) is less than desired (1)".into())
+            summarize(&results),
+            (
+                StatusKind::Error,
+                "resource status error: Deployment web status check failed: Replicas (2) is more than desired (1): old pods are still there".to_owned()
+            )
         );
-        assert_eq!(
-            deployment(&web(2, 2, 1, 2, 2)),
-            Err("UpdatedReplicas (1) is less than desired (2)".into())
-        );
-        assert_eq!(
-            deployment(&web(1, 1, 1, 4, 3)),
-            Err("ObservedGeneration (3) is less than Generation (4)".into())
-        );
-        let no_status = Deployment {
-            status: None,
-            ..web(1, 0, 0, 1, 1)
-        };
-        assert_eq!(
-            deployment(&no_status),
-            Err("ReadyReplicas (0) is less than desired (1)".into())
-        );
-        let default_replicas = Deployment {
-            spec: Some(DeploymentSpec::default()),
-            status: None,
-            ..web(1, 0, 0, 1, 1)
-        };
-        assert!(deployment(&default_replicas).is_err(), "replicas default to 1");
+        // Once the old pod is gone and the new one available, it is.
+        let done = web(1, 1, 1, 2, 2);
+        assert_eq!(judge(&done, typed(deployment)), Verdict::Ready);
     }
 
     #[test]
@@ -739,24 +686,7 @@ mod tests {
     }
 
     #[test]
-    fn a_paused_deployment_says_so() {
-        let mut paused = web(1, 0, 0, 1, 1);
-        paused.spec.as_mut().unwrap().paused = Some(true);
-        assert_eq!(deployment(&paused), Err("Deployment is paused".to_owned()));
-    }
-
-    #[test]
     fn summary_names_the_first_bad_resource() {
-        let object = |kind: &str| ManifestObject {
-            api_version: "apps/v1".into(),
-            kind: kind.into(),
-            name: "web".into(),
-            namespace: None,
-            spec_type: None,
-            selector: None,
-            custom_readiness: false,
-            deleted_when_finished: false,
-        };
         let results = vec![
             ResourceHealth::new(&object("ConfigMap"), Verdict::Ready),
             ResourceHealth::new(&object("Deployment"), deployment(&web(1, 0, 1, 1, 1)).into()),
@@ -789,23 +719,6 @@ mod tests {
                     .into()
             ),
             "a note is reported, not failed"
-        );
-    }
-
-    #[test]
-    fn a_deployment_past_its_progress_deadline_says_so() {
-        use k8s_openapi::api::apps::v1::DeploymentCondition;
-        let mut stuck = web(1, 0, 1, 1, 1);
-        stuck.status.as_mut().unwrap().conditions = Some(vec![DeploymentCondition {
-            type_: "Progressing".into(),
-            status: "False".into(),
-            reason: Some("ProgressDeadlineExceeded".into()),
-            message: Some("ReplicaSet \"web-1\" has timed out progressing.".into()),
-            ..Default::default()
-        }]);
-        assert_eq!(
-            deployment(&stuck),
-            Err("rollout failed: ProgressDeadlineExceeded: ReplicaSet \"web-1\" has timed out progressing.".into())
         );
     }
 
@@ -925,65 +838,6 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(judge_dynamic(&custom), Verdict::Ready);
-    }
-
-    #[test]
-    fn stateful_sets() {
-        let set = |ready, updated, strategy: Option<&str>| StatefulSet {
-            metadata: ObjectMeta {
-                generation: Some(1),
-                ..Default::default()
-            },
-            spec: Some(StatefulSetSpec {
-                replicas: Some(2),
-                update_strategy: strategy.map(|s| k8s_openapi::api::apps::v1::StatefulSetUpdateStrategy {
-                    type_: Some(s.into()),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            status: Some(StatefulSetStatus {
-                ready_replicas: Some(ready),
-                updated_replicas: Some(updated),
-                observed_generation: Some(1),
-                replicas: 2,
-                ..Default::default()
-            }),
-        };
-        assert_eq!(stateful_set(&set(2, 2, None)), Ok(()));
-        assert_eq!(
-            stateful_set(&set(1, 2, None)),
-            Err("ReadyReplicas (1) is less than desired (2)".into())
-        );
-        assert!(stateful_set(&set(2, 1, None)).is_err());
-        assert_eq!(stateful_set(&set(2, 1, Some("OnDelete"))), Ok(()));
-    }
-
-    #[test]
-    fn daemon_sets() {
-        let set = |desired, ready, updated| DaemonSet {
-            metadata: ObjectMeta {
-                generation: Some(1),
-                ..Default::default()
-            },
-            status: Some(DaemonSetStatus {
-                desired_number_scheduled: desired,
-                number_ready: ready,
-                updated_number_scheduled: Some(updated),
-                observed_generation: Some(1),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        assert_eq!(daemon_set(&set(3, 3, 3)), Ok(()));
-        assert_eq!(
-            daemon_set(&set(3, 2, 3)),
-            Err("NumberReady (2) is less than desired (3)".into())
-        );
-        assert_eq!(
-            daemon_set(&set(3, 3, 1)),
-            Err("UpdatedNumberScheduled (1) is less than desired (3)".into())
-        );
     }
 
     #[test]

@@ -43,7 +43,8 @@ impl ManifestObject {
 }
 
 /// Parses every document of `manifest`; empty documents (comments only) and documents
-/// without kind or name are skipped. A `List` contributes its items.
+/// without kind or name are skipped. A list (a kind ending in `List`, with `items` and no name)
+/// contributes its items.
 pub fn parse(manifest: &str) -> Result<Vec<ManifestObject>, ManifestError> {
     let mut objects = Vec::new();
     for document in serde_yaml::Deserializer::from_str(manifest) {
@@ -63,10 +64,13 @@ fn collect(value: &serde_json::Value, objects: &mut Vec<ManifestObject>) {
     let (Some(api_version), Some(kind)) = (text("/apiVersion"), text("/kind")) else {
         return;
     };
-    if kind.ends_with("List") {
-        if let Some(items) = value.get("items").and_then(serde_json::Value::as_array) {
-            items.iter().for_each(|item| collect(item, objects));
-        }
+    // A list (`v1/List`, `ConfigMapList`, ...) has `items` and no name of its own; a custom
+    // resource whose kind merely ends in `List` (`IPAllowList`) is an object like any other.
+    if kind.ends_with("List")
+        && text("/metadata/name").is_none()
+        && let Some(items) = value.get("items").and_then(serde_json::Value::as_array)
+    {
+        items.iter().for_each(|item| collect(item, objects));
         return;
     }
     let Some(name) = text("/metadata/name") else {
@@ -130,6 +134,50 @@ spec:
         assert_eq!(objects[2].group(), "apps");
         assert_eq!(objects[2].version(), "v1");
         assert_eq!(objects[0].group(), "");
+    }
+
+    #[test]
+    fn only_lists_are_lists_whatever_the_kind_ends_with() {
+        let manifest = r"
+apiVersion: v1
+kind: List
+items:
+  - apiVersion: v1
+    kind: ConfigMap
+    metadata:
+      name: one
+  - apiVersion: v1
+    kind: ConfigMap
+    metadata:
+      name: two
+---
+apiVersion: networking.example.com/v1
+kind: IPAllowList
+metadata:
+  name: office
+spec:
+  cidrs: [10.0.0.0/8]
+---
+apiVersion: networking.example.com/v1
+kind: IPAllowList
+metadata:
+  name: with-items
+items: []
+";
+        let objects = parse(manifest).unwrap();
+        let names: Vec<(&str, &str)> = objects
+            .iter()
+            .map(|object| (object.kind.as_str(), object.name.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("ConfigMap", "one"),
+                ("ConfigMap", "two"),
+                ("IPAllowList", "office"),
+                ("IPAllowList", "with-items")
+            ]
+        );
     }
 
     #[test]

@@ -148,13 +148,20 @@ async fn a_failed_upgrade_is_rolled_back_and_reported_once() -> anyhow::Result<(
     let releases = agent.helm_json(&["ls"]).await?;
     assert_eq!(releases[0]["chart"], "rollback-web-0.1.0", "{releases}");
     assert_eq!(releases[0]["status"], "deployed");
+    // Install (1), the failed upgrade (2), Helm's rollback (3).
     let history = agent.helm_json(&["history", "web"]).await?;
-    let latest = history.as_array().and_then(|h| h.last()).cloned().unwrap_or_default();
+    let latest = history
+        .as_array()
+        .and_then(|h| h.iter().max_by_key(|entry| entry["revision"].as_u64()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(latest["revision"], 3, "{history}");
+    assert_eq!(latest["status"], "deployed", "{history}");
     let tracking = agent.ns.api::<Secret>().get(&tracking_secret("web")).await?;
     let record: serde_json::Value = serde_json::from_slice(&tracking.data.unwrap_or_default()["release"].0)?;
     assert_eq!(
-        record["helmRevision"], latest["revision"],
-        "tracking follows Helm's rollback revision"
+        record["helmRevision"], 3,
+        "tracking follows Helm's rollback revision: {record}"
     );
 
     // The following cycles: no revision-skew error and no new upgrade of the same revision.

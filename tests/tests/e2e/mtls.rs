@@ -360,8 +360,9 @@ async fn certificates_rotate_under_load_without_a_failed_call() -> anyhow::Resul
 }
 
 /// The executor watches its certificate Secrets: one deleted (or altered) by someone is issued
-/// again at once, without waiting for the periodic check (an hour here), and the steady state
-/// reads none of them from the API.
+/// again at once, without waiting for the periodic check (an hour here). (That the steady state
+/// reads none of them from the API is not shown here: the benchmark's audit of the API
+/// server's requests, `tests/src/bench`, counts them.)
 #[tokio::test]
 async fn a_deleted_certificate_secret_is_issued_again_at_once() -> anyhow::Result<()> {
     let options = AgentOptions {

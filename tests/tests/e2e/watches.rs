@@ -70,9 +70,9 @@ async fn a_stuck_pod_is_named_and_readiness_reaches_the_hub_at_once() -> anyhow:
 
 /// Helm's readiness rules where the Go agent's users expect them: a chart's
 /// `helm.sh/readiness-success`/`-failure` annotations judge a custom resource (through the
-/// dynamic watch of its kind), a Job deleted by its TTL once finished is not "not found", and
-/// a LoadBalancer without an address (no load-balancer controller here, as on bare metal) is
-/// reported in a healthy status, not failed.
+/// dynamic watch of its kind), a Job deleted by its TTL once finished is not "not found", a
+/// LoadBalancer without an address (no load-balancer controller here, as on bare metal) is
+/// reported in a healthy status, not failed, and a ConfigMap is healthy while it exists.
 #[tokio::test]
 async fn readiness_annotations_finished_jobs_and_load_balancers_are_judged_as_helm_does() -> anyhow::Result<()> {
     use k8s_openapi::{
@@ -124,6 +124,13 @@ async fn readiness_annotations_finished_jobs_and_load_balancers_are_judged_as_he
     std::fs::write(
         chart.join("templates/objects.yaml"),
         r#"apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: {{ .Release.Name }}-config
+data:
+  greeting: hello
+---
+apiVersion: v1
 kind: Service
 metadata:
   name: {{ .Release.Name }}-lb
@@ -210,6 +217,22 @@ metadata:
             &revision(&rules),
             "error",
             r#"Web rules-site status check failed: readiness failure condition met: {.phase} == "Broken""#,
+            MINUTE,
+        )
+        .await?;
+
+    // A kind without readiness of its own is healthy when it exists, not whatever happens:
+    // someone deletes the release's ConfigMap (the first object Helm orders).
+    agent
+        .ns
+        .api::<k8s_openapi::api::core::v1::ConfigMap>()
+        .delete("rules-config", &Default::default())
+        .await?;
+    agent
+        .wait_status(
+            &revision(&rules),
+            "error",
+            "ConfigMap rules-config status check failed: resource not found",
             MINUTE,
         )
         .await?;
