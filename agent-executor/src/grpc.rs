@@ -142,10 +142,13 @@ impl Executor for ExecutorService {
             positive if positive > 0 => Some(positive.unsigned_abs()),
             _ => return Err(Status::invalid_argument("revision must not be negative")),
         };
-        let new_revision = self
-            .reconciler
-            .rollback(&request.release_name, revision)
+        // In a task of its own: a caller that gives up (a deadline, Ctrl-C) must not kill
+        // Helm mid-rollback, which would leave the release `pending-rollback`.
+        let reconciler = self.reconciler.clone();
+        let release = request.release_name;
+        let new_revision = tokio::spawn(async move { reconciler.rollback(&release, revision).await })
             .await
+            .map_err(|error| Status::internal(format!("the rollback task failed: {error}")))?
             .map_err(to_status)?;
         Ok(Response::new(pb::RollbackResponse {
             new_revision: to_i32(new_revision),

@@ -60,9 +60,10 @@ pub struct Args {
     #[arg(long, env = "AGENT_EXECUTOR_TIMEOUT_SECONDS", default_value_t = 10)]
     pub executor_timeout_seconds: u64,
 
-    /// Agent version name sent to the Hub in the User-Agent.
-    #[arg(long, env = "DISTR_AGENT_VERSION", default_value = env!("CARGO_PKG_VERSION"))]
-    pub agent_version: String,
+    /// How long the executor may be unreachable (restarting) before every deployment is
+    /// reported as an error, in seconds; the Hub keeps the last statuses meanwhile.
+    #[arg(long, env = "AGENT_EXECUTOR_GRACE_SECONDS", default_value_t = 30)]
+    pub executor_grace_seconds: u64,
 
     /// Deadline of each call to the Hub, in seconds, from connecting until the body is read.
     #[arg(long, env = "AGENT_HUB_TIMEOUT_SECONDS", default_value_t = 30)]
@@ -91,8 +92,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         request_timeout: Duration::from_secs(args.hub_timeout_seconds),
         ..Default::default()
     };
-    let hub =
-        HubClient::with_options(config.clone(), &args.agent_version, options).context("creating the Hub client")?;
+    let hub = HubClient::with_options(config.clone(), &args.runtime.agent_version, options)
+        .context("creating the Hub client")?;
     let hub_metrics = hub.metrics().clone();
     let updater = MtlsChannel::new(
         &args.updater_url,
@@ -138,8 +139,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let executor = ExecutorClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let mut poller = Poller::new(hub, executor, Duration::from_secs(args.status_refresh_seconds))
-        .with_self_update(selfupdate::SelfUpdate::new(updater));
+    let mut poller = Poller::new(
+        hub,
+        executor,
+        Duration::from_secs(args.status_refresh_seconds),
+        Duration::from_secs(args.executor_grace_seconds),
+    )
+    .with_self_update(selfupdate::SelfUpdate::new(updater));
     {
         let mut registry = runtime.metrics.lock().unwrap_or_else(|e| e.into_inner());
         poller.register_metrics(&mut registry);

@@ -44,6 +44,10 @@ pub const STATUS_REFRESH: Duration = Duration::from_secs(30);
 pub const MAX_CONCURRENT_POSTS: usize = 8;
 /// Time the posts of one cycle may take; what is left is due again next cycle.
 pub const POST_DEADLINE: Duration = Duration::from_secs(20);
+/// How long an executor that cannot be reached is taken for one restarting (a new pod, a
+/// crash and restart) before the deployments are reported as errors: the Hub keeps the last
+/// statuses meanwhile.
+pub const EXECUTOR_GRACE: Duration = Duration::from_secs(30);
 /// Longest a healthy cycle takes (a login, the resources, the Sync, the posts, each bounded
 /// by its own timeout), with room to spare: a cycle running longer is wedged.
 pub const MAX_CYCLE: Duration = Duration::from_secs(300);
@@ -120,6 +124,10 @@ pub struct Cycle<H, E> {
     /// An agent update the poller handed over is under way (set by the self-update step): the
     /// executor may be down for its own rollout, which is no error of the deployments.
     agent_update: Arc<AtomicBool>,
+    /// How long the executor may be unreachable before the deployments are errors.
+    executor_grace: Duration,
+    /// Since when the executor could not be reached (None: it answered last time).
+    unreachable_since: Option<tokio::time::Instant>,
 }
 
 impl<H: Hub, E: Executor> Cycle<H, E> {
@@ -137,7 +145,16 @@ impl<H: Hub, E: Executor> Cycle<H, E> {
             post_deadline: POST_DEADLINE,
             metrics: PollerMetrics::default(),
             agent_update: Arc::default(),
+            executor_grace: EXECUTOR_GRACE,
+            unreachable_since: None,
         }
+    }
+
+    /// How long the executor may be unreachable before the deployments are reported as
+    /// errors (default [`EXECUTOR_GRACE`]).
+    pub fn with_executor_grace(mut self, grace: Duration) -> Self {
+        self.executor_grace = grace;
+        self
     }
 
     /// Fetch, sync, post. Returns the Hub's answer when it came complete.
@@ -161,7 +178,10 @@ impl<H: Hub, E: Executor> Cycle<H, E> {
     async fn sync(&mut self, resources: &Resources) -> Vec<StatusReport> {
         let request = desired::sync_request(resources, self.hub.registry_login().await);
         match self.executor.sync(request).await {
-            Ok(statuses) => statuses.iter().filter_map(report).collect(),
+            Ok(statuses) => {
+                self.executor_answered();
+                statuses.iter().filter_map(report).collect()
+            }
             Err(status) => self.executor_failed(&status),
         }
     }
@@ -169,25 +189,52 @@ impl<H: Hub, E: Executor> Cycle<H, E> {
     /// The executor's current statuses of the deployments of the last complete Hub response.
     async fn last_statuses(&mut self) -> Vec<StatusReport> {
         match self.executor.statuses().await {
-            Ok(statuses) => statuses
-                .iter()
-                .filter_map(report)
-                .filter(|status| lock(&self.last_known).contains(&status.revision_id))
-                .collect(),
+            Ok(statuses) => {
+                self.executor_answered();
+                statuses
+                    .iter()
+                    .filter_map(report)
+                    .filter(|status| lock(&self.last_known).contains(&status.revision_id))
+                    .collect()
+            }
             Err(status) => self.executor_failed(&status),
         }
     }
 
+    fn executor_answered(&mut self) {
+        if let Some(since) = self.unreachable_since.take() {
+            tracing::info!(
+                seconds = since.elapsed().as_secs_f64(),
+                "the agent executor answers again"
+            );
+        }
+    }
+
     /// An `error` for every deployment last seen, worded after what went wrong.
-    /// During an agent update the poller handed over, an executor that cannot be reached is
-    /// most likely being replaced: nothing is posted (the Hub keeps the last statuses) and it
-    /// is only logged.
+    /// An executor that cannot be reached is most likely restarting: nothing is posted (the
+    /// Hub keeps the last statuses) and it is only logged, for the grace time, or as long as
+    /// an agent update the poller handed over is under way.
     fn executor_failed(&mut self, status: &tonic::Status) -> Vec<StatusReport> {
         self.metrics.executor_failures.inc();
         let message = executor_error_message(status);
-        if self.agent_update.load(Ordering::Acquire) && unreachable(status) {
-            tracing::info!(error = %message, "agent executor unreachable during an agent update; the Hub keeps the last statuses");
-            return Vec::new();
+        if unreachable(status) {
+            let since = *self.unreachable_since.get_or_insert_with(tokio::time::Instant::now);
+            if self.agent_update.load(Ordering::Acquire) {
+                tracing::info!(error = %message, "agent executor unreachable during an agent update; the Hub keeps the last statuses");
+                return Vec::new();
+            }
+            let down = since.elapsed();
+            if down < self.executor_grace {
+                tracing::info!(
+                    error = %message,
+                    seconds = down.as_secs_f64(),
+                    grace_seconds = self.executor_grace.as_secs_f64(),
+                    "agent executor unreachable; the Hub keeps the last statuses until the grace time is over"
+                );
+                return Vec::new();
+            }
+        } else {
+            self.unreachable_since = None;
         }
         tracing::warn!(code = ?status.code(), error = %message, "agent executor call failed");
         lock(&self.last_known)
@@ -249,9 +296,14 @@ impl PollerMetrics {
 }
 
 impl Poller {
-    pub fn new(hub: HubClient, executor: ExecutorClient<Channel>, status_refresh: Duration) -> Self {
+    pub fn new(
+        hub: HubClient,
+        executor: ExecutorClient<Channel>,
+        status_refresh: Duration,
+        executor_grace: Duration,
+    ) -> Self {
         Self {
-            cycle: Cycle::new(hub, executor, status_refresh),
+            cycle: Cycle::new(hub, executor, status_refresh).with_executor_grace(executor_grace),
             self_update: None,
             logs: crate::deployment_logs::LogShipping::default(),
             cluster_metrics: crate::cluster_metrics::MetricsReporting::default(),
@@ -682,7 +734,7 @@ mod tests {
             down: Some(tonic::Status::unavailable("connection refused")),
             ..Default::default()
         };
-        let mut cycle = Cycle::new(hub.clone(), executor, STATUS_REFRESH);
+        let mut cycle = Cycle::new(hub.clone(), executor, STATUS_REFRESH).with_executor_grace(Duration::ZERO);
         hub.answer(Ok(resources(&[1, 2])));
         cycle.run().await;
         let posted = hub.take_posted();
@@ -698,7 +750,7 @@ mod tests {
             down: Some(tonic::Status::unavailable("connection refused")),
             ..Default::default()
         };
-        let mut cycle = Cycle::new(hub.clone(), executor, STATUS_REFRESH);
+        let mut cycle = Cycle::new(hub.clone(), executor, STATUS_REFRESH).with_executor_grace(Duration::ZERO);
         cycle.agent_update_flag().store(true, Ordering::Release);
         hub.answer(Ok(resources(&[1, 2])));
         cycle.run().await;
@@ -718,6 +770,46 @@ mod tests {
         hub.answer(Err(malformed()));
         cycle.run().await;
         assert!(hub.take_posted().is_empty());
+    }
+
+    /// An executor restart (a few seconds down) is no outage on the Hub: the last statuses
+    /// stay until the executor has been unreachable for the grace time.
+    #[tokio::test(start_paused = true)]
+    async fn an_executor_down_for_less_than_the_grace_time_changes_nothing_on_the_hub() {
+        let hub = Arc::new(MemoryHub::default());
+        let executor = MemoryExecutor {
+            down: Some(tonic::Status::unavailable("connection refused")),
+            ..Default::default()
+        };
+        let mut cycle = Cycle::new(hub.clone(), executor, STATUS_REFRESH);
+        hub.answer(Ok(resources(&[1, 2])));
+        cycle.run().await;
+        assert!(hub.take_posted().is_empty(), "down for a moment: nothing posted");
+        tokio::time::advance(EXECUTOR_GRACE - Duration::from_secs(1)).await;
+        hub.answer(Ok(resources(&[1, 2])));
+        cycle.run().await;
+        assert!(hub.take_posted().is_empty(), "still within the grace time");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        hub.answer(Ok(resources(&[1, 2])));
+        cycle.run().await;
+        let posted = hub.take_posted();
+        assert_eq!(posted.len(), 2, "past the grace time: the outage is reported");
+        assert!(posted.iter().all(|s| s.status_type == StatusType::Error));
+
+        // Back, then down again: the grace time starts anew.
+        cycle.executor.down = None;
+        hub.answer(Ok(resources(&[1, 2])));
+        cycle.run().await;
+        hub.take_posted();
+        cycle.executor.down = Some(tonic::Status::unavailable("connection refused"));
+        hub.answer(Ok(resources(&[1, 2])));
+        cycle.run().await;
+        assert!(hub.take_posted().is_empty(), "a new outage gets its grace time");
+        // An executor that answers with an error is no outage: reported at once.
+        cycle.executor.down = Some(tonic::Status::invalid_argument("invalid namespace"));
+        hub.answer(Ok(resources(&[1, 2])));
+        cycle.run().await;
+        assert_eq!(hub.take_posted().len(), 2);
     }
 
     #[test]

@@ -7,10 +7,15 @@
 use distr_agent_proto::v1::{self as pb, updater_client::UpdaterClient};
 use uuid::Uuid;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
+
+use tokio::time::Instant;
 
 use agent_runtime::tls::client::ReloadingChannel;
 
@@ -22,6 +27,46 @@ pub struct SelfUpdate {
     under_way: Arc<AtomicBool>,
     /// The updater's last reported phase and message, to log changes once.
     reported: Option<(i32, String)>,
+    /// Pauses after a hand-over that did not go through.
+    hand_overs: HandOvers,
+}
+
+/// First pause after a hand-over that did not go through (the manifest could not be fetched,
+/// or the updater did not take it); it doubles with each further one up to
+/// [`HAND_OVER_PAUSE_MAX`]. The manifest is not fetched again meanwhile.
+pub const HAND_OVER_PAUSE: Duration = Duration::from_secs(30);
+pub const HAND_OVER_PAUSE_MAX: Duration = Duration::from_secs(600);
+
+/// When a version may be handed over again after a hand-over that did not go through.
+#[derive(Debug, Default)]
+pub struct HandOvers {
+    /// The version, when it may be tried again, and the pause that led there.
+    paused: Option<(Uuid, Instant, Duration)>,
+}
+
+impl HandOvers {
+    /// Whether `version` may be handed over at `now`.
+    pub fn may_try(&self, version: Uuid, now: Instant) -> bool {
+        match self.paused {
+            Some((paused, until, _)) if paused == version => now >= until,
+            _ => true,
+        }
+    }
+
+    /// A hand-over of `version` did not go through at `now`: the pause until the next try.
+    pub fn failed(&mut self, version: Uuid, now: Instant) -> Duration {
+        let pause = match self.paused {
+            Some((paused, _, last)) if paused == version => (last * 2).min(HAND_OVER_PAUSE_MAX),
+            _ => HAND_OVER_PAUSE,
+        };
+        self.paused = Some((version, now + pause, pause));
+        pause
+    }
+
+    /// A hand-over went through.
+    pub fn succeeded(&mut self) {
+        self.paused = None;
+    }
 }
 
 /// What to do about the version the Hub wants.
@@ -67,6 +112,7 @@ impl SelfUpdate {
             updater,
             under_way: Arc::default(),
             reported: None,
+            hand_overs: HandOvers::default(),
         }
     }
 
@@ -107,10 +153,14 @@ impl SelfUpdate {
             Decision::Nothing => {}
             Decision::Failed => {}
             Decision::HandOver => {
+                if !self.hand_overs.may_try(wanted.id, Instant::now()) {
+                    return;
+                }
                 let manifest = match hub.manifest().await {
                     Ok(manifest) => manifest,
                     Err(error) => {
-                        tracing::warn!(%error, version = %wanted.name, "cannot fetch the agent manifest from the Hub");
+                        let pause = self.hand_overs.failed(wanted.id, Instant::now());
+                        tracing::warn!(%error, version = %wanted.name, retry_in_seconds = pause.as_secs(), "cannot fetch the agent manifest from the Hub");
                         return;
                     }
                 };
@@ -121,6 +171,7 @@ impl SelfUpdate {
                 };
                 match self.updater.apply_agent_manifest(request).await {
                     Ok(report) => {
+                        self.hand_overs.succeeded();
                         self.under_way.store(true, Ordering::Release);
                         tracing::info!(
                         version = %wanted.name,
@@ -128,12 +179,16 @@ impl SelfUpdate {
                         "the updater applied the new agent version; waiting for it to roll out"
                         );
                     }
-                    Err(error) => tracing::warn!(
-                        version = %wanted.name,
-                        code = ?error.code(),
-                        message = error.message(),
-                        "the updater did not apply the new agent version"
-                    ),
+                    Err(error) => {
+                        let pause = self.hand_overs.failed(wanted.id, Instant::now());
+                        tracing::warn!(
+                            version = %wanted.name,
+                            code = ?error.code(),
+                            detail = error.message(),
+                            retry_in_seconds = pause.as_secs(),
+                            "the updater did not apply the new agent version"
+                        );
+                    }
                 }
             }
         }
@@ -144,19 +199,46 @@ impl SelfUpdate {
         if self.reported.as_ref() == Some(&now) {
             return;
         }
-        let phase = pb::UpdatePhase::try_from(status.phase).unwrap_or(pb::UpdatePhase::Unspecified);
-        if phase == pb::UpdatePhase::Failed {
-            tracing::warn!(version = %status.target_version_id, message = %status.message, "self-update failed");
-        } else {
-            tracing::info!(version = %status.target_version_id, ?phase, message = %status.message, "self-update");
-        }
         self.reported = Some(now);
+        let phase = pb::UpdatePhase::try_from(status.phase).unwrap_or(pb::UpdatePhase::Unspecified);
+        match phase {
+            // No update yet: nothing to tell.
+            pb::UpdatePhase::Idle | pb::UpdatePhase::Unspecified if status.target_version_id.is_empty() => {}
+            pb::UpdatePhase::Failed => {
+                tracing::warn!(version = %status.target_version_id, detail = %status.message, "self-update failed")
+            }
+            _ => tracing::info!(version = %status.target_version_id, ?phase, detail = %status.message, "self-update"),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hand_over_that_did_not_go_through_waits_longer_each_time() {
+        let (version, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let start = Instant::now();
+        let mut hand_overs = HandOvers::default();
+        assert!(hand_overs.may_try(version, start));
+        assert_eq!(hand_overs.failed(version, start), HAND_OVER_PAUSE);
+        // The next poller cycles (every 5 s by default) fetch nothing.
+        for cycle in 1..6 {
+            assert!(!hand_overs.may_try(version, start + Duration::from_secs(5 * cycle)));
+        }
+        assert!(hand_overs.may_try(other, start), "another version is not held back");
+        let later = start + HAND_OVER_PAUSE;
+        assert!(hand_overs.may_try(version, later));
+        assert_eq!(hand_overs.failed(version, later), 2 * HAND_OVER_PAUSE);
+        let mut pause = Duration::ZERO;
+        for _ in 0..10 {
+            pause = hand_overs.failed(version, later);
+        }
+        assert_eq!(pause, HAND_OVER_PAUSE_MAX);
+        hand_overs.succeeded();
+        assert!(hand_overs.may_try(version, later));
+    }
 
     fn version(id: Uuid) -> AgentVersion {
         AgentVersion {

@@ -22,11 +22,14 @@ struct AdminState {
     metrics: Arc<Mutex<Registry>>,
 }
 
-/// Registers `distr_agent_build_info{component,version} 1`.
-pub fn register_build_info(registry: &mut Registry, component: &'static str) {
-    let info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
-    info.get_or_create(&vec![("component", component), ("version", env!("CARGO_PKG_VERSION"))])
-        .set(1);
+/// Registers `distr_agent_build_info{component,version} 1`, `version` the agent's version name.
+pub fn register_build_info(registry: &mut Registry, component: &'static str, version: &str) {
+    let info = Family::<Vec<(&'static str, String)>, Gauge>::default();
+    info.get_or_create(&vec![
+        ("component", component.to_owned()),
+        ("version", version.to_owned()),
+    ])
+    .set(1);
     registry.register("build_info", "Build of the running agent component", info);
 }
 

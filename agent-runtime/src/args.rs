@@ -24,6 +24,12 @@ pub struct RuntimeArgs {
     /// Address of the admin HTTP server (`/livez`, `/readyz`, `/metrics`).
     #[arg(long, env = "AGENT_ADMIN_ADDR", default_value = "0.0.0.0:9990")]
     pub admin_addr: SocketAddr,
+
+    /// The agent's version name, as the Hub knows it (the manifest sets it for every
+    /// component): announced at start-up, served on `/metrics`, and sent to the Hub in the
+    /// User-Agent.
+    #[arg(long, env = "DISTR_AGENT_VERSION", default_value = env!("CARGO_PKG_VERSION"))]
+    pub agent_version: String,
 }
 
 /// Where a process finds its mounted TLS Secret (`tls.crt`, `tls.key`, `ca.crt`).

@@ -48,7 +48,7 @@ impl Runtime {
         let shutdown = shutdown::on_signals();
         let readiness = Readiness::new(shutdown.clone());
         let mut registry = Registry::with_prefix("distr_agent");
-        admin::register_build_info(&mut registry, component);
+        admin::register_build_info(&mut registry, component, &args.agent_version);
         registry.register(
             "agent_log_lines_dropped",
             "Own log lines dropped before the Hub took them (the buffer was full)",
@@ -57,7 +57,7 @@ impl Runtime {
         let metrics = Arc::new(Mutex::new(registry));
         tokio::spawn(memory::trim_periodically(memory::TRIM_PERIOD, shutdown.clone()));
         let admin = admin::serve(args.admin_addr, readiness.clone(), metrics.clone(), shutdown.clone()).await?;
-        tracing::info!(component, version = env!("CARGO_PKG_VERSION"), admin = %args.admin_addr, "starting");
+        tracing::info!(component, version = %args.agent_version, admin = %args.admin_addr, "starting");
         Ok(Self {
             shutdown,
             readiness,

@@ -51,6 +51,15 @@ const PART_OF: &str = "app.kubernetes.io/part-of";
 pub const APPLIED_BY: &str = "agent.distr.sh/applied-by";
 const APPLIED_BY_VALUE: &str = "distr-agent-updater";
 const API_TIMEOUT: Duration = Duration::from_secs(15);
+/// The most a Secret holds (the API server's bound on its data): the state, with the manifest
+/// and the objects as they were, must fit.
+pub const MAX_STATE_BYTES: usize = 1024 * 1024;
+/// How many failed versions the state remembers (the oldest are forgotten first).
+pub const MAX_FAILED_VERSIONS: usize = 32;
+/// First pause before a roll-back that did not complete is tried again; it doubles up to
+/// [`ROLLBACK_RETRY_MAX`].
+const ROLLBACK_RETRY: Duration = Duration::from_secs(2);
+const ROLLBACK_RETRY_MAX: Duration = Duration::from_secs(60);
 /// A holder's heartbeat that has not moved for this many periods is stale: its updater is gone.
 const STALE_PERIODS: u32 = 3;
 
@@ -93,6 +102,26 @@ pub struct State {
     pub holder: String,
     /// When the holder last said it is alive, renewed while an update is under way.
     pub heartbeat: Option<DateTime<Utc>>,
+    /// Why the update under way is rolled back (kept apart from `message`, which says how
+    /// the roll-back goes).
+    pub rollback_reason: String,
+}
+
+impl State {
+    /// Records `version` as failed, forgetting the oldest beyond [`MAX_FAILED_VERSIONS`].
+    pub fn remember_failed(&mut self, version: &str) {
+        if self.failed_version_ids.iter().any(|v| v == version) {
+            return;
+        }
+        self.failed_version_ids.push(version.to_owned());
+        let excess = self.failed_version_ids.len().saturating_sub(MAX_FAILED_VERSIONS);
+        self.failed_version_ids.drain(..excess);
+    }
+}
+
+/// The bytes `state` takes in its Secret.
+fn state_size(state: &State) -> usize {
+    serde_json::to_vec(state).map_or(usize::MAX, |bytes| bytes.len())
 }
 
 impl std::fmt::Debug for State {
@@ -107,6 +136,7 @@ impl std::fmt::Debug for State {
             .field("previous", &self.previous.keys().collect::<Vec<_>>())
             .field("holder", &self.holder)
             .field("heartbeat", &self.heartbeat)
+            .field("rollback_reason", &self.rollback_reason)
             .finish()
     }
 }
@@ -147,6 +177,8 @@ pub struct Engine {
     rules: Rules,
     gate_timeout: Duration,
     heartbeat: Duration,
+    /// First and longest pause between the attempts of a roll-back.
+    rollback_retry: (Duration, Duration),
     identity: String,
     state: Arc<Mutex<State>>,
     mode: Arc<Mutex<Mode>>,
@@ -311,6 +343,7 @@ impl Engine {
             rules,
             gate_timeout,
             heartbeat,
+            rollback_retry: (ROLLBACK_RETRY, ROLLBACK_RETRY_MAX),
             identity: identity(),
             state: Arc::new(Mutex::new(State::default())),
             mode: Arc::new(Mutex::new(Mode::Loading)),
@@ -318,6 +351,12 @@ impl Engine {
             busy: Arc::new(tokio::sync::Mutex::new(())),
             writes: Arc::new(tokio::sync::Mutex::new(())),
         }
+    }
+
+    /// The first and longest pause between the attempts of a roll-back that did not complete.
+    pub fn with_rollback_retry(mut self, first: Duration, longest: Duration) -> Self {
+        self.rollback_retry = (first, longest.max(first));
+        self
     }
 
     pub fn status(&self) -> State {
@@ -485,7 +524,7 @@ impl Engine {
         let mut state = self.status();
         state.phase = phase;
         message.clone_into(&mut state.message);
-        tracing::info!(?phase, version = %state.target_version_id, message, "self-update");
+        tracing::info!(?phase, version = %state.target_version_id, detail = message, "self-update");
         self.save(state).await
     }
 
@@ -590,7 +629,14 @@ impl Engine {
                     Ok(checked) => engine.finish(checked, state.phase == Phase::Applying).await,
                     Err(refusal) => engine.roll_back(&refusal.to_string()).await,
                 },
-                Phase::RollingBack => engine.roll_back(&state.message).await,
+                Phase::RollingBack => {
+                    let reason = if state.rollback_reason.is_empty() {
+                        &state.message
+                    } else {
+                        &state.rollback_reason
+                    };
+                    engine.roll_back(reason).await
+                }
                 _ => {}
             }
         });
@@ -602,7 +648,7 @@ impl Engine {
         let mut state = self.status();
         state.phase = Phase::Failed;
         state.message = format!("nothing applied: {error}; the version is tried again on a later cycle");
-        tracing::warn!(version = %state.target_version_id, message = %state.message, "self-update not started");
+        tracing::warn!(version = %state.target_version_id, detail = %state.message, "self-update not started");
         if let Err(error) = self.save(state.clone()).await {
             tracing::warn!(%error, "cannot record the updater's state");
             // Whatever the write did, this updater's answer is Failed.
@@ -617,8 +663,8 @@ impl Engine {
         let mut state = self.status();
         state.phase = Phase::Failed;
         state.message = format!("refused, nothing applied: {error}");
-        state.failed_version_ids.push(version);
-        tracing::warn!(message = %state.message, "self-update refused");
+        state.remember_failed(&version);
+        tracing::warn!(version = %version, detail = %state.message, "self-update refused");
         if let Err(save) = self.save(state.clone()).await {
             tracing::warn!(error = %save, "cannot record the updater's state");
             self.set_memory(state);
@@ -661,6 +707,10 @@ impl Engine {
 
     /// Checks `text` and applies it; returns the applied objects once they are written, and
     /// gates and finishes in the background.
+    ///
+    /// The work runs in a task of its own that holds the `busy` guard until the update ends:
+    /// the caller (an RPC whose client may give up) may stop waiting at any point, and the
+    /// update still goes on to its gate and its end (or its roll-back).
     pub async fn start(&self, text: String, version: String) -> Result<Vec<Object>, StartError> {
         match self.mode() {
             Mode::Active => {}
@@ -678,6 +728,48 @@ impl Engine {
             .clone()
             .try_lock_owned()
             .map_err(|_| StartError::Busy(self.status().target_version_id))?;
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            engine.update(text, version, answer).await;
+        });
+        answered
+            .await
+            .unwrap_or_else(|_| Err(StartError::Cluster("the update ended without an answer".into())))
+    }
+
+    /// The whole of one update: check, record the intent, apply (answering `answer` once the
+    /// objects are written or the attempt ended), then gate and finish or roll back.
+    async fn update(
+        &self,
+        text: String,
+        version: String,
+        answer: tokio::sync::oneshot::Sender<Result<Vec<Object>, StartError>>,
+    ) {
+        let checked = match self.begin(text, version).await {
+            Ok(checked) => checked,
+            Err(error) => {
+                let _ = answer.send(Err(error));
+                return;
+            }
+        };
+        match self.apply_all(&checked.apply).await {
+            Err(error) => {
+                let _ = answer.send(Err(StartError::Cluster(error.clone())));
+                self.roll_back(&error).await;
+            }
+            Ok(()) => {
+                let _ = answer.send(Ok(checked.apply.clone()));
+                self.finish(checked, false).await;
+            }
+        }
+    }
+
+    /// Everything before the first write: the state Secret exists, the version may be tried,
+    /// the manifest passes the checks and the API server's dry run, and the intent (with the
+    /// objects as they are now) is recorded.
+    async fn begin(&self, text: String, version: String) -> Result<manifest::Checked, StartError> {
         if let Err(error) = self.state_secret_exists().await {
             let mut state = self.status();
             state.target_version_id.clone_from(&version);
@@ -696,6 +788,7 @@ impl Engine {
         state.message = "checking the manifest".into();
         state.manifest.clear();
         state.previous.clear();
+        state.rollback_reason.clear();
         self.set_memory(state);
         let checked = match self.validate(&text).await {
             Ok(checked) => checked,
@@ -725,28 +818,21 @@ impl Engine {
         state.message = format!("applying {} objects", checked.apply.len());
         state.manifest = text;
         state.previous = previous;
+        let size = state_size(&state);
+        if size > MAX_STATE_BYTES {
+            let refusal = Refusal::TooLargeToRecord {
+                bytes: size,
+                limit: MAX_STATE_BYTES,
+            };
+            return Err(self.refuse(refusal.into(), version).await);
+        }
         if let Err(error) = self.save(state).await {
             if !self.acting() {
                 return Err(StartError::NotReady(error));
             }
             return Err(self.abandon(&error).await);
         }
-        if let Err(error) = self.apply_all(&checked.apply).await {
-            let engine = self.clone();
-            let reason = error.clone();
-            tokio::spawn(async move {
-                let _guard = guard;
-                engine.roll_back(&reason).await;
-            });
-            return Err(StartError::Cluster(error));
-        }
-        let applied = checked.apply.clone();
-        let engine = self.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            engine.finish(checked, false).await;
-        });
-        Ok(applied)
+        Ok(checked)
     }
 
     /// The state Secret exists: known from the last read or write, or read again now (the
@@ -897,23 +983,83 @@ impl Engine {
         }
     }
 
-    /// Re-applies what the cluster had before (in the apply order), deletes what the update
-    /// created, waits for the previous Deployments, and records the version as failed.
+    /// Rolls back to what the cluster had before, trying again with a growing pause until
+    /// every recorded object is restored and the previous Deployments rolled out; says so in
+    /// the state and the logs while it retries. Only then is the version recorded as failed.
     async fn roll_back(&self, reason: &str) {
         if !self.acting() {
             return;
         }
-        if let Err(error) = self.set(Phase::RollingBack, reason).await {
+        let mut state = self.status();
+        state.phase = Phase::RollingBack;
+        reason.clone_into(&mut state.message);
+        reason.clone_into(&mut state.rollback_reason);
+        tracing::warn!(version = %state.target_version_id, reason, "self-update: rolling back");
+        if let Err(error) = self.save(state).await {
             tracing::warn!(%error, "cannot record the updater's state");
         }
         let previous = self.status().previous;
-        let mut errors = Vec::new();
-        let mut deployments = Vec::new();
-        for (kind, name, live) in rollback_order(&previous) {
+        let mut pause = self.rollback_retry.0;
+        let mut attempt = 1u32;
+        loop {
             if !self.acting() {
                 return;
             }
+            let problems = match self.restore(&previous).await {
+                Ok(()) => break,
+                Err(problems) => problems,
+            };
+            if !self.acting() {
+                return;
+            }
+            let message = format!(
+                "{reason}; the roll-back did not complete (attempt {attempt}), trying again in {}s: {}",
+                pause.as_secs_f64(),
+                problems.join("; ")
+            );
+            tracing::warn!(detail = %message, "self-update: the roll-back did not complete; trying again");
+            let mut state = self.status();
+            state.message = message;
+            if let Err(error) = self.save(state).await {
+                tracing::warn!(%error, "cannot record the updater's state");
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(self.rollback_retry.1);
+            attempt += 1;
+        }
+        let mut state = self.status();
+        state.phase = Phase::Failed;
+        state.message = format!("rolled back to the previous version: {reason}");
+        state.rollback_reason.clear();
+        let version = state.target_version_id.clone();
+        state.remember_failed(&version);
+        tracing::warn!(%version, detail = %state.message, "self-update failed");
+        if let Err(error) = self.save(state.clone()).await {
+            tracing::warn!(%error, "cannot record the updater's state");
+            self.set_memory(state);
+        }
+    }
+
+    /// One pass of a roll-back: re-applies what the cluster had before (in the apply order),
+    /// deletes what the update created (where the updater may delete: Services and
+    /// NetworkPolicies; anything else it created is left, and said so), and waits for the
+    /// previous Deployments. What went wrong, when anything did.
+    async fn restore(&self, previous: &BTreeMap<String, Value>) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        let mut deployments = Vec::new();
+        for (kind, name, live) in rollback_order(previous) {
+            if !self.acting() {
+                return Err(vec!["another updater took over the update".into()]);
+            }
             let result = if live.is_null() {
+                if !manifest::deletable(kind) {
+                    tracing::info!(
+                        kind,
+                        name,
+                        "left in place: the update created it, and the updater may not delete this kind"
+                    );
+                    continue;
+                }
                 self.delete(kind, name).await
             } else {
                 if kind == "Deployment" {
@@ -925,28 +1071,10 @@ impl Engine {
                 errors.push(error);
             }
         }
-        let restored = if errors.is_empty() {
-            self.gate(&deployments).await.map(|_| ()).map_err(|e| vec![e])
-        } else {
-            Err(errors)
-        };
-        if !self.acting() {
-            return;
+        if !errors.is_empty() {
+            return Err(errors);
         }
-        let mut state = self.status();
-        state.phase = Phase::Failed;
-        state.message = match restored {
-            Ok(()) => format!("rolled back to the previous version: {reason}"),
-            Err(errors) => format!("{reason}; the roll-back did not complete: {}", errors.join("; ")),
-        };
-        if !state.failed_version_ids.contains(&state.target_version_id) {
-            state.failed_version_ids.push(state.target_version_id.clone());
-        }
-        tracing::warn!(version = %state.target_version_id, message = %state.message, "self-update failed");
-        if let Err(error) = self.save(state.clone()).await {
-            tracing::warn!(%error, "cannot record the updater's state");
-            self.set_memory(state);
-        }
+        self.gate(&deployments).await.map(|_| ()).map_err(|e| vec![e])
     }
 }
 
@@ -994,20 +1122,73 @@ mod tests {
         );
     }
 
-    /// A Kubernetes API answering from `answer(method, path)`; every request is recorded.
+    /// A Kubernetes API answering from `answer(method, path, dry_run)`; every request is
+    /// recorded. What the updater's Role (`deploy/manifest.yaml.tmpl`) does not allow is
+    /// refused with 403 before `answer` is asked, as the real API server would.
     struct FakeApi {
         client: kube::Client,
         requests: Arc<Mutex<Vec<(String, String, Value)>>>,
     }
 
     type Answer = dyn Fn(&str, &str, bool) -> (u16, Value) + Send + Sync;
+    type Delay = dyn Fn(&str, &str, bool) -> Duration + Send + Sync;
+
+    /// Whether the updater's Role and ClusterRole allow `method` on `path`.
+    fn role_allows(method: &str, path: &str) -> bool {
+        let verb = match method {
+            "GET" => "get",
+            "PATCH" => "patch",
+            "PUT" => "update",
+            "DELETE" => "delete",
+            "POST" => "create",
+            _ => return false,
+        };
+        let mut segments = path.rsplit('/');
+        let (Some(name), Some(resource)) = (segments.next(), segments.next()) else {
+            return false;
+        };
+        let (names, verbs): (&[&str], &[&str]) = match resource {
+            "deployments" => (
+                &["distr-agent", "distr-agent-executor", "distr-agent-updater"],
+                &["get", "patch", "update"],
+            ),
+            "configmaps" => (&["distr-agent-env"], &["get", "patch", "update"]),
+            "services" => (
+                &["distr-agent-executor", "distr-agent-updater"],
+                &["get", "patch", "update", "delete"],
+            ),
+            "serviceaccounts" => (
+                &["distr-agent-poller", "distr-agent-executor", "distr-agent-updater"],
+                &["get", "patch", "update"],
+            ),
+            "networkpolicies" => (
+                &["distr-agent-poller", "distr-agent-executor", "distr-agent-updater"],
+                &["get", "patch", "update", "delete"],
+            ),
+            "secrets" if name == STATE_SECRET => (&[STATE_SECRET], &["get", "patch", "update"]),
+            "secrets" => (&["distr-agent-image-pull"], &["get", "patch"]),
+            "roles" | "rolebindings" | "clusterroles" | "clusterrolebindings" => (&[name], &["get"]),
+            "validatingadmissionpolicies" | "validatingadmissionpolicybindings" => (&[name], &["get"]),
+            _ => return false,
+        };
+        names.contains(&name) && verbs.contains(&verb)
+    }
 
     fn fake_api(answer: impl Fn(&str, &str, bool) -> (u16, Value) + Send + Sync + 'static) -> FakeApi {
+        fake_api_delayed(answer, |_, _, _| Duration::ZERO)
+    }
+
+    /// The same, each answer given after `delay(method, path, dry_run)`.
+    fn fake_api_delayed(
+        answer: impl Fn(&str, &str, bool) -> (u16, Value) + Send + Sync + 'static,
+        delay: impl Fn(&str, &str, bool) -> Duration + Send + Sync + 'static,
+    ) -> FakeApi {
         let answer: Arc<Answer> = Arc::new(answer);
+        let delay: Arc<Delay> = Arc::new(delay);
         let requests = Arc::new(Mutex::new(Vec::new()));
         let recorded = requests.clone();
         let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
-            let answer = answer.clone();
+            let (answer, delay) = (answer.clone(), delay.clone());
             let recorded = recorded.clone();
             async move {
                 let method = request.method().to_string();
@@ -1024,7 +1205,12 @@ mod tests {
                     },
                     body,
                 ));
-                let (code, answer) = answer(&method, &path, dry_run);
+                tokio::time::sleep(delay(&method, &path, dry_run)).await;
+                let (code, answer) = if role_allows(&method, &path) {
+                    answer(&method, &path, dry_run)
+                } else {
+                    status(403)
+                };
                 Ok::<_, std::convert::Infallible>(
                     http::Response::builder()
                         .status(code)
@@ -1043,7 +1229,12 @@ mod tests {
     }
 
     fn status(code: u16) -> (u16, Value) {
-        let reason = if code == 404 { "NotFound" } else { "InternalError" };
+        let reason = match code {
+            404 => "NotFound",
+            403 => "Forbidden",
+            409 => "Conflict",
+            _ => "InternalError",
+        };
         (
             code,
             json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "from the fake", "reason": reason, "code": code}),
@@ -1067,6 +1258,45 @@ mod tests {
             Duration::from_secs(1),
             Duration::from_millis(100),
         )
+        .with_rollback_retry(Duration::from_millis(50), Duration::from_millis(200))
+    }
+
+    /// The poller's Deployment as the cluster has it, running `image`: rolled out when
+    /// `rolled_out`.
+    fn poller_deployment(image: &str, rolled_out: bool) -> (u16, Value) {
+        let ready = i64::from(rolled_out);
+        (
+            200,
+            json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "distr-agent", "namespace": "agent", "generation": 2},
+                "spec": {"replicas": 1, "template": {"spec": {"serviceAccountName": "distr-agent-poller",
+                    "containers": [{"name": "c", "image": image}]}}},
+                "status": {"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1,
+                    "readyReplicas": ready, "availableReplicas": ready}}),
+        )
+    }
+
+    /// Waits until the engine's phase is `phase`.
+    async fn wait_phase(engine: &Engine, phase: Phase) -> State {
+        for _ in 0..200 {
+            let state = engine.status();
+            if state.phase == phase {
+                return state;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("phase {phase:?} not reached: {:?}", engine.status());
+    }
+
+    /// Every state the updater wrote to its Secret, in order.
+    fn written_states(api: &FakeApi) -> Vec<State> {
+        api.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(method, path, _)| method == "PATCH" && path.ends_with(STATE_SECRET))
+            .filter_map(|(_, _, body)| written_state(body))
+            .collect()
     }
 
     const MANIFEST: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: distr-agent\nspec:\n  template:\n    spec:\n      serviceAccountName: distr-agent-poller\n      containers:\n        - name: c\n          image: ghcr.io/distr-sh/distr-agent/poller:0.2.0\n";
@@ -1507,5 +1737,185 @@ mod tests {
             assert!(!shown.contains(secret), "{shown}");
         }
         shutdown.cancel();
+    }
+
+    /// The RPC that started an update may be dropped (its client gave up) once the intent is
+    /// recorded: the update still runs to its end, instead of staying `Applying` with nobody
+    /// running the gate.
+    #[tokio::test]
+    async fn an_update_whose_caller_gives_up_still_runs_to_its_end() {
+        let api = fake_api_delayed(
+            |method, path, dry_run| match method {
+                _ if dry_run => dry_run_answer(),
+                "GET" if path.ends_with(STATE_SECRET) => state_secret(&State::default()),
+                "PATCH" if path.ends_with(STATE_SECRET) => written_answer(),
+                "GET" if path.ends_with("deployments/distr-agent") => {
+                    poller_deployment("ghcr.io/distr-sh/distr-agent/poller:0.2.0", true)
+                }
+                "PATCH" => dry_run_answer(),
+                _ => status(404),
+            },
+            // The API server is slow to take the new Deployment.
+            |method, path, dry_run| {
+                if method == "PATCH" && path.contains("/deployments/") && !dry_run {
+                    Duration::from_millis(300)
+                } else {
+                    Duration::ZERO
+                }
+            },
+        );
+        let engine = engine_on(&api);
+        let shutdown = active(&engine).await;
+        {
+            let start = engine.start(MANIFEST.into(), "v2".into());
+            tokio::pin!(start);
+            loop {
+                tokio::select! {
+                    answered = &mut start => panic!("answered before the caller gave up: {answered:?}"),
+                    () = tokio::time::sleep(Duration::from_millis(10)) => {}
+                }
+                if engine.status().phase == Phase::Applying {
+                    break;
+                }
+            }
+            // The caller gives up here: the call is dropped.
+        }
+        let done = wait_phase(&engine, Phase::Done).await;
+        assert!(done.message.contains("rolled out"), "{}", done.message);
+        shutdown.cancel();
+    }
+
+    /// One object that cannot be restored at the first attempt: the roll-back says so and
+    /// tries again, and only once everything is back is the version recorded as failed.
+    #[tokio::test]
+    async fn a_roll_back_that_fails_part_way_is_tried_again_until_everything_is_back() {
+        const OLD: &str = "ghcr.io/distr-sh/distr-agent/poller:0.1.0";
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let config_patches = Arc::new(AtomicUsize::new(0));
+        let deployment_patches = Arc::new(AtomicUsize::new(0));
+        let (configs, deployments) = (config_patches.clone(), deployment_patches.clone());
+        let api = fake_api(move |method, path, dry_run| match method {
+            _ if dry_run => dry_run_answer(),
+            "GET" if path.ends_with(STATE_SECRET) => state_secret(&State::default()),
+            "PATCH" if path.ends_with(STATE_SECRET) => written_answer(),
+            "GET" if path.ends_with("configmaps/distr-agent-env") => (
+                200,
+                json!({"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": "distr-agent-env", "namespace": "agent"},
+                    "data": {"DISTR_AGENT_VERSION_ID": "v1"}}),
+            ),
+            // The new version (the first write) never comes up; the old one (before, and
+            // restored by the later writes) does.
+            "GET" if path.ends_with("deployments/distr-agent") => match deployments.load(SeqCst) {
+                1 => poller_deployment("ghcr.io/distr-sh/distr-agent/poller:0.2.0", false),
+                _ => poller_deployment(OLD, true),
+            },
+            "PATCH" if path.ends_with("deployments/distr-agent") => {
+                deployments.fetch_add(1, SeqCst);
+                dry_run_answer()
+            }
+            // The ConfigMap's restore (its second write) fails once.
+            "PATCH" if path.ends_with("configmaps/distr-agent-env") => {
+                if configs.fetch_add(1, SeqCst) == 1 {
+                    status(500)
+                } else {
+                    (
+                        200,
+                        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "distr-agent-env"}}),
+                    )
+                }
+            }
+            _ => status(404),
+        });
+        let engine = engine_on(&api);
+        let shutdown = active(&engine).await;
+        let manifest = format!(
+            "{MANIFEST}---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: distr-agent-env\ndata:\n  DISTR_AGENT_VERSION_ID: v2\n"
+        );
+        engine.start(manifest, "v2".into()).await.expect("applied");
+        let failed = wait_phase(&engine, Phase::Failed).await;
+        assert!(
+            failed.message.contains("rolled back to the previous version"),
+            "{}",
+            failed.message
+        );
+        assert_eq!(failed.failed_version_ids, ["v2"]);
+        let states = written_states(&api);
+        let retrying = states
+            .iter()
+            .find(|s| s.message.contains("the roll-back did not complete"))
+            .expect("the failed attempt is recorded while the roll-back goes on");
+        assert_eq!(retrying.phase, Phase::RollingBack, "{retrying:?}");
+        assert!(retrying.failed_version_ids.is_empty(), "not failed yet: {retrying:?}");
+        assert!(
+            retrying.message.contains("ConfigMap distr-agent-env"),
+            "{}",
+            retrying.message
+        );
+        assert!(config_patches.load(SeqCst) >= 3, "restored at the next attempt");
+        let last_image = api
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .rfind(|(method, path, _)| method == "PATCH" && path.ends_with("deployments/distr-agent"))
+            .map(|(_, _, body)| body["spec"]["template"]["spec"]["containers"][0]["image"].clone());
+        assert_eq!(last_image, Some(json!(OLD)), "the previous Deployment is back");
+        let deletes: Vec<String> = api
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(method, _, _)| method == "DELETE")
+            .map(|(_, path, _)| path.clone())
+            .collect();
+        assert!(deletes.is_empty(), "{deletes:?}");
+        shutdown.cancel();
+    }
+
+    /// The state holds the manifest and the objects as they were: one that would not fit in
+    /// its Secret is refused before any write, instead of failing every cycle.
+    #[tokio::test]
+    async fn an_update_too_large_to_record_is_refused_before_any_write() {
+        let api = fake_api(|method, path, dry_run| match method {
+            _ if dry_run => dry_run_answer(),
+            "GET" if path.ends_with(STATE_SECRET) => state_secret(&State::default()),
+            "PATCH" if path.ends_with(STATE_SECRET) => written_answer(),
+            "GET" if path.ends_with("configmaps/distr-agent-env") => (
+                200,
+                json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "distr-agent-env"},
+                    "data": {"big": "x".repeat(MAX_STATE_BYTES)}}),
+            ),
+            _ => status(404),
+        });
+        let engine = engine_on(&api);
+        let shutdown = active(&engine).await;
+        let manifest =
+            format!("{MANIFEST}---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: distr-agent-env\ndata: {{}}\n");
+        let started = engine.start(manifest, "v2".into()).await;
+        assert!(
+            matches!(started, Err(StartError::Refused(Refusal::TooLargeToRecord { .. }))),
+            "{started:?}"
+        );
+        let state = engine.status();
+        assert_eq!(state.phase, Phase::Failed);
+        assert_eq!(state.failed_version_ids, ["v2"]);
+        assert!(
+            written_states(&api).iter().all(|s| s.phase != Phase::Applying),
+            "no intent recorded"
+        );
+        shutdown.cancel();
+    }
+
+    #[test]
+    fn the_failed_versions_are_capped_oldest_first() {
+        let mut state = State::default();
+        for n in 0..MAX_FAILED_VERSIONS + 5 {
+            state.remember_failed(&format!("v{n}"));
+        }
+        state.remember_failed("v36");
+        assert_eq!(state.failed_version_ids.len(), MAX_FAILED_VERSIONS);
+        assert_eq!(state.failed_version_ids[0], "v5");
+        assert_eq!(state.failed_version_ids.last().map(String::as_str), Some("v36"));
     }
 }

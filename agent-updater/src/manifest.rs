@@ -8,8 +8,10 @@ use std::fmt;
 use serde::Deserialize as _;
 use serde_json::Value;
 
-/// Bound on a manifest (the poller's bound on the Hub's manifest body).
-pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+/// Bound on a manifest. The updater records the manifest and the objects as they were in its
+/// state Secret, which holds at most 1 MiB; today's manifests are about 25 KB. The poller
+/// fetches no larger manifest from the Hub.
+pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
 
 /// The kinds the updater writes, in the order it applies them (its own Deployment last).
 const WRITABLE: [(&str, &str, &[&str]); 6] = [
@@ -71,6 +73,10 @@ pub enum Refusal {
     NoDeployment,
     #[error("the API server refuses {object} (dry run): {reason}")]
     DryRun { object: String, reason: String },
+    #[error(
+        "the update cannot be recorded: with the objects as they are now it takes {bytes} bytes, over the {limit}-byte bound of the updater's state Secret"
+    )]
+    TooLargeToRecord { bytes: usize, limit: usize },
     #[error(
         "{object} differs from what the cluster has: this version needs other rights, which the updater cannot grant; apply it with kubectl"
     )]
@@ -206,9 +212,14 @@ pub fn position(kind: &str, name: &str) -> (usize, usize) {
 pub fn prunable() -> Vec<(&'static str, &'static str)> {
     WRITABLE
         .iter()
-        .filter(|(_, kind, _)| matches!(*kind, "Service" | "NetworkPolicy"))
+        .filter(|(_, kind, _)| deletable(kind))
         .flat_map(|(_, kind, names)| names.iter().map(move |name| (*kind, *name)))
         .collect()
+}
+
+/// Whether the updater may delete objects of `kind` (its Role allows `delete` on these only).
+pub fn deletable(kind: &str) -> bool {
+    matches!(kind, "Service" | "NetworkPolicy")
 }
 
 /// The component a Deployment runs.
@@ -246,24 +257,49 @@ fn check_deployment(object: &Object, rules: &Rules) -> Result<(), Refusal> {
 }
 
 /// Whether `live` (from the cluster) grants what `wanted` (from the manifest) grants: the same
-/// rules, subjects, role reference or policy.
+/// rules, subjects, role reference or policy, as the API server stores them (see
+/// [`SERVER_DEFAULTS`]).
 pub fn same_grant(wanted: &Value, live: &Value) -> bool {
     ["rules", "subjects", "roleRef", "spec"]
         .iter()
         .all(|key| normalized(&wanted[key]) == normalized(&live[key]))
 }
 
-/// Defaults the API server fills in, removed so that a manifest compares equal to its object.
+/// Fields the API server fills in when a manifest leaves them out, with the value it fills
+/// (`admissionregistration.k8s.io/v1` defaulting: a policy's `failurePolicy`, the
+/// `matchPolicy` and selectors of its match constraints and its bindings' match resources,
+/// each resource rule's `scope`, a parameter reference's `parameterNotFoundAction`). A field
+/// holding its default is compared as absent, so that a manifest and the object the cluster
+/// stored from it compare equal; any other value still differs.
+const SERVER_DEFAULTS: [(&str, &str); 4] = [
+    ("failurePolicy", "Fail"),
+    ("matchPolicy", "Equivalent"),
+    ("scope", "*"),
+    ("parameterNotFoundAction", "Deny"),
+];
+
+/// `value` with what the API server fills in removed: nulls, empty lists and maps (empty
+/// selectors, an empty `resourceNames`), and fields at their [`SERVER_DEFAULTS`].
 fn normalized(value: &Value) -> Value {
     match value {
         Value::Object(map) => Value::Object(
             map.iter()
-                .filter(|(_, v)| !v.is_null() && *v != &Value::Array(Vec::new()))
+                .filter(|(key, v)| !SERVER_DEFAULTS.iter().any(|(k, d)| k == key && v.as_str() == Some(d)))
                 .map(|(k, v)| (k.clone(), normalized(v)))
+                .filter(|(_, v)| !empty(v))
                 .collect(),
         ),
         Value::Array(items) => Value::Array(items.iter().map(normalized).collect()),
         other => other.clone(),
+    }
+}
+
+fn empty(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Array(items) => items.is_empty(),
+        Value::Object(map) => map.is_empty(),
+        _ => false,
     }
 }
 
@@ -401,6 +437,67 @@ mod tests {
                     .all(|o| o.name != STATE_SECRET),
                 "{scope}: the state Secret is left out"
             );
+        }
+    }
+
+    /// The cluster-scope policies as the template has them, and as the API server stores them
+    /// (its defaults filled in): the same grant. A real change still differs.
+    #[test]
+    fn admission_policies_compare_equal_to_what_the_api_server_stored() {
+        let text = std::fs::read_to_string(format!(
+            "{}/../deploy/examples/cluster.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .expect("the example");
+        let checked = check(
+            &text
+                .split("\n---")
+                .filter(|doc| !doc.contains("name: distr-agent-auth\n"))
+                .collect::<Vec<_>>()
+                .join("\n---"),
+            &Rules {
+                namespace: "distr".into(),
+                ..rules()
+            },
+        )
+        .expect("valid");
+        let policies: Vec<&Object> = checked
+            .compare
+            .iter()
+            .filter(|o| o.kind.starts_with("ValidatingAdmissionPolicy"))
+            .collect();
+        assert_eq!(policies.len(), 4);
+        for policy in policies {
+            let mut stored = policy.body.clone();
+            stored["metadata"]["uid"] = serde_json::json!("u");
+            let spec = &mut stored["spec"];
+            let constraints = if spec["matchConstraints"].is_object() {
+                spec["failurePolicy"] = serde_json::json!("Fail");
+                "matchConstraints"
+            } else {
+                "matchResources"
+            };
+            let matching = &mut spec[constraints];
+            matching["matchPolicy"] = serde_json::json!("Equivalent");
+            matching["objectSelector"] = serde_json::json!({});
+            if !matching["namespaceSelector"].is_object() {
+                matching["namespaceSelector"] = serde_json::json!({});
+            }
+            if let Some(rules) = matching["resourceRules"].as_array_mut() {
+                for rule in rules {
+                    rule["scope"] = serde_json::json!("*");
+                }
+            }
+            assert!(same_grant(&policy.body, &stored), "{policy}: {stored:#}");
+            let mut exact = stored.clone();
+            exact["spec"][constraints]["matchPolicy"] = serde_json::json!("Exact");
+            assert!(!same_grant(&policy.body, &exact), "{policy}: another matchPolicy");
+            let mut ignored = stored.clone();
+            ignored["spec"]["failurePolicy"] = serde_json::json!("Ignore");
+            assert!(!same_grant(&policy.body, &ignored), "{policy}: failures ignored");
+            let mut narrower = stored;
+            narrower["spec"][constraints]["objectSelector"] = serde_json::json!({"matchLabels": {"a": "b"}});
+            assert!(!same_grant(&policy.body, &narrower), "{policy}: another selector");
         }
     }
 

@@ -80,6 +80,14 @@ pub enum PkiError {
     Conflict { name: String },
 }
 
+impl PkiError {
+    /// A benign race with another writer, which the next check resolves: not an error worth
+    /// an operator's attention.
+    pub fn is_race(&self) -> bool {
+        matches!(self, PkiError::Conflict { .. })
+    }
+}
+
 /// Keeps the CA and the leaves current.
 pub struct Pki {
     secrets: Api<Secret>,
@@ -140,8 +148,14 @@ impl Pki {
             self.watched.insert(name, store);
         }
         loop {
-            if let Err(error) = self.check().await {
-                tracing::error!(%error, "cannot keep the agent's certificates current");
+            match self.check().await {
+                Ok(()) => {}
+                // Another writer (a second executor at start-up, or its own watch running
+                // ahead) won a race: the next check reads what it wrote. No fault.
+                Err(error) if error.is_race() => {
+                    tracing::info!(%error, "a certificate Secret changed while it was being written")
+                }
+                Err(error) => tracing::error!(%error, "cannot keep the agent's certificates current"),
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.config.check_interval) => {}
@@ -516,5 +530,14 @@ mod tests {
             .duration_since(validity.not_before)
             .expect("not_before is in the past");
         assert!(backdated >= Duration::from_secs(299), "{backdated:?}");
+    }
+
+    #[test]
+    fn a_lost_race_for_a_certificate_secret_is_no_error() {
+        let race = PkiError::Conflict {
+            name: leaf_secret_name(Role::Poller),
+        };
+        assert!(race.is_race(), "{race}");
+        assert!(!PkiError::Cert(CertError::Parse("bad".into())).is_race());
     }
 }

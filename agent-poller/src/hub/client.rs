@@ -46,7 +46,8 @@ pub struct ClientOptions {
     pub max_login_backoff: Duration,
     /// Bound on the resources body. Default 8 MiB.
     pub max_resources_body: usize,
-    /// Bound on the manifest body. Default 4 MiB.
+    /// Bound on the manifest body. Default 256 KiB, the updater's bound on a manifest (it
+    /// must fit in its state Secret).
     pub max_manifest_body: usize,
     /// Bound on every other body (login, status, metrics, logs). Default 64 KiB.
     pub max_body: usize,
@@ -61,7 +62,7 @@ impl Default for ClientOptions {
             refresh_retry_after: Duration::from_secs(10),
             max_login_backoff: Duration::from_secs(300),
             max_resources_body: 8 * 1024 * 1024,
-            max_manifest_body: 4 * 1024 * 1024,
+            max_manifest_body: 256 * 1024,
             max_body: 64 * 1024,
         }
     }

@@ -246,7 +246,7 @@ async fn oversized_bodies_are_rejected_while_streaming() {
     client
         .manifest()
         .await
-        .expect("a 200 KiB manifest is under its 4 MiB bound");
+        .expect("a 200 KiB manifest is under its 256 KiB bound");
     // Announced by Content-Length: refused before reading.
     let report = StatusReport {
         revision_id: Uuid::nil(),

@@ -30,9 +30,18 @@ async fn manifest_of(agent: &Agent, name: &str, id: Uuid) -> anyhow::Result<Stri
     manifest_pulling_with(agent, name, id, "").await
 }
 
+/// The scope the agent was installed with.
+fn scope_of(agent: &Agent) -> Scope {
+    if agent.manifest.contains("kind: ClusterRoleBinding\n") {
+        Scope::Cluster
+    } else {
+        Scope::Namespace
+    }
+}
+
 /// The same with `agentDockerConfig` (base64): the pull Secret `distr-agent-image-pull`.
 async fn manifest_pulling_with(agent: &Agent, name: &str, id: Uuid, docker_config: &str) -> anyhow::Result<String> {
-    let mut params = install::hub_params(&agent.hub, agent.target, None, &agent.ns.name, Scope::Namespace);
+    let mut params = install::hub_params(&agent.hub, agent.target, None, &agent.ns.name, scope_of(agent));
     params["agentDockerConfig"] = json!(docker_config);
     params["agentInterval"] = json!("1s");
     params["agentVersion"] = json!(name);
@@ -109,8 +118,9 @@ async fn wait_phase_at(
     }
 }
 
-fn options(version: Uuid, gate_seconds: u64) -> AgentOptions {
+fn options(version: Uuid, gate_seconds: u64, scope: Scope) -> AgentOptions {
     AgentOptions {
+        scope,
         version_id: version.to_string(),
         updater_env: vec![
             ("AGENT_UPDATE_TIMEOUT_SECONDS", gate_seconds.to_string()),
@@ -123,9 +133,20 @@ fn options(version: Uuid, gate_seconds: u64) -> AgentOptions {
 #[tokio::test]
 async fn a_new_version_named_by_the_hub_is_applied_gated_and_pruned_while_releases_keep_reporting() -> anyhow::Result<()>
 {
-    let test = "selfupdate-good";
+    new_versions_are_applied("selfupdate-good", Scope::Namespace).await
+}
+
+/// The same in cluster scope, where the manifest also holds the admission policies and
+/// cluster-wide RBAC, which the updater compares with what the API server stored (defaults
+/// filled in).
+#[tokio::test]
+async fn in_cluster_scope_a_new_version_named_by_the_hub_is_applied_gated_and_pruned() -> anyhow::Result<()> {
+    new_versions_are_applied("selfupdate-good-cluster", Scope::Cluster).await
+}
+
+async fn new_versions_are_applied(test: &str, scope: Scope) -> anyhow::Result<()> {
     let v1 = Uuid::new_v4();
-    let agent = Agent::start(test, options(v1, 60)).await?;
+    let agent = Agent::start(test, options(v1, 60, scope)).await?;
     let chart = charts::push_web_chart(test, "selfupdate-web", &["0.1.0"]).await?;
     let web = deployment("web", &chart, "0.1.0", json!({}));
     agent.set_deployments(vec![web.clone()]);
@@ -185,11 +206,12 @@ async fn a_new_version_named_by_the_hub_is_applied_gated_and_pruned_while_releas
     );
 
     // Version 0.3.0 drops the poller's NetworkPolicy too: the updater applied it, so it is
-    // pruned; the executor's is still kept.
+    // pruned; the executor's is still kept. It also brings pull credentials for the agent's
+    // images, where the install had none: the pull Secret the install created empty gets them.
     let v3 = Uuid::new_v4();
     let manifest = without(
         &without(
-            &manifest_of(&agent, "0.3.0", v3).await?,
+            &manifest_pulling_with(&agent, "0.3.0", v3, NEW_PULL).await?,
             "NetworkPolicy",
             "distr-agent-executor",
         ),
@@ -210,6 +232,12 @@ async fn a_new_version_named_by_the_hub_is_applied_gated_and_pruned_while_releas
     assert!(
         policies.get_opt("distr-agent-executor").await?.is_some(),
         "an object the updater never applied is kept"
+    );
+    let pull = agent.ns.api::<Secret>().get("distr-agent-image-pull").await?;
+    assert_eq!(
+        serde_json::to_value(&pull.data.unwrap_or_default()[".dockerconfigjson"])?,
+        json!(NEW_PULL),
+        "the new version's pull credentials"
     );
     // The release keeps its status on the Hub (refreshed every 30 s) through the update.
     let since = |agent: &Agent| -> Vec<_> {
@@ -235,20 +263,25 @@ async fn a_new_version_named_by_the_hub_is_applied_gated_and_pruned_while_releas
 
 #[tokio::test]
 async fn a_version_that_does_not_come_up_is_rolled_back_and_not_tried_again() -> anyhow::Result<()> {
-    let test = "selfupdate-bad";
+    a_bad_version_is_rolled_back("selfupdate-bad", Scope::Namespace).await
+}
+
+#[tokio::test]
+async fn in_cluster_scope_a_version_that_does_not_come_up_is_rolled_back() -> anyhow::Result<()> {
+    a_bad_version_is_rolled_back("selfupdate-bad-cluster", Scope::Cluster).await
+}
+
+async fn a_bad_version_is_rolled_back(test: &str, scope: Scope) -> anyhow::Result<()> {
     let v1 = Uuid::new_v4();
-    let agent = Agent::start(test, options(v1, 15)).await?;
-    // The pull Secret as an install with pull credentials left it; the bad version brings
+    let agent = Agent::start(test, options(v1, 15, scope)).await?;
+    // The pull Secret as an install with pull credentials leaves it; the bad version brings
     // other credentials, which the roll-back must take back.
     let secrets = agent.ns.api::<Secret>();
     secrets
-        .create(
-            &kube::api::PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {"name": "distr-agent-image-pull", "labels": {"app.kubernetes.io/part-of": "distr-agent"}},
-                "type": "kubernetes.io/dockerconfigjson",
-                "data": {".dockerconfigjson": OLD_PULL},
-            }))?,
+        .patch(
+            "distr-agent-image-pull",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"data": {".dockerconfigjson": OLD_PULL}})),
         )
         .await?;
     let pull_data = || async {
@@ -444,7 +477,7 @@ async fn a_second_updater_stands_by_then_takes_over_and_rolls_back_a_bad_version
         test,
         AgentOptions {
             version_id: String::new(),
-            ..options(Uuid::nil(), 20)
+            ..options(Uuid::nil(), 20, Scope::Namespace)
         },
     )
     .await?;
