@@ -38,6 +38,38 @@ export DISTR_TESTENV="$state/env"
 export DISTR_AGENT_BIN_DIR="$root/target/debug"
 cargo test --workspace --no-fail-fast -- --test-threads "${DISTR_TEST_THREADS:-4}"
 
+step "no process of the run outlives it"
+# Every process the tests start (the agent binaries, the helm processes of the executors, the
+# Hub simulator of the demo) keeps its files under $state/tests: its command line or its
+# environment names that directory. None may still run now; a process that dies with its test
+# only once a timeout of its own expires (a helm install waiting an hour) is a leak. The pattern
+# is read from a file so that grep's own command line does not hold it.
+pattern=$state/leftover-pattern
+printf '%s\n' "$state/tests/" >"$pattern"
+leftovers() {
+  local dir
+  for dir in /proc/[0-9]*; do
+    [ "${dir#/proc/}" = "$$" ] && continue
+    if grep -qsaF -f "$pattern" "$dir/cmdline" "$dir/environ"; then echo "${dir#/proc/}"; fi
+  done
+}
+# A process killed at a test's end may take a moment to go.
+for _ in $(seq 50); do
+  left=$(leftovers)
+  [ -z "$left" ] && break
+  sleep 0.2
+done
+if [ -n "$left" ]; then
+  echo "these processes of the run are still running (killed now):" >&2
+  for pid in $left; do
+    printf '  %s: %s\n' "$pid" "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-300)" >&2
+  done
+  # shellcheck disable=SC2086
+  kill -KILL $left 2>/dev/null || true
+  exit 1
+fi
+echo "no process of the run left" >&2
+
 step "no secret in any log of the run"
 # Every target secret, JWT and registry password the harness made or issued is listed in
 # $state/secrets; the agent processes logged at debug level (and the Hub simulators of the

@@ -1,12 +1,18 @@
 //! Cluster metrics for the Hub: node capacity (Nodes) and node usage (`metrics.k8s.io`
 //! NodeMetrics, served by metrics-server), summed over the cluster, as the Go agent reports
-//! them. One LIST of each, not one GET per node.
+//! them. LISTs in pages of [`PAGE`], not one GET per node, each call bounded by
+//! [`kube_util::API_TIMEOUT`].
 
 use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api,
-    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
+    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, ObjectList},
 };
+
+use crate::cluster::kube_util::{self, ApiError};
+
+/// Objects per LIST page.
+pub const PAGE: u32 = 500;
 
 /// Capacity and usage summed over the cluster's nodes.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,54 +34,95 @@ pub enum MetricsError {
     /// The cluster serves no `metrics.k8s.io` (no metrics-server).
     #[error("cluster metrics are unavailable: the cluster serves no metrics.k8s.io API (is metrics-server installed?)")]
     NoMetricsApi,
+    /// The API failed or did not answer in time (retryable).
     #[error("cannot read {what}: {source}")]
     Api {
         what: &'static str,
         #[source]
-        source: kube::Error,
+        source: ApiError,
     },
+}
+
+/// Reads the cluster's metrics for the gRPC service, which itself never calls the API.
+#[derive(Clone)]
+pub struct ClusterMetricsReader {
+    client: kube::Client,
+}
+
+impl ClusterMetricsReader {
+    pub fn new(client: kube::Client) -> Self {
+        Self { client }
+    }
+
+    /// Reads and sums the cluster's node capacity and usage.
+    pub async fn read(&self) -> Result<ClusterMetrics, MetricsError> {
+        read(&self.client).await
+    }
+}
+
+/// Every object of `api`, page by page.
+async fn list_all<K>(api: &Api<K>, what: &'static str) -> Result<Vec<K>, MetricsError>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut items = Vec::new();
+    let mut params = ListParams::default().limit(PAGE);
+    loop {
+        let page: ObjectList<K> = kube_util::call(api.list(&params))
+            .await
+            .map_err(|source| classify(what, source))?;
+        items.extend(page.items);
+        match page.metadata.continue_.filter(|token| !token.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(items),
+        }
+    }
+}
+
+fn classify(what: &'static str, source: ApiError) -> MetricsError {
+    match source.code() {
+        Some(403) => MetricsError::Forbidden(what),
+        Some(404) if what == "node metrics" => MetricsError::NoMetricsApi,
+        _ => MetricsError::Api { what, source },
+    }
 }
 
 /// Reads and sums the cluster's node capacity and usage.
 pub async fn read(client: &kube::Client) -> Result<ClusterMetrics, MetricsError> {
-    let api_error = |what: &'static str| {
-        move |source: kube::Error| match &source {
-            kube::Error::Api(status) if status.code == 403 => MetricsError::Forbidden(what),
-            kube::Error::Api(status) if status.code == 404 && what == "node metrics" => MetricsError::NoMetricsApi,
-            _ => MetricsError::Api { what, source },
-        }
-    };
-    let nodes = Api::<Node>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(api_error("nodes"))?;
+    let nodes = list_all(&Api::<Node>::all(client.clone()), "nodes").await?;
     let resource = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("metrics.k8s.io", "v1beta1", "NodeMetrics"),
         "nodes",
     );
-    let usage = Api::<DynamicObject>::all_with(client.clone(), &resource)
-        .list(&ListParams::default())
-        .await
-        .map_err(api_error("node metrics"))?;
+    let usage = list_all(
+        &Api::<DynamicObject>::all_with(client.clone(), &resource),
+        "node metrics",
+    )
+    .await?;
+    Ok(sum(&nodes, &usage))
+}
+
+/// Capacity and usage of `nodes` and their `usage` (NodeMetrics) summed.
+fn sum(nodes: &[Node], usage: &[DynamicObject]) -> ClusterMetrics {
     let (mut cpu_capacity, mut memory_capacity) = (0.0, 0.0);
-    for node in &nodes.items {
+    for node in nodes {
         let capacity = node.status.as_ref().and_then(|status| status.capacity.as_ref());
         let get = |name: &str| capacity.and_then(|c| c.get(name)).and_then(|q| parse_quantity(&q.0));
         cpu_capacity += get("cpu").unwrap_or_default();
         memory_capacity += get("memory").unwrap_or_default();
     }
     let (mut cpu_used, mut memory_used) = (0.0, 0.0);
-    for metrics in &usage.items {
+    for metrics in usage {
         let get = |name: &str| metrics.data["usage"][name].as_str().and_then(parse_quantity);
         cpu_used += get("cpu").unwrap_or_default();
         memory_used += get("memory").unwrap_or_default();
     }
-    Ok(ClusterMetrics {
+    ClusterMetrics {
         cpu_cores_millis: (cpu_capacity * 1000.0).round() as i64,
         cpu_usage: ratio(cpu_used, cpu_capacity),
         memory_bytes: memory_capacity.round() as i64,
         memory_usage: ratio(memory_used, memory_capacity),
-    })
+    }
 }
 
 fn ratio(used: f64, capacity: f64) -> f64 {
@@ -150,6 +197,29 @@ mod tests {
         for bad in ["", "Mi", "1.2.3", "12Q", "1e", "1ee3"] {
             assert_eq!(parse_quantity(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn capacity_and_usage_are_summed_over_the_nodes() {
+        let node = |cpu: &str, memory: &str| -> Node {
+            serde_json::from_value(serde_json::json!({"status": {"capacity": {"cpu": cpu, "memory": memory}}}))
+                .unwrap_or_default()
+        };
+        let usage = |cpu: &str, memory: &str| -> DynamicObject {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "metrics.k8s.io/v1beta1", "kind": "NodeMetrics", "metadata": {"name": "n"},
+                "usage": {"cpu": cpu, "memory": memory}
+            }))
+            .unwrap_or_else(|error| panic!("{error}"))
+        };
+        let metrics = sum(
+            &[node("2", "4Gi"), node("2", "4Gi")],
+            &[usage("500m", "1Gi"), usage("1500m", "3Gi")],
+        );
+        assert_eq!(metrics.cpu_cores_millis, 4000);
+        assert_eq!(metrics.memory_bytes, 8 * 1024 * 1024 * 1024);
+        assert_eq!(metrics.cpu_usage, 0.5);
+        assert_eq!(metrics.memory_usage, 0.5);
     }
 
     #[test]

@@ -32,14 +32,17 @@ const STATUS_STREAM_SETTLE: Duration = Duration::from_millis(50);
 /// Lines per `CollectLogs` reply when the caller sets no bound, and at most.
 const DEFAULT_LOG_LINES: u32 = 1000;
 const MAX_LOG_LINES: u32 = 5000;
+/// How long a `CollectLogs` reads before it answers with what it has, well inside the
+/// poller's executor deadline (10 s by default); shorter when the caller's `grpc-timeout`
+/// asks for less.
+const LOG_COLLECTION_TIME: Duration = Duration::from_secs(5);
 
 /// The Executor service.
 #[derive(Clone)]
 pub struct ExecutorService {
     reconciler: Reconciler,
     logs: Arc<LogCollector>,
-    /// For the cluster metrics.
-    client: kube::Client,
+    metrics: crate::cluster_metrics::ClusterMetricsReader,
     /// Ends the status streams, so a graceful shutdown of the server does not wait for them.
     shutdown: tokio_util::sync::CancellationToken,
 }
@@ -48,13 +51,13 @@ impl ExecutorService {
     pub fn new(
         reconciler: Reconciler,
         logs: Arc<LogCollector>,
-        client: kube::Client,
+        metrics: crate::cluster_metrics::ClusterMetricsReader,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
         Self {
             reconciler,
             logs,
-            client,
+            metrics,
             shutdown,
         }
     }
@@ -159,6 +162,7 @@ impl Executor for ExecutorService {
         &self,
         request: Request<pb::CollectLogsRequest>,
     ) -> Result<Response<pb::CollectLogsResponse>, Status> {
+        let deadline = tokio::time::Instant::now() + log_collection_time(request.metadata());
         let request = request.into_inner();
         let max_lines = match request.max_lines {
             0 => DEFAULT_LOG_LINES,
@@ -167,7 +171,7 @@ impl Executor for ExecutorService {
         let after = request.logs_after.and_then(|t| from_timestamp(&t));
         let collection = self
             .logs
-            .collect(self.reconciler.log_targets(), after, max_lines as usize)
+            .collect(self.reconciler.log_targets(), after, max_lines as usize, deadline)
             .await;
         Ok(Response::new(pb::CollectLogsResponse {
             records: collection
@@ -211,7 +215,10 @@ impl Executor for ExecutorService {
                 empty: cursor.empty,
             });
         }
-        self.logs.ack(cursors).await.map_err(Status::unavailable)?;
+        self.logs
+            .ack(cursors)
+            .await
+            .map_err(|error| Status::unavailable(error.to_string()))?;
         Ok(Response::new(pb::AckLogsResponse {}))
     }
 
@@ -220,7 +227,7 @@ impl Executor for ExecutorService {
         _: Request<pb::ClusterMetricsRequest>,
     ) -> Result<Response<pb::ClusterMetricsResponse>, Status> {
         use crate::cluster_metrics::MetricsError;
-        match crate::cluster_metrics::read(&self.client).await {
+        match self.metrics.read().await {
             Ok(metrics) => Ok(Response::new(pb::ClusterMetricsResponse {
                 cpu_cores_millis: metrics.cpu_cores_millis,
                 cpu_usage: metrics.cpu_usage,
@@ -234,6 +241,34 @@ impl Executor for ExecutorService {
             Err(error) => Err(Status::unavailable(error.to_string())),
         }
     }
+}
+
+/// The time a log collection may take: [`LOG_COLLECTION_TIME`], or less when the caller's
+/// `grpc-timeout` leaves less (then two thirds of it, so the answer travels back in time).
+fn log_collection_time(metadata: &tonic::metadata::MetadataMap) -> Duration {
+    let asked = metadata
+        .get("grpc-timeout")
+        .and_then(|value| value.to_str().ok())
+        .and_then(grpc_timeout);
+    asked.map_or(LOG_COLLECTION_TIME, |asked| LOG_COLLECTION_TIME.min(asked * 2 / 3))
+}
+
+/// A `grpc-timeout` header value: up to eight digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+fn grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 /// Maps reconciler errors: bad input → `INVALID_ARGUMENT`, unknown release → `NOT_FOUND`,
@@ -452,6 +487,22 @@ mod tests {
 
     use super::*;
     use crate::model::WaitStrategy;
+
+    #[test]
+    fn a_log_collection_answers_within_the_callers_deadline() {
+        assert_eq!(grpc_timeout("10S"), Some(Duration::from_secs(10)));
+        assert_eq!(grpc_timeout("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        for bad in ["", "S", "10", "123456789S", "10s", "-1S"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad:?}");
+        }
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        assert_eq!(log_collection_time(&metadata), LOG_COLLECTION_TIME);
+        metadata.insert("grpc-timeout", "3S".parse().unwrap_or_else(|_| unreachable!()));
+        assert_eq!(log_collection_time(&metadata), Duration::from_secs(2));
+        metadata.insert("grpc-timeout", "1H".parse().unwrap_or_else(|_| unreachable!()));
+        assert_eq!(log_collection_time(&metadata), LOG_COLLECTION_TIME);
+    }
 
     fn proto_deployment(values_json: &str) -> pb::Deployment {
         pb::Deployment {

@@ -23,6 +23,7 @@ pub mod release;
 pub mod resources;
 pub mod validate;
 
+use agent_runtime::sync::MutexExt as _;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use agent_runtime::{
@@ -181,8 +182,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         scratch_dir,
         allow_http_charts: args.allow_http_charts,
     })?;
-    let log_collector = std::sync::Arc::new(logs::LogCollector::new(client.clone()));
     let metrics_client = client.clone();
+    let logs_client = client.clone();
     let reconciler = release::reconciler::Reconciler::new(
         client,
         helm,
@@ -195,9 +196,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         },
     );
 
+    let log_collector = std::sync::Arc::new(logs::LogCollector::new(logs::KubeSource::new(
+        logs_client,
+        reconciler.cluster(),
+    )));
     {
-        let mut registry = runtime.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        let mut registry = runtime.metrics.locked();
         reconciler.register_metrics(&mut registry);
+        log_collector.register_metrics(&mut registry);
     }
 
     let mut server = GrpcServer::bind(args.grpc_addr, &[distr_agent_proto::FILE_DESCRIPTOR_SET]).await?;
@@ -206,7 +212,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             ExecutorServer::new(grpc::ExecutorService::new(
                 reconciler.clone(),
                 log_collector,
-                metrics_client,
+                cluster_metrics::ClusterMetricsReader::new(metrics_client),
                 runtime.shutdown.clone(),
             ))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

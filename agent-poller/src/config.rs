@@ -20,6 +20,7 @@
 //!
 //! Secret values are held in [`Secret`], which never prints its content.
 
+use agent_runtime::sync::MutexExt as _;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::Read;
@@ -386,7 +387,7 @@ impl ConfigSource {
     /// was ever loaded.
     pub fn current(&self) -> Result<Arc<HubConfig>, ConfigError> {
         let files = read_dirs(&self.dirs);
-        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut state = self.state.locked();
         let files = match files {
             Ok(files) => files,
             Err(error) => {

@@ -1,6 +1,7 @@
 //! The admin HTTP server: `/livez` (the process runs and its loops beat), `/readyz` (every readiness gate open and
 //! no shutdown under way) and `/metrics` (Prometheus text format).
 
+use crate::sync::MutexExt as _;
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -75,7 +76,7 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
 
 async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
     let mut body = String::new();
-    let registry = state.metrics.lock().unwrap_or_else(|e| e.into_inner());
+    let registry = state.metrics.locked();
     match encode(&mut body, &registry) {
         Ok(()) => (
             StatusCode::OK,

@@ -11,8 +11,10 @@ pub mod logging;
 pub mod memory;
 pub mod readiness;
 pub mod shutdown;
+pub mod sync;
 pub mod tls;
 
+use crate::sync::MutexExt as _;
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::registry::Registry;
@@ -70,8 +72,7 @@ impl Runtime {
     /// Serves the expiry of the process's own certificate on `/metrics`.
     pub fn watch_certificate(&self, credentials: tls::CredentialsWatch) {
         self.metrics
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .register_collector(Box::new(tls::reload::CertificateExpiry(credentials)));
     }
 

@@ -1,5 +1,6 @@
 //! Readiness gates: the process is ready once every gate opened and until shutdown begins.
 
+use crate::sync::MutexExt as _;
 use std::{
     sync::{
         Arc, Mutex,
@@ -31,7 +32,7 @@ pub struct Heartbeat(Arc<Mutex<Instant>>);
 impl Heartbeat {
     /// The loop is alive; its next beat is due within `next_within`.
     pub fn beat(&self, next_within: Duration) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now() + next_within;
+        *self.0.locked() = Instant::now() + next_within;
     }
 }
 
@@ -58,21 +59,18 @@ impl Readiness {
     /// beat is overdue.
     pub fn heartbeat(&self, name: &'static str, first_within: Duration) -> Heartbeat {
         let due = Arc::new(Mutex::new(Instant::now() + first_within));
-        self.heartbeats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((name, due.clone()));
+        self.heartbeats.locked().push((name, due.clone()));
         Heartbeat(due)
     }
 
     /// `Ok(())` while every heartbeat is on time, otherwise which are overdue and by how much.
     pub fn check_live(&self) -> Result<(), String> {
         let now = Instant::now();
-        let heartbeats = self.heartbeats.lock().unwrap_or_else(|e| e.into_inner());
+        let heartbeats = self.heartbeats.locked();
         let overdue: Vec<String> = heartbeats
             .iter()
             .filter_map(|(name, due)| {
-                let due = *due.lock().unwrap_or_else(|e| e.into_inner());
+                let due = *due.locked();
                 (now > due).then(|| format!("{name} ({}s overdue)", (now - due).as_secs()))
             })
             .collect();
@@ -86,10 +84,7 @@ impl Readiness {
     /// Adds a closed gate; readiness waits for it to open.
     pub fn gate(&self, name: &'static str) -> ReadyGate {
         let flag = Arc::new(AtomicBool::new(false));
-        self.gates
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((name, flag.clone()));
+        self.gates.locked().push((name, flag.clone()));
         ReadyGate(flag)
     }
 
@@ -98,7 +93,7 @@ impl Readiness {
         if self.shutdown.is_cancelled() {
             return Err("shutting down".to_owned());
         }
-        let gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        let gates = self.gates.locked();
         let closed: Vec<_> = gates
             .iter()
             .filter(|(_, open)| !open.load(Ordering::Acquire))

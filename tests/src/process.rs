@@ -17,13 +17,18 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// An agent binary running for a test. Killed when dropped; its log is printed when the test
-/// fails (drop while panicking), so a failure shows what the process saw.
+/// An agent binary running for a test. Killed when dropped, with every process of its
+/// process group (the `helm` processes the executor started), so a test leaves nothing
+/// running; its log is printed when the test fails (drop while panicking), so a failure shows
+/// what the process saw.
 pub struct AgentProcess {
     pub name: String,
     pub admin_port: u16,
     pub log: PathBuf,
     child: Child,
+    /// Its process group (its own pid), kept after the process itself is reaped: children it
+    /// left behind still belong to it.
+    group: Option<u32>,
 }
 
 impl AgentProcess {
@@ -62,6 +67,7 @@ impl AgentProcess {
             name: binary.to_owned(),
             admin_port,
             log,
+            group: child.id(),
             child,
         })
     }
@@ -139,7 +145,8 @@ impl AgentProcess {
         Ok(())
     }
 
-    /// Sends SIGKILL and waits for the exit.
+    /// Sends SIGKILL and waits for the exit. Its children keep running until the
+    /// `AgentProcess` is dropped (see [`AgentProcess::kill_group`] for a container's death).
     pub async fn kill(&mut self) -> anyhow::Result<()> {
         self.child
             .kill()
@@ -152,6 +159,12 @@ impl AgentProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// The processes of its process group that still run (the process itself included while
+    /// it runs; zombies excluded).
+    pub fn group_members(&self) -> Vec<u32> {
+        self.group.map(group_members).unwrap_or_default()
+    }
+
     /// Everything the process logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -160,6 +173,11 @@ impl AgentProcess {
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
+        // The group first: a `helm` child of an executor killed earlier (or of this one) must
+        // not outlive the test, waiting out a timeout of an hour.
+        if let Some(group) = self.group {
+            kill_group_now(group);
+        }
         let _ = self.child.start_kill();
         if std::thread::panicking() {
             let text = self.log_text();
@@ -173,4 +191,40 @@ impl Drop for AgentProcess {
             );
         }
     }
+}
+
+/// Sends SIGKILL to every process of group `group`, at once (a destructor cannot await).
+fn kill_group_now(group: u32) {
+    if group_members(group).is_empty() {
+        return;
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{group}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// The running processes of process group `group` (from `/proc/<pid>/stat`, Linux); zombies,
+/// which have ended already, are left out.
+pub fn group_members(group: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // After the command name (in parentheses, which may hold anything): state, ppid,
+            // pgrp.
+            let fields: Vec<&str> = stat
+                .rfind(')')
+                .map(|end| stat[end + 1..].split_whitespace().collect())
+                .unwrap_or_default();
+            fields.first().is_some_and(|state| *state != "Z")
+                && fields.get(2).and_then(|pgrp| pgrp.parse::<u32>().ok()) == Some(group)
+        })
+        .collect()
 }

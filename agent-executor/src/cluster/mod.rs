@@ -20,6 +20,7 @@ pub mod pull_secret;
 pub mod secrets;
 pub mod tracking;
 
+use agent_runtime::sync::MutexExt as _;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -51,7 +52,8 @@ pub struct Cluster {
 struct ClusterInner {
     client: kube::Client,
     changes: broadcast::Sender<Change>,
-    secrets: Mutex<HashMap<String, secrets::SecretIndex>>,
+    /// Per namespace: its Secret index and what stops its watches.
+    secrets: Mutex<HashMap<String, (secrets::SecretIndex, CancellationToken)>>,
     objects: objects::ObjectWatches,
     /// Watch streams that failed and were restarted (`distr_agent_watch_restarts_total`).
     restarts: Counter,
@@ -86,19 +88,43 @@ impl Cluster {
 
     /// The Secret index of `namespace`, started on first use.
     pub fn secrets(&self, namespace: &str) -> secrets::SecretIndex {
-        let mut indexes = self.inner.secrets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut indexes = self.inner.secrets.locked();
         indexes
             .entry(namespace.to_owned())
             .or_insert_with(|| {
-                secrets::SecretIndex::start(
+                let stop = self.inner.shutdown.child_token();
+                let index = secrets::SecretIndex::start(
                     self.inner.client.clone(),
                     namespace,
                     self.inner.changes.clone(),
                     self.inner.restarts.clone(),
-                    self.inner.shutdown.clone(),
-                )
+                    stop.clone(),
+                );
+                (index, stop)
             })
+            .0
             .clone()
+    }
+
+    /// Stops the per-namespace watches (Secrets, Pods) of every namespace not in `needed`:
+    /// no release there needs them any more. They start again on next use.
+    pub fn retain_namespaces(&self, needed: &std::collections::HashSet<String>) {
+        self.inner.secrets.locked().retain(|namespace, (_, stop)| {
+            let keep = needed.contains(namespace);
+            if !keep {
+                tracing::debug!(%namespace, "stopping the Secret watches of a namespace no release needs");
+                stop.cancel();
+            }
+            keep
+        });
+        self.inner.objects.retain_pod_watches(needed);
+    }
+
+    /// Namespaces whose Secrets are watched now.
+    pub fn watched_namespaces(&self) -> Vec<String> {
+        let mut namespaces: Vec<String> = self.inner.secrets.locked().keys().cloned().collect();
+        namespaces.sort();
+        namespaces
     }
 
     /// The object watches (health verdicts).

@@ -11,6 +11,7 @@
 //! Kinds that carry no readiness of their own (ConfigMap, RBAC, ...) are only checked to
 //! exist, from a watch of their metadata.
 
+use agent_runtime::sync::MutexExt as _;
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Debug,
@@ -99,6 +100,8 @@ type ProblemPod = (BTreeMap<String, String>, String);
 struct PodProblems {
     problems: Mutex<HashMap<String, ProblemPod>>,
     synced: AtomicBool,
+    /// Stops its watch.
+    stop: CancellationToken,
 }
 
 /// Every object watch of the executor.
@@ -130,9 +133,9 @@ impl ObjectWatches {
                         () = tokio::time::sleep(IDLE_STOP / 5) => {}
                         () = shutdown.cancelled() => return,
                     }
-                    let mut watches = watches.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut watches = watches.locked();
                     watches.retain(|key, watch| {
-                        let idle = watch.last_used.lock().unwrap_or_else(|e| e.into_inner()).elapsed() > IDLE_STOP;
+                        let idle = watch.last_used.locked().elapsed() > IDLE_STOP;
                         if idle {
                             tracing::debug!(kind = %key.kind, namespace = %key.namespace, "stopping an unused watch");
                             watch.stop.cancel();
@@ -158,16 +161,19 @@ impl ObjectWatches {
     /// and the problem. Starts the namespace's Pod watch on first use; `None` until it listed.
     pub fn pod_problem(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Option<(String, String)> {
         let store = {
-            let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pods = self.pods.locked();
             pods.entry(namespace.to_owned())
                 .or_insert_with(|| {
-                    let store = Arc::new(PodProblems::default());
+                    let store = Arc::new(PodProblems {
+                        stop: self.shutdown.child_token(),
+                        ..PodProblems::default()
+                    });
                     let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
                     tokio::spawn(follow_pods(
                         api,
                         store.clone(),
                         self.restarts.clone(),
-                        self.shutdown.clone(),
+                        store.stop.clone(),
                     ));
                     store
                 })
@@ -177,7 +183,7 @@ impl ObjectWatches {
             tracing::debug!(namespace, "the pod watch has not listed yet");
             return None;
         }
-        let problems = store.problems.lock().unwrap_or_else(|e| e.into_inner());
+        let problems = store.problems.locked();
         tracing::debug!(
             namespace,
             problems = problems.len(),
@@ -189,6 +195,24 @@ impl ObjectWatches {
             .filter(|(_, (pod_labels, _))| labels.iter().all(|(k, v)| pod_labels.get(k) == Some(v)))
             .min_by(|a, b| a.0.cmp(b.0))
             .map(|(name, (_, problem))| (name.clone(), problem.clone()))
+    }
+
+    /// Stops the Pod watches of namespaces not in `needed`.
+    pub fn retain_pod_watches(&self, needed: &std::collections::HashSet<String>) {
+        self.pods.locked().retain(|namespace, store| {
+            let keep = needed.contains(namespace);
+            if !keep {
+                store.stop.cancel();
+            }
+            keep
+        });
+    }
+
+    /// Namespaces whose Pods are watched now.
+    pub fn pod_watch_namespaces(&self) -> Vec<String> {
+        let mut namespaces: Vec<String> = self.pods.locked().keys().cloned().collect();
+        namespaces.sort();
+        namespaces
     }
 
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
@@ -210,7 +234,7 @@ impl ObjectWatches {
             metadata_only: health::existence_only(object),
         };
         let watch = self.watch(key);
-        *watch.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        *watch.last_used.locked() = Instant::now();
         let mut sync = watch.sync.clone();
         let settled = tokio::time::timeout(SYNC_WAIT, sync.wait_for(|sync| *sync != WatchState::Listing))
             .await
@@ -219,7 +243,7 @@ impl ObjectWatches {
         if settled != Some(WatchState::Listed) {
             return Lookup::Unknown;
         }
-        let verdicts = watch.verdicts.lock().unwrap_or_else(|e| e.into_inner());
+        let verdicts = watch.verdicts.locked();
         Lookup::Known(
             verdicts
                 .get(&object.name)
@@ -229,7 +253,7 @@ impl ObjectWatches {
     }
 
     fn watch(&self, key: WatchKey) -> Arc<KindWatch> {
-        let mut watches = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        let mut watches = self.watches.locked();
         if let Some(watch) = watches.get(&key) {
             return watch.clone();
         }
@@ -407,7 +431,7 @@ impl Feed {
     }
 
     fn verdicts(&self) -> std::sync::MutexGuard<'_, HashMap<String, Verdict>> {
-        self.watch.verdicts.lock().unwrap_or_else(|e| e.into_inner())
+        self.watch.verdicts.locked()
     }
 
     fn announce(&self, name: &str) {
@@ -431,7 +455,7 @@ async fn follow_pods(api: Api<Pod>, store: Arc<PodProblems>, restarts: Counter, 
             () = shutdown.cancelled() => return,
         };
         let Some(event) = event else { return };
-        let mut problems = store.problems.lock().unwrap_or_else(|e| e.into_inner());
+        let mut problems = store.problems.locked();
         match event {
             Ok(Event::Init) => listing = Some(HashMap::new()),
             Ok(Event::InitApply(pod)) => {

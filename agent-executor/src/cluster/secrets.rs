@@ -3,6 +3,7 @@
 //! [`SecretIndex::fingerprint`] after a full pass; while it has not moved, nothing of the
 //! release changed in the cluster and the worker need not read the Secrets again.
 
+use agent_runtime::sync::MutexExt as _;
 use std::{
     collections::{BTreeMap, hash_map::DefaultHasher},
     hash::{Hash as _, Hasher as _},
@@ -115,7 +116,7 @@ impl SecretIndex {
     pub fn fingerprint(&self, release: &str) -> Option<u64> {
         let mut hasher = DefaultHasher::new();
         for store in [&self.tracking, &self.helm] {
-            let store = store.lock().unwrap_or_else(|e| e.into_inner());
+            let store = store.locked();
             if !store.synced {
                 return None;
             }
@@ -127,10 +128,25 @@ impl SecretIndex {
         Some(hasher.finish())
     }
 
+    /// A digest of the release's Helm release Secrets alone (names and resource versions):
+    /// it moves when Helm writes a revision, not when the agent writes its tracking Secret.
+    /// `None` until the Helm watch has listed the namespace once.
+    pub fn helm_fingerprint(&self, release: &str) -> Option<u64> {
+        let store = self.helm.locked();
+        store.synced.then(|| {
+            let mut hasher = DefaultHasher::new();
+            for (name, meta) in store.secrets.iter().filter(|(_, meta)| meta.release == release) {
+                name.hash(&mut hasher);
+                meta.resource_version.hash(&mut hasher);
+            }
+            hasher.finish()
+        })
+    }
+
     /// A digest of every tracking Secret of the namespace (which releases the agent tracks);
     /// `None` until the watch has listed the namespace once.
     pub fn tracking_fingerprint(&self) -> Option<u64> {
-        let store = self.tracking.lock().unwrap_or_else(|e| e.into_inner());
+        let store = self.tracking.locked();
         store.synced.then(|| {
             let mut hasher = DefaultHasher::new();
             store.secrets.hash(&mut hasher);
@@ -164,7 +180,7 @@ impl Feed {
                 Ok(Event::InitDone) => {
                     let fresh = listing.take().unwrap_or_default();
                     let old = {
-                        let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut store = self.store.locked();
                         store.synced = true;
                         std::mem::replace(&mut store.secrets, fresh.clone())
                     };
@@ -202,7 +218,7 @@ impl Feed {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(|e| e.into_inner())
+        self.store.locked()
     }
 
     fn meta(&self, secret: &PartialObjectMeta<Secret>) -> Option<(String, Meta)> {

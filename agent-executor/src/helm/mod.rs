@@ -20,6 +20,7 @@
 pub mod docker_config;
 pub mod storage;
 
+use agent_runtime::sync::MutexExt as _;
 use std::{
     collections::BTreeMap,
     io::Write,
@@ -29,7 +30,6 @@ use std::{
     time::Duration,
 };
 
-use chrono::{DateTime, Utc};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{
@@ -40,10 +40,8 @@ use prometheus_client::{
     },
     registry::{Registry, Unit},
 };
-use serde::Deserialize;
 use tokio::process::Command;
 
-use self::storage::StoredRelease;
 use crate::{
     model::{ChartSource, HelmOptions, RegistryCredentials, RegistryLogin, WaitStrategy, format_helm_duration},
     validate::redact_url_credentials,
@@ -52,8 +50,12 @@ use crate::{
 /// Extra time a whole Helm operation gets beyond Helm's own `--timeout` (chart download,
 /// client start-up, hooks bookkeeping).
 pub const OPERATION_MARGIN: Duration = Duration::from_secs(60);
-/// Limit for read-only commands (`status`, `history`).
+/// Limit for a repository index update before an operation.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bytes of Helm's stdout kept (the first ones): what the executor reads of it is short.
+const MAX_STDOUT: usize = 256 * 1024;
+/// Bytes of Helm's stderr kept (the last ones, where Helm's `Error:` line is).
+const MAX_STDERR: usize = 64 * 1024;
 /// Revisions Helm keeps per release.
 const HISTORY_MAX: u32 = 10;
 /// Longest error message taken from Helm's stderr.
@@ -163,22 +165,6 @@ impl ChartRequest<'_> {
             ChartSource::Oci { .. } => None,
         }
     }
-}
-
-/// One entry of `helm history -o json`.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-pub struct HistoryEntry {
-    pub revision: u32,
-    #[serde(default)]
-    pub updated: Option<DateTime<Utc>>,
-    #[serde(default)]
-    pub status: String,
-    #[serde(default)]
-    pub chart: String,
-    #[serde(default)]
-    pub app_version: String,
-    #[serde(default)]
-    pub description: String,
 }
 
 /// Files of one operation, in its private directory.
@@ -329,11 +315,7 @@ struct Running<'a> {
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         if let Some(pid) = self.pid {
-            self.inner
-                .running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&pid);
+            self.inner.running.locked().remove(&pid);
         }
     }
 }
@@ -370,14 +352,7 @@ impl HelmDriver {
     /// `--rollback-on-failure` it rolls back; nothing is left `pending-*`, so the next executor
     /// need not wait out a live `helm`. Returns how many were asked.
     pub fn terminate_all(&self) -> usize {
-        let pids: Vec<u32> = self
-            .inner
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .copied()
-            .collect();
+        let pids: Vec<u32> = self.inner.running.locked().iter().copied().collect();
         let mut asked = 0;
         for pid in pids {
             let Some(process) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
@@ -431,26 +406,6 @@ impl HelmDriver {
         self.run("rollback", release, &args, options.timeout + OPERATION_MARGIN)
             .await
             .map(drop)
-    }
-
-    /// `helm history -o json`.
-    pub async fn history(&self, namespace: &str, release: &str) -> Result<Vec<HistoryEntry>, HelmError> {
-        let args = query_args("history", namespace, release);
-        let stdout = self.run("history", release, &args, QUERY_TIMEOUT).await?;
-        serde_json::from_slice(&stdout).map_err(|error| HelmError::Output {
-            operation: "history",
-            reason: error.to_string(),
-        })
-    }
-
-    /// `helm status -o json`: the latest release record.
-    pub async fn status(&self, namespace: &str, release: &str) -> Result<StoredRelease, HelmError> {
-        let args = query_args("status", namespace, release);
-        let stdout = self.run("status", release, &args, QUERY_TIMEOUT).await?;
-        storage::parse_release_json(&stdout).map_err(|error| HelmError::Output {
-            operation: "status",
-            reason: error.to_string(),
-        })
     }
 
     async fn chart_operation(&self, operation: ChartOperation, request: &ChartRequest<'_>) -> Result<(), HelmError> {
@@ -540,7 +495,7 @@ impl HelmDriver {
         tracing::debug!(release, operation, args = ?redacted(args), "running helm");
         let started = std::time::Instant::now();
         let _in_flight = InFlight::start(&self.inner.metrics, operation);
-        let child = Command::new(&self.inner.bin)
+        let mut child = Command::new(&self.inner.bin)
             .args(args)
             .env_clear()
             .envs(self.environment())
@@ -557,15 +512,25 @@ impl HelmDriver {
         let _running = Running {
             inner: &self.inner,
             pid: child.id().inspect(|pid| {
-                self.inner
-                    .running
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(*pid);
+                self.inner.running.locked().insert(*pid);
             }),
         };
-        // On timeout the future, and with it the child, is dropped: kill_on_drop stops it.
-        let output = match tokio::time::timeout(limit, child.wait_with_output()).await {
+        // Helm's output is read as it comes and only its bounded ends kept, however much it
+        // prints. On timeout the child is dropped on return: kill_on_drop stops it.
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let finished = async {
+            let (stdout, stderr, status) = tokio::join!(
+                read_bounded(stdout, MAX_STDOUT, Keep::Head),
+                read_bounded(stderr, MAX_STDERR, Keep::Tail),
+                child.wait(),
+            );
+            Ok::<_, std::io::Error>(std::process::Output {
+                status: status?,
+                stdout: stdout?,
+                stderr: stderr?,
+            })
+        };
+        let output = match tokio::time::timeout(limit, finished).await {
             Ok(Ok(output)) => output,
             Ok(Err(source)) => {
                 return Err(HelmError::Spawn {
@@ -605,6 +570,51 @@ impl HelmDriver {
             Err(HelmError::Failed { operation, message })
         }
     }
+}
+
+/// Which end of a stream [`read_bounded`] keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Keep {
+    Head,
+    Tail,
+}
+
+/// Reads `pipe` to its end (so the child never blocks on a full pipe) and keeps at most
+/// `max` bytes of it: the first or the last.
+async fn read_bounded(
+    pipe: Option<impl tokio::io::AsyncRead + Unpin>,
+    max: usize,
+    keep: Keep,
+) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt as _;
+    let Some(mut pipe) = pipe else {
+        return Ok(Vec::new());
+    };
+    let mut kept = Vec::new();
+    let mut chunk = vec![0_u8; 16 * 1024];
+    loop {
+        let count = pipe.read(&mut chunk).await?;
+        if count == 0 {
+            break;
+        }
+        match keep {
+            Keep::Head => {
+                let room = max.saturating_sub(kept.len());
+                kept.extend_from_slice(&chunk[..count.min(room)]);
+            }
+            Keep::Tail => {
+                kept.extend_from_slice(&chunk[..count]);
+                // Trimmed in steps, not on every read.
+                if kept.len() > 2 * max {
+                    kept.drain(..kept.len() - max);
+                }
+            }
+        }
+    }
+    if kept.len() > max {
+        kept.drain(..kept.len() - max);
+    }
+    Ok(kept)
 }
 
 /// A path list (`KUBECONFIG`: paths separated by `:`) with every relative entry made
@@ -781,16 +791,6 @@ fn rollback_args(namespace: &str, release: &str, revision: Option<u32>, options:
         args.push(revision.to_string());
     }
     args
-}
-
-fn query_args(command: &str, namespace: &str, release: &str) -> Vec<String> {
-    vec![
-        command.to_owned(),
-        format!("--namespace={namespace}"),
-        "--output=json".to_owned(),
-        "--".to_owned(),
-        release.to_owned(),
-    ]
 }
 
 /// Options for a rollback that must be quick (crash recovery): no waiting for resources.
@@ -1220,7 +1220,7 @@ mod tests {
     }
 
     #[test]
-    fn uninstall_rollback_and_query_args() {
+    fn uninstall_and_rollback_args() {
         assert_eq!(
             uninstall_args("apps", "web", Duration::from_secs(300)),
             [
@@ -1259,10 +1259,22 @@ mod tests {
                 "web"
             ]
         );
-        assert_eq!(
-            query_args("history", "apps", "web"),
-            ["history", "--namespace=apps", "--output=json", "--", "web"]
-        );
+    }
+
+    #[tokio::test]
+    async fn helms_output_is_kept_bounded_at_the_useful_end() {
+        let text: Vec<u8> = (0..100_000_u32)
+            .flat_map(|n| format!("line {n}\n").into_bytes())
+            .collect();
+        let head = read_bounded(Some(&text[..]), 1000, Keep::Head).await.unwrap();
+        assert_eq!(head, text[..1000]);
+        let tail = read_bounded(Some(&text[..]), 1000, Keep::Tail).await.unwrap();
+        assert_eq!(tail, text[text.len() - 1000..]);
+        assert!(String::from_utf8(tail).unwrap().ends_with("line 99999\n"));
+        let short = read_bounded(Some(&b"Error: x\n"[..]), 1000, Keep::Tail).await.unwrap();
+        assert_eq!(short, b"Error: x\n");
+        let none = read_bounded(None::<&[u8]>, 10, Keep::Head).await.unwrap();
+        assert!(none.is_empty());
     }
 
     #[test]
@@ -1303,15 +1315,6 @@ mod tests {
         assert!(explain(missing.to_owned()).starts_with("the registry requires credentials and none were configured"));
         let rbac = "secrets is forbidden: User \"system:serviceaccount:a:b\" cannot create resource \"secrets\"";
         assert_eq!(explain(rbac.to_owned()), rbac);
-    }
-
-    #[test]
-    fn history_json_parses() {
-        let json = r#"[{"revision":1,"updated":"2025-01-02T03:04:05.123Z","status":"superseded","chart":"web-1.0.0","app_version":"1.0","description":"Install complete"},{"revision":2,"status":"deployed","chart":"web-1.1.0","app_version":"1.1","description":"Upgrade complete"}]"#;
-        let entries: Vec<HistoryEntry> = serde_json::from_str(json).unwrap();
-        assert_eq!(entries.len(), 2);
-        assert_eq!(entries[1].revision, 2);
-        assert!(entries[0].updated.is_some());
     }
 
     #[tokio::test]

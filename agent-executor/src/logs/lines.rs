@@ -1,6 +1,8 @@
 //! The pure part of deployment log collection: which workloads of a release have pods, how a
 //! kubelet log line splits into time and text, and which lines a collection takes.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 
 use crate::resources::manifest::ManifestObject;
@@ -98,7 +100,8 @@ pub fn next_second(time: DateTime<Utc>) -> DateTime<Utc> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Line {
     pub timestamp: DateTime<Utc>,
-    pub resource: String,
+    /// The workload, shared by all its lines.
+    pub resource: Arc<str>,
     pub body: String,
 }
 
@@ -139,18 +142,6 @@ pub fn take(mut lines: Vec<Line>, watermark: DateTime<Utc>, cutoff: DateTime<Utc
     Taken { lines, cursor }
 }
 
-/// Lines of one container, grouped for [`take`]: every readable line of `text`.
-pub fn parse_lines(text: &str, resource: &str) -> Vec<Line> {
-    text.lines()
-        .filter_map(split_line)
-        .map(|(timestamp, body)| Line {
-            timestamp,
-            resource: resource.to_owned(),
-            body: body.to_owned(),
-        })
-        .collect()
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -164,7 +155,7 @@ mod tests {
     fn line(time: &str, body: &str) -> Line {
         Line {
             timestamp: at(time),
-            resource: "deployments/web".into(),
+            resource: Arc::from("deployments/web"),
             body: body.into(),
         }
     }

@@ -6,34 +6,54 @@
 //! and moves only when the poller acknowledges a batch the Hub accepted ([`LogCollector::ack`]),
 //! so a lost batch is collected again and an accepted one never twice.
 //!
-//! A collection reads each container's log since the watermark (whole seconds: the filter at
-//! the exact watermark is in [`lines::take`]), up to a byte bound per container and a line
-//! budget per release, so a pod that floods its log costs bounded memory and never starves
-//! the other releases: its lines come a budget at a time. A release that falls further behind
-//! than [`MAX_LAG`] skips ahead and says which span of lines it skipped.
+//! A collection is bounded three ways, so a pod that floods its log (or fifty of them) costs
+//! bounded memory and time and never starves the other releases:
+//!
+//! - **bytes**: each release gets an equal share of [`BATCH_BYTES`], split among its containers
+//!   before anything is read. A container's log streams in ([`read`]); lines already shipped
+//!   are dropped as they arrive and the read stops when the container's share is full. The
+//!   kubelet sends at most [`CONTAINER_BYTES`] of one container per read.
+//! - **lines**: at most about `max_lines` in all, taken per release between two instants
+//!   ([`lines::take`]).
+//! - **time**: everything read by the collection's deadline is returned; a read still under
+//!   way then counts as cut short there.
+//!
+//! A container read that stops early (share full, byte limit, deadline, failure) caps the
+//! release's cursor just before the instant where it stopped; one that fails before it
+//! yields anything holds the release's cursor at its watermark, so no line is skipped
+//! because a read failed (failures are counted in `distr_agent_log_read_failures_total`).
+//! A release that falls further behind than [`MAX_LAG`] skips ahead and says which span of
+//! lines it skipped. The reads start at the watermark's whole second (the API's `sinceTime`
+//! has no fraction); the exact filter is applied to each line.
 
 pub mod lines;
+pub mod read;
+pub mod source;
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
+use agent_runtime::sync::MutexExt as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::{
-    Api,
-    api::{ListParams, LogParams, Patch, PatchParams},
-};
+use prometheus_client::metrics::counter::Counter;
+use tokio::time::Instant;
 
-use crate::{
-    cluster::tracking::{self, LAST_LOG_TIMESTAMP_KEY},
-    helm::storage::HelmStorage,
-    release::status_board::ReleaseKey,
-    resources::manifest,
-};
-use lines::{Line, PodSelector, Workload};
+use crate::release::status_board::ReleaseKey;
+use lines::{Line, Workload};
+pub use source::{FIELD_MANAGER, KubeSource, LogSource, SourceError};
+use source::{LogRequest, PodContainers};
 
-/// Bytes read from one container's log per collection at most.
+/// Bytes the kubelet sends of one container's log per read at most (`limitBytes`).
 pub const CONTAINER_BYTES: i64 = 1024 * 1024;
+/// Bytes of lines one collection keeps at most, shared equally by its releases and, within a
+/// release, by its containers (but at least [`MIN_CONTAINER_SHARE`] each).
+pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// The least a container may keep per collection, however many share the batch.
+pub const MIN_CONTAINER_SHARE: usize = 16 * 1024;
 /// Lines newer than this are left for the next collection: a line the kubelet is still
 /// writing when the pods are read must not fall behind the watermark.
 pub const SETTLE: Duration = Duration::from_secs(1);
@@ -41,11 +61,11 @@ pub const SETTLE: Duration = Duration::from_secs(1);
 pub const MAX_LAG: Duration = Duration::from_secs(600);
 /// Releases collected at once.
 const CONCURRENCY: usize = 4;
+/// Containers of one release read at once.
+const CONTAINER_CONCURRENCY: usize = 4;
 /// How old the written watermark of a release without new lines may get before it is
 /// written again (a restart then reads at most this much log again, and finds no new line).
 pub const IDLE_WRITE: Duration = Duration::from_secs(600);
-/// The field manager of the watermark, as the Go agent writes it.
-pub const FIELD_MANAGER: &str = "distr-agent-logs";
 
 /// A release whose deployment has logs enabled.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,15 +94,6 @@ pub struct Collection {
     pub cursors: Vec<Ack>,
 }
 
-/// Collects pod logs and keeps the watermarks.
-pub struct LogCollector {
-    client: kube::Client,
-    /// Watermarks in effect (read from the tracking Secrets, then moved by acks).
-    watermarks: Mutex<HashMap<ReleaseKey, DateTime<Utc>>>,
-    /// Watermarks as last written to (or read from) the tracking Secrets.
-    written: Mutex<HashMap<ReleaseKey, DateTime<Utc>>>,
-}
-
 /// An acknowledged cursor: the Hub has every line of the release at or before `time`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ack {
@@ -92,25 +103,69 @@ pub struct Ack {
     pub empty: bool,
 }
 
-impl LogCollector {
-    pub fn new(client: kube::Client) -> Self {
+/// Watermarks that could not be saved.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct AckError(pub Vec<SourceError>);
+
+/// Collects pod logs and keeps the watermarks.
+pub struct LogCollector<S = KubeSource> {
+    source: S,
+    /// Watermarks in effect (read from the tracking Secrets, then moved by acks).
+    watermarks: Mutex<HashMap<ReleaseKey, DateTime<Utc>>>,
+    /// Watermarks as last written to (or read from) the tracking Secrets.
+    written: Mutex<HashMap<ReleaseKey, DateTime<Utc>>>,
+    /// Container reads that failed (`distr_agent_log_read_failures_total`).
+    read_failures: Counter,
+}
+
+/// The part of a collection one release gets.
+#[derive(Clone, Copy)]
+struct Share {
+    lines: usize,
+    bytes: usize,
+}
+
+impl<S: LogSource> LogCollector<S> {
+    pub fn new(source: S) -> Self {
         Self {
-            client,
+            source,
             watermarks: Mutex::default(),
             written: Mutex::default(),
+            read_failures: Counter::default(),
         }
     }
 
+    /// Registers `distr_agent_log_read_failures_total`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "log_read_failures",
+            "Container log reads that failed; the release's log watermark waited for them",
+            self.read_failures.clone(),
+        );
+    }
+
     /// The lines of `targets` after their watermarks (and never before `after`), at most about
-    /// `max_lines` in all. A release that cannot be read is skipped (and logged): the others
-    /// still come.
-    pub async fn collect(&self, targets: Vec<LogTarget>, after: Option<DateTime<Utc>>, max_lines: usize) -> Collection {
+    /// `max_lines` in all, read until `deadline`. A release that cannot be read is skipped
+    /// (and logged): the others still come. What the collector keeps of releases that are no
+    /// longer targets is dropped.
+    pub async fn collect(
+        &self,
+        targets: Vec<LogTarget>,
+        after: Option<DateTime<Utc>>,
+        max_lines: usize,
+        deadline: Instant,
+    ) -> Collection {
+        self.forget_all_but(&targets);
         let now = Utc::now();
         let cutoff = now - chrono::Duration::from_std(SETTLE).unwrap_or_default();
-        let budget = (max_lines / targets.len().max(1)).max(1);
+        let share = Share {
+            lines: (max_lines / targets.len().max(1)).max(1),
+            bytes: BATCH_BYTES / targets.len().max(1),
+        };
         let results: Vec<_> = futures::stream::iter(targets)
             .map(|target| async move {
-                let result = self.collect_release(&target, after, now, cutoff, budget).await;
+                let result = self.collect_release(&target, after, now, cutoff, share, deadline).await;
                 (target, result)
             })
             .buffer_unordered(CONCURRENCY)
@@ -138,14 +193,23 @@ impl LogCollector {
         collection
     }
 
+    /// Drops the watermarks (and the source's memory) of releases other than `targets`.
+    fn forget_all_but(&self, targets: &[LogTarget]) {
+        let keep: HashSet<&ReleaseKey> = targets.iter().map(|target| &target.key).collect();
+        self.watermarks.locked().retain(|key, _| keep.contains(key));
+        self.written.locked().retain(|key, _| keep.contains(key));
+        self.source.retain(&|key| keep.contains(key));
+    }
+
     async fn collect_release(
         &self,
         target: &LogTarget,
         after: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
         cutoff: DateTime<Utc>,
-        budget: usize,
-    ) -> Result<(Vec<Record>, Option<DateTime<Utc>>), String> {
+        share: Share,
+        deadline: Instant,
+    ) -> Result<(Vec<Record>, Option<DateTime<Utc>>), SourceError> {
         let key = &target.key;
         let mut watermark = self.watermark(key).await?.max(after.unwrap_or(DateTime::UNIX_EPOCH));
         let record = |timestamp, resource: String, severity, body| Record {
@@ -158,6 +222,7 @@ impl LogCollector {
         };
         let mut records = Vec::new();
         let lag_limit = now - chrono::Duration::from_std(MAX_LAG).unwrap_or_default();
+        let mut skipped_to = None;
         if watermark > DateTime::UNIX_EPOCH && watermark < lag_limit {
             let resume = now - chrono::Duration::from_std(MAX_LAG / 10).unwrap_or_default();
             records.push(record(
@@ -172,173 +237,153 @@ impl LogCollector {
                 ),
             ));
             watermark = resume;
+            skipped_to = Some(resume);
         }
-        let Some(release) = HelmStorage::new(self.client.clone(), &key.namespace)
-            .latest(&key.release)
-            .await
-            .map_err(|error| error.to_string())?
-        else {
+        let Some(workloads) = self.source.workloads(key).await? else {
             return Ok((records, None));
         };
-        let objects = manifest::parse(&release.manifest).map_err(|error| error.to_string())?;
-        let mut lines = Vec::new();
-        let mut cutoff = cutoff;
-        for workload in lines::workloads(&objects) {
-            let (found, complete_until) = self.workload_lines(&key.namespace, &workload, watermark, now).await?;
-            lines.extend(found);
-            if let Some(until) = complete_until {
-                cutoff = cutoff.min(until);
-            }
-        }
-        let taken = lines::take(lines, watermark, cutoff, budget);
+        let (lines, complete_until) = self
+            .release_lines(&key.namespace, &workloads, watermark, cutoff, share, deadline)
+            .await?;
+        let taken = lines::take(lines, watermark, cutoff.min(complete_until), share.lines);
         records.extend(
             taken
                 .lines
                 .into_iter()
-                .map(|line| record(line.timestamp, line.resource, "info", line.body)),
+                .map(|line| record(line.timestamp, line.resource.to_string(), "info", line.body)),
         );
-        Ok((records, taken.cursor))
+        // A skip ahead stands even when nothing after it could be read yet.
+        Ok((records, taken.cursor.max(skipped_to)))
     }
 
-    /// The lines of a workload's pods after `watermark` (whole seconds), and, when a
-    /// container's log was cut at the byte bound, the time up to which what was read is
-    /// complete.
-    async fn workload_lines(
+    /// The lines after `watermark` of every container of the workloads' pods, within `bytes`
+    /// and `deadline`, and the instant up to which they are complete (`cutoff` when every
+    /// read was).
+    async fn release_lines(
         &self,
         namespace: &str,
-        workload: &Workload,
+        workloads: &[Workload],
         watermark: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> Result<(Vec<Line>, Option<DateTime<Utc>>), String> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let found: Vec<Pod> = match &workload.pods {
-            PodSelector::Labels(selector) => {
-                pods.list(&ListParams::default().labels(selector))
-                    .await
-                    .map_err(|error| format!("cannot list the pods of {}: {error}", workload.resource))?
-                    .items
+        cutoff: DateTime<Utc>,
+        share: Share,
+        deadline: Instant,
+    ) -> Result<(Vec<Line>, DateTime<Utc>), SourceError> {
+        let mut containers = Vec::new();
+        for workload in workloads {
+            let pods = match tokio::time::timeout_at(deadline, self.source.pods(namespace, workload)).await {
+                Ok(pods) => pods?,
+                // Out of time: nothing of the release is known to be complete.
+                Err(_) => return Ok((Vec::new(), watermark)),
+            };
+            let resource: Arc<str> = Arc::from(workload.resource.as_str());
+            for PodContainers { pod, containers: names } in pods {
+                containers.extend(
+                    names
+                        .into_iter()
+                        .map(|container| (resource.clone(), pod.clone(), container)),
+                );
             }
-            PodSelector::Name(name) => pods.get_opt(name).await.ok().flatten().into_iter().collect(),
-        };
-        let since_seconds = (watermark > DateTime::UNIX_EPOCH).then(|| (now - watermark).num_seconds().max(0) + 1);
+        }
+        let keep_bytes = (share.bytes / containers.len().max(1)).max(MIN_CONTAINER_SHARE);
+        let reads: Vec<_> = futures::stream::iter(containers)
+            .map(|(resource, pod, container)| async move {
+                let request = LogRequest {
+                    namespace: namespace.to_owned(),
+                    pod,
+                    container,
+                    since: (watermark > DateTime::UNIX_EPOCH).then_some(watermark),
+                    limit_bytes: CONTAINER_BYTES,
+                };
+                let bounds = read::Bounds {
+                    watermark,
+                    cutoff,
+                    keep_bytes,
+                    keep_lines: share.lines,
+                    limit_bytes: CONTAINER_BYTES.unsigned_abs(),
+                    deadline,
+                };
+                let opened = tokio::time::timeout_at(deadline, self.source.open(&request)).await;
+                let read = match opened {
+                    Ok(Ok(Some(stream))) => Ok(Some(read::read(stream, &resource, bounds).await)),
+                    // The pod is gone, and its log with it.
+                    Ok(Ok(None)) => Ok(None),
+                    Ok(Err(error)) => Err(Some(error)),
+                    Err(_) => Err(None),
+                };
+                (request, read)
+            })
+            .buffer_unordered(CONTAINER_CONCURRENCY)
+            .collect()
+            .await;
         let mut lines = Vec::new();
-        let mut complete_until: Option<DateTime<Utc>> = None;
-        for pod in found {
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            let containers = pod.spec.map(|spec| spec.containers).unwrap_or_default();
-            for container in containers.into_iter().map(|c| c.name) {
-                let params = LogParams {
-                    container: Some(container.clone()),
-                    timestamps: true,
-                    since_seconds,
-                    limit_bytes: Some(CONTAINER_BYTES),
-                    ..LogParams::default()
-                };
-                let text = match pods.logs(&name, &params).await {
-                    Ok(text) => text,
-                    // Not started yet, or gone: nothing to read from it this time.
-                    Err(error) => {
-                        tracing::debug!(pod = %name, %container, %error, "no log to read");
-                        continue;
+        let mut complete_until = cutoff;
+        for (request, read) in reads {
+            match read {
+                Ok(None) => {}
+                Ok(Some(read)) => {
+                    if let Some(error) = &read.error
+                        && error.kind() != std::io::ErrorKind::TimedOut
+                    {
+                        self.read_failures.inc();
+                        tracing::warn!(pod = %request.pod, container = %request.container, %error, "a container's log read failed part-way; the rest comes next time");
                     }
-                };
-                let mut read = lines::parse_lines(&text, &workload.resource);
-                if text.len() as i64 >= CONTAINER_BYTES
-                    && let Some(last) = read.last().map(|line| line.timestamp)
-                {
-                    // The rest of this container's log waits for the next collection. A read
-                    // starts at a whole second: when the byte bound fills up before passing the
-                    // watermark, the rest of that second cannot be read at all, so it is
-                    // skipped, and a line says so.
-                    let until = if last > watermark {
-                        last
-                    } else {
-                        let next_second = lines::next_second(watermark);
-                        read.push(lines::Line {
-                            timestamp: next_second - chrono::Duration::nanoseconds(1),
-                            resource: workload.resource.clone(),
-                            body: format!(
-                                "[distr agent] lines of pod {name} container {container} past the first {} KiB logged within one second were skipped",
-                                CONTAINER_BYTES / 1024
-                            ),
-                        });
-                        next_second
-                    };
-                    complete_until = Some(complete_until.map_or(until, |t| t.min(until)));
+                    if let read::End::CompleteUntil(until) = read.end {
+                        complete_until = complete_until.min(until);
+                    }
+                    lines.extend(read.lines);
                 }
-                lines.extend(read);
+                Err(error) => {
+                    if let Some(error) = error {
+                        self.read_failures.inc();
+                        tracing::warn!(%error, "a container's log could not be read; the release's logs wait for it");
+                    }
+                    complete_until = complete_until.min(watermark);
+                }
             }
         }
         Ok((lines, complete_until))
     }
 
     /// The release's watermark: remembered, or read from its tracking Secret.
-    async fn watermark(&self, key: &ReleaseKey) -> Result<DateTime<Utc>, String> {
-        if let Some(known) = self.watermarks().get(key) {
+    async fn watermark(&self, key: &ReleaseKey) -> Result<DateTime<Utc>, SourceError> {
+        if let Some(known) = self.watermarks.locked().get(key) {
             return Ok(*known);
         }
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &key.namespace);
-        let secret = secrets
-            .get_opt(&tracking::secret_name(&key.release))
-            .await
-            .map_err(|error| format!("cannot read the tracking Secret of {}: {error}", key.release))?;
-        let stored = secret
-            .and_then(|secret| secret.data)
-            .and_then(|data| data.get(LAST_LOG_TIMESTAMP_KEY).cloned())
-            .and_then(|bytes| String::from_utf8(bytes.0).ok())
-            .and_then(|text| DateTime::parse_from_rfc3339(text.trim()).ok())
-            .map_or(DateTime::UNIX_EPOCH, |time| time.with_timezone(&Utc));
-        self.watermarks().insert(key.clone(), stored);
-        lock(&self.written).insert(key.clone(), stored);
+        let stored = self.source.stored_watermark(key).await?.unwrap_or(DateTime::UNIX_EPOCH);
+        self.watermarks.locked().insert(key.clone(), stored);
+        self.written.locked().insert(key.clone(), stored);
         Ok(stored)
     }
 
     /// Moves the watermarks to the cursors of a batch the Hub accepted, in memory and in the
     /// tracking Secrets (a release with no line in the batch is written only every
     /// [`IDLE_WRITE`]). A watermark never moves back.
-    pub async fn ack(&self, acks: Vec<Ack>) -> Result<(), String> {
+    pub async fn ack(&self, acks: Vec<Ack>) -> Result<(), AckError> {
         let mut failures = Vec::new();
         for Ack { key, time, empty } in acks {
-            if self.watermarks().get(&key).is_some_and(|known| *known >= time) {
+            if self.watermarks.locked().get(&key).is_some_and(|known| *known >= time) {
                 continue;
             }
-            self.watermarks().insert(key.clone(), time);
-            let written = lock(&self.written).get(&key).copied().unwrap_or(DateTime::UNIX_EPOCH);
+            self.watermarks.locked().insert(key.clone(), time);
+            let written = self.written.locked().get(&key).copied().unwrap_or(DateTime::UNIX_EPOCH);
             let idle_write = chrono::Duration::from_std(IDLE_WRITE).unwrap_or_default();
             if empty && time - written < idle_write {
                 continue;
             }
-            let text = time.to_rfc3339_opts(SecondsFormat::Nanos, true);
-            let patch =
-                serde_json::json!({"data": {LAST_LOG_TIMESTAMP_KEY: k8s_openapi::ByteString(text.into_bytes())}});
-            let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &key.namespace);
-            // A merge patch: a tracking Secret deleted meanwhile is not recreated with only this.
-            let params = PatchParams {
-                field_manager: Some(FIELD_MANAGER.to_owned()),
-                ..PatchParams::default()
-            };
-            match secrets
-                .patch(&tracking::secret_name(&key.release), &params, &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => {
-                    lock(&self.written).insert(key, time);
+            match self.source.save_watermark(&key, time).await {
+                Ok(()) => {
+                    self.written.locked().insert(key, time);
                 }
-                Err(error) => failures.push(format!("{}: {error}", key.release)),
+                Err(error) => failures.push(error),
             }
         }
         if failures.is_empty() {
             Ok(())
         } else {
-            Err(format!("cannot save the log watermark of {}", failures.join("; ")))
+            Err(AckError(failures))
         }
     }
-
-    fn watermarks(&self) -> std::sync::MutexGuard<'_, HashMap<ReleaseKey, DateTime<Utc>>> {
-        lock(&self.watermarks)
-    }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
+#[cfg(test)]
+mod tests;

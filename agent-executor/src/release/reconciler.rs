@@ -13,6 +13,7 @@
 //!
 //! This module knows nothing of tonic; errors map to gRPC codes in [`crate::grpc`].
 
+use agent_runtime::sync::MutexExt as _;
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex},
@@ -179,7 +180,7 @@ struct DesiredSet {
 impl Inner {
     /// The deployment id the tracking Secret of the release names, as its worker last read it.
     pub(crate) fn owner_of(&self, key: &ReleaseKey) -> Option<String> {
-        self.owners.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+        self.owners.locked().get(key).cloned()
     }
 
     fn spawn_worker(self: &Arc<Self>, state: &mut State, key: ReleaseKey, item: Option<Arc<WorkItem>>) {
@@ -232,7 +233,7 @@ impl Inner {
                 continue;
             }
             let key = ReleaseKey::new(namespace, &record.release_name);
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut state = self.state.locked();
             let desired_now = state
                 .desired
                 .as_ref()
@@ -335,9 +336,28 @@ impl Inner {
         Err(message)
     }
 
+    /// Drops the operation locks of releases without a worker that nobody holds (a lock
+    /// held by a roll-back or a recovery stays until the next prune).
+    fn prune_op_locks(&self, state: &State) {
+        self.op_locks
+            .locked()
+            .retain(|key, lock| state.workers.contains_key(key) || Arc::strong_count(lock) > 1);
+    }
+
+    /// Stops the per-namespace watches no release needs: every namespace but the agent's
+    /// own, the one the Hub names and those where a worker still runs.
+    fn release_unused_watches(&self, state: &State) {
+        let mut needed: HashSet<String> = state.workers.keys().map(|key| key.namespace.clone()).collect();
+        needed.insert(self.default_namespace.clone());
+        if let Some(desired) = &state.desired {
+            needed.insert(desired.namespace.clone());
+        }
+        self.cluster.retain_namespaces(&needed);
+    }
+
     /// Helm options of the release's desired deployment, or the defaults.
     fn options_of(&self, key: &ReleaseKey) -> HelmOptions {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = self.state.locked();
         state
             .workers
             .get(key)
@@ -367,17 +387,12 @@ impl Host for Inner {
 
     /// The lock that serialises operations on one release.
     fn op_lock(&self, key: &ReleaseKey) -> Arc<tokio::sync::Mutex<()>> {
-        self.op_locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.clone())
-            .or_default()
-            .clone()
+        self.op_locks.locked().entry(key.clone()).or_default().clone()
     }
 
     /// Remembers the deployment id the tracking Secret of the release names.
     fn set_owner(&self, key: &ReleaseKey, id: Option<&str>) {
-        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        let mut owners = self.owners.locked();
         match id {
             Some(id) => owners.insert(key.clone(), id.to_owned()),
             None => owners.remove(key),
@@ -392,11 +407,14 @@ impl Host for Inner {
     /// worker unless a `sync` made the release desired again meanwhile. True when the worker
     /// must stop.
     fn retire(&self, key: &ReleaseKey, receiver: &watch::Receiver<Option<Arc<WorkItem>>>) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.locked();
         let still_absent = receiver.borrow().is_none() && !receiver.has_changed().unwrap_or(false);
         if still_absent {
             state.workers.remove(key);
             self.statuses.remove(key);
+            self.owners.locked().remove(key);
+            self.prune_op_locks(&state);
+            self.release_unused_watches(&state);
         }
         still_absent
     }
@@ -422,6 +440,11 @@ impl Reconciler {
         registry.register_collector(Box::new(crate::release::status_board::ReleasesByStatus(
             self.inner.statuses.clone(),
         )));
+    }
+
+    /// The watch-fed state of the cluster the workers share.
+    pub fn cluster(&self) -> crate::cluster::Cluster {
+        self.inner.cluster.clone()
     }
 
     /// A reconciler for releases in `namespace` (the agent's own, used until the Hub names
@@ -483,7 +506,7 @@ impl Reconciler {
         let mut seen = HashSet::new();
         let mut invalid = HashSet::new();
         let mut replies = Vec::with_capacity(desired.deployments.len());
-        let mut state = inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = inner.state.locked();
         let claims = claims_by_release(&desired.deployments);
         for deployment in desired.deployments {
             let key = ReleaseKey::new(&namespace, &deployment.release_name);
@@ -564,6 +587,7 @@ impl Reconciler {
             releases: seen,
         };
         state.desired = Some(desired_set.clone());
+        inner.release_unused_watches(&state);
         match &state.scan {
             Some(scan) => {
                 scan.send_replace(desired_set);
@@ -632,7 +656,7 @@ impl Reconciler {
 
     /// The desired releases whose deployment has logs enabled.
     pub fn log_targets(&self) -> Vec<crate::logs::LogTarget> {
-        let state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = self.inner.state.locked();
         let mut targets: Vec<crate::logs::LogTarget> = state
             .workers
             .iter()
@@ -1045,6 +1069,45 @@ mod tests {
             .filter(|status| status.status.message == "release name web is used by another deployment")
             .map(|status| status.deployment_id.as_str())
             .collect()
+    }
+
+    #[tokio::test]
+    async fn a_retired_release_leaves_nothing_behind_in_the_per_release_maps() {
+        let scratch = tempfile::tempdir().unwrap();
+        let reconciler = offline_reconciler(scratch.path());
+        let inner = &reconciler.inner;
+        let (gone, held) = (ReleaseKey::new("apps", "gone"), ReleaseKey::new("apps", "held"));
+        drop(inner.op_lock(&gone));
+        inner.set_owner(&gone, Some("d1"));
+        let in_use = inner.op_lock(&held);
+        let (_sender, receiver) = watch::channel(None);
+        assert!(inner.retire(&gone, &receiver));
+        assert_eq!(inner.owner_of(&gone), None);
+        let locks = inner.op_locks.lock().unwrap();
+        assert!(!locks.contains_key(&gone), "the lock nobody holds is dropped");
+        assert!(locks.contains_key(&held), "a lock in use stays");
+        drop(locks);
+        drop(in_use);
+    }
+
+    #[tokio::test]
+    async fn the_watches_of_a_namespace_no_release_needs_stop() {
+        let scratch = tempfile::tempdir().unwrap();
+        let reconciler = offline_reconciler(scratch.path());
+        let inner = &reconciler.inner;
+        let cluster = &inner.cluster;
+        let old = ReleaseKey::new("old", "web");
+        let _ = cluster.secrets("old");
+        let _ = cluster.objects().pod_problem("old", &Default::default());
+        let _ = cluster.secrets("apps");
+        let (_sender, receiver) = watch::channel(None);
+        assert!(inner.retire(&old, &receiver));
+        assert_eq!(
+            cluster.watched_namespaces(),
+            ["apps"],
+            "the agent's own namespace stays watched"
+        );
+        assert!(cluster.objects().pod_watch_namespaces().is_empty());
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! In-memory statuses of the desired deployments, keyed by release. Workers write them,
 //! `Sync` reads them; `changed_at` moves only when something the Hub sees changes.
 
+use agent_runtime::sync::MutexExt as _;
 use std::{
     collections::HashMap,
     fmt,
@@ -80,7 +81,7 @@ impl Collector for ReleasesByStatus {
             (StatusKind::Healthy, 0),
             (StatusKind::Error, 0),
         ];
-        for entry in self.0.entries.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        for entry in self.0.entries.locked().values() {
             if let Some(count) = counts.iter_mut().find(|(kind, _)| *kind == entry.status.kind) {
                 count.1 += 1;
             }
@@ -124,7 +125,7 @@ impl StatusBoard {
         message: &str,
         now: DateTime<Utc>,
     ) -> Status {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = self.entries.locked();
         let previous = entries
             .get(key)
             .filter(|entry| entry.deployment_id == deployment_id && entry.revision_id == revision_id)
@@ -149,7 +150,7 @@ impl StatusBoard {
     /// restart, a release the Hub already knows as `healthy` must not flip to `progressing`
     /// before its worker has looked at it (the Hub keeps the status it has).
     pub fn current(&self, key: &ReleaseKey, deployment_id: &str, revision_id: &str) -> Option<DeploymentStatus> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = self.entries.locked();
         entries
             .get(key)
             .filter(|entry| entry.deployment_id == deployment_id && entry.revision_id == revision_id)
@@ -163,7 +164,7 @@ impl StatusBoard {
 
     /// The recorded status of a release, whatever revision it is for.
     pub fn get(&self, key: &ReleaseKey) -> Option<DeploymentStatus> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = self.entries.locked();
         entries.get(key).map(|entry| DeploymentStatus {
             deployment_id: entry.deployment_id.clone(),
             revision_id: entry.revision_id.clone(),
@@ -174,7 +175,7 @@ impl StatusBoard {
 
     /// Every recorded status.
     pub fn all(&self) -> Vec<DeploymentStatus> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = self.entries.locked();
         let mut all: Vec<DeploymentStatus> = entries
             .iter()
             .map(|(key, entry)| DeploymentStatus {
@@ -190,15 +191,12 @@ impl StatusBoard {
 
     /// Keeps only the releases `keep` says yes to.
     pub fn retain(&self, mut keep: impl FnMut(&ReleaseKey) -> bool) {
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|key, _| keep(key));
+        self.entries.locked().retain(|key, _| keep(key));
     }
 
     /// Forgets a release (it is no longer desired).
     pub fn remove(&self, key: &ReleaseKey) {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        self.entries.locked().remove(key);
     }
 
     /// Wakes on every status change (the value is a counter of changes).

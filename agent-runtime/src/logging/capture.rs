@@ -8,6 +8,7 @@
 //!
 //! Nothing here emits `tracing` events: a log line about capturing a log line would loop.
 
+use crate::sync::MutexExt as _;
 use std::{
     collections::VecDeque,
     io,
@@ -143,7 +144,7 @@ impl LogBuffer {
     }
 
     fn ring(&self) -> std::sync::MutexGuard<'_, Ring> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.locked()
     }
 }
 

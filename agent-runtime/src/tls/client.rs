@@ -4,6 +4,7 @@
 //! new one when the credentials change, so new calls use the new certificate while calls in
 //! flight finish on the old connection.
 
+use crate::sync::MutexExt as _;
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
@@ -75,7 +76,7 @@ impl MtlsChannel {
     /// The channel for the current credentials.
     pub fn channel(&self) -> Result<Channel, ClientError> {
         let credentials = self.credentials.borrow().clone().ok_or(ClientError::NotReady)?;
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = self.current.locked();
         if let Some((built_with, channel)) = current.as_ref()
             && Arc::ptr_eq(built_with, &credentials)
         {

@@ -26,6 +26,10 @@ use super::{CredentialsWatch, PeerIdentity, Role};
 
 /// Time a client gets to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes under way at once at most. The agent's clients are the poller, the updater
+/// and an operator; more than this at once are strangers, who then wait in the listen backlog
+/// instead of each costing a task and a handshake's memory.
+pub const MAX_HANDSHAKES: usize = 32;
 
 /// What the server knows of a connection's client; tonic puts it into every request's
 /// extensions.
@@ -90,9 +94,29 @@ pub fn incoming(
     namespace: String,
     shutdown: CancellationToken,
 ) -> ReceiverStream<std::io::Result<AuthenticatedStream>> {
+    incoming_with_limit(listener, credentials, namespace, shutdown, MAX_HANDSHAKES)
+}
+
+/// [`incoming`] with at most `max_handshakes` handshakes under way: no connection is accepted
+/// while that many are.
+pub fn incoming_with_limit(
+    listener: TcpListener,
+    credentials: CredentialsWatch,
+    namespace: String,
+    shutdown: CancellationToken,
+    max_handshakes: usize,
+) -> ReceiverStream<std::io::Result<AuthenticatedStream>> {
     let (tx, rx) = mpsc::channel(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(max_handshakes.max(1)));
     tokio::spawn(async move {
         loop {
+            let permit = tokio::select! {
+                permit = handshakes.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+                _ = shutdown.cancelled() => return,
+            };
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 _ = shutdown.cancelled() => return,
@@ -114,7 +138,9 @@ pub fn incoming(
             let tx = tx.clone();
             let namespace = namespace.clone();
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(permit);
+                let tls = match handshake {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(error)) => {
                         tracing::warn!(%addr, %error, "TLS handshake refused");
@@ -288,6 +314,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tls::Credentials;
 
     fn peer(role: Option<Role>) -> PeerInfo {
         PeerInfo {
@@ -334,6 +361,59 @@ mod tests {
         request.extensions_mut().insert(peer(Some(Role::Poller)));
         let answer = service.call(request).await.expect("an answer");
         assert_eq!(answer.headers()["grpc-status"], "13");
+    }
+
+    /// A CA and an executor leaf of namespace `ns`, as the executor's authority issues them.
+    fn credentials() -> Credentials {
+        use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let ca_key = KeyPair::generate().expect("key");
+        let ca_pem = ca.self_signed(&ca_key).expect("CA").pem();
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+        let mut leaf = CertificateParams::new(vec![Role::Executor.identity("ns")]).expect("params");
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().expect("key");
+        let cert = leaf.signed_by(&key, &issuer).expect("leaf");
+        let files = super::super::TlsFiles {
+            cert_chain: cert.pem().into_bytes(),
+            key: key.serialize_pem().into_bytes(),
+            ca_bundle: ca_pem.into_bytes(),
+        };
+        Credentials::from_files(files, "ns").expect("credentials")
+    }
+
+    #[tokio::test]
+    async fn handshakes_beyond_the_cap_wait_for_one_to_end() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (_keep, watch) = tokio::sync::watch::channel(Some(Arc::new(credentials())));
+        let shutdown = CancellationToken::new();
+        let _incoming = incoming_with_limit(listener, watch, "ns".into(), shutdown.clone(), 1);
+
+        // A client that connects and says nothing holds the only handshake.
+        let idle = TcpStream::connect(addr).await.expect("connect");
+        // Another one, which is no TLS client at all: a handshake with it would fail at
+        // once, and the server would close the connection.
+        let mut second = TcpStream::connect(addr).await.expect("connect");
+        second.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("write");
+        let mut buffer = [0_u8; 64];
+        // A window for the absence of an answer: while the first handshake is under way, the
+        // second connection is not even accepted.
+        let waiting = tokio::time::timeout(Duration::from_millis(300), second.read(&mut buffer)).await;
+        assert!(
+            waiting.is_err(),
+            "the second connection was handled beside the first: {waiting:?}"
+        );
+
+        drop(idle);
+        let answered = tokio::time::timeout(Duration::from_secs(10), second.read(&mut buffer)).await;
+        assert!(
+            answered.is_ok(),
+            "the second connection was handled once the first ended"
+        );
+        shutdown.cancel();
     }
 
     #[test]

@@ -264,6 +264,77 @@ async fn pod_logs_reach_the_hub_once_through_failures_and_restarts() -> anyhow::
     Ok(())
 }
 
+/// A pod whose log cannot be read for a while (kwok answers 400 while its file is gone, as a
+/// kubelet answers 5xx while it restarts): the lines it logged meanwhile arrive once it can be
+/// read again, and every line comes once (issue 19, item 7). The failed reads are counted.
+#[tokio::test]
+async fn a_pod_whose_log_read_fails_loses_no_line() -> anyhow::Result<()> {
+    let test = "log-read-fails";
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    agent.hub.set_deployment_logs(agent.target, true, None);
+    let chart = push_web_chart(test, "failing-read-web", &["0.1.0"]).await?;
+    let web = revise(
+        &deployment("web", &chart, "0.1.0", json!({"replicas": 2})),
+        json!({"logsEnabled": true}),
+    );
+    agent.set_deployments(vec![web.clone()]);
+    agent
+        .wait_status(&revision(&web), "healthy", "status check passed", 2 * MINUTE)
+        .await?;
+    let pods: Vec<String> = agent
+        .ns
+        .api::<k8s_openapi::api::core::v1::Pod>()
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|pod| pod.metadata.name)
+        .collect();
+    anyhow::ensure!(pods.len() == 2, "two pods: {pods:?}");
+    let steady = kwok::LogFile::serve_pods(&agent.ns, "steady", &pods[..1]).await?;
+    let failing = kwok::LogFile::serve_pods(&agent.ns, "failing", &pods[1..]).await?;
+    steady.append("steady 1")?;
+    failing.append("failing 1")?;
+    hub_has_lines(&agent, &["steady 1", "failing 1"]).await?;
+
+    // The second pod's log cannot be read; both pods go on logging.
+    let away = failing.path().with_extension("away");
+    std::fs::rename(failing.path(), &away)?;
+    steady.append("steady 2")?;
+    let mut file = std::fs::OpenOptions::new().append(true).open(&away)?;
+    std::io::Write::write_all(
+        &mut file,
+        format!(
+            "{} stdout F failing 2\n",
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+        )
+        .as_bytes(),
+    )?;
+    drop(file);
+    let before = failures(&agent).await;
+    wait_for("a failed log read, counted", MINUTE, || async {
+        (failures(&agent).await > before).then_some(())
+    })
+    .await?;
+    wait_cycles_on(&agent, 2).await?;
+
+    std::fs::rename(&away, failing.path())?;
+    steady.append("steady 3")?;
+    hub_has_lines(&agent, &["failing 2", "steady 2", "steady 3"]).await?;
+    wait_cycles_on(&agent, 3).await?;
+    let counts = deployment_log_counts(&agent);
+    for (body, count) in &counts {
+        assert_eq!(*count, 1, "{body:?} arrived {count} times: {counts:?}");
+    }
+    Ok(())
+}
+
+/// `distr_agent_log_read_failures_total` of the executor.
+async fn failures(agent: &Agent) -> f64 {
+    let text = scrape(&agent.executor).await.unwrap_or_default();
+    sample(&text, "distr_agent_log_read_failures_total").unwrap_or(0.0)
+}
+
 async fn wait_cycles_on(agent: &Agent, cycles: usize) -> anyhow::Result<()> {
     let seen = agent.hub.requests_on(Route::Resources).len();
     wait_for(&format!("{cycles} more poll cycles"), MINUTE, || async {
@@ -347,35 +418,42 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Not a test: figures for a pod that floods its log (run with `--ignored --nocapture`).
+/// Not a test: figures for pods that flood their logs (run with `--ignored --nocapture`).
 /// Prints the lines per second the pipeline ships and the executor's and poller's memory.
+///
+/// `FLOOD_LINES` (30,000) lines of backlog in each of `FLOOD_PODS` (1) pods of one release (the
+/// pods share one log file); `FLOOD_MEASURE_SECONDS` stops after that long instead of waiting
+/// for every line (the peak memory comes in the first collections).
 #[tokio::test]
 #[ignore = "a benchmark: prints figures, asserts nothing about time"]
 async fn flood_figures() -> anyhow::Result<()> {
     use std::io::Write as _;
     let test = "log-flood";
-    let lines: usize = std::env::var("FLOOD_LINES")
+    let setting = |name: &str, default: usize| std::env::var(name).ok().and_then(|n| n.parse().ok()).unwrap_or(default);
+    let lines = setting("FLOOD_LINES", 30_000);
+    let pods = setting("FLOOD_PODS", 1);
+    let measure = std::env::var("FLOOD_MEASURE_SECONDS")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(30_000);
+        .map(Duration::from_secs);
     let agent = Agent::start(test, AgentOptions::default()).await?;
     let file = kwok::LogFile::serve_namespace(&agent.ns, "flood").await?;
     agent.hub.set_deployment_logs(agent.target, true, None);
     let chart = push_web_chart(test, "flood-web", &["0.1.0"]).await?;
     let web = revise(
-        &deployment("web", &chart, "0.1.0", json!({})),
+        &deployment("web", &chart, "0.1.0", json!({"replicas": pods})),
         json!({"logsEnabled": true}),
     );
     agent.set_deployments(vec![web.clone()]);
     agent
-        .wait_status(&revision(&web), "healthy", "status check passed", 2 * MINUTE)
+        .wait_status(&revision(&web), "healthy", "status check passed", 5 * MINUTE)
         .await?;
     let rss_before = (
         agent.executor.pid().and_then(rss_kib),
         agent.poller.pid().and_then(rss_kib),
     );
-    // 5,000 lines a second of the pod's time (about 650 KB/s, under the per-read bound),
-    // all written at once: a backlog of a pod that floods its log.
+    // 5,000 lines a second of the pods' time (about 650 KB/s), all written at once: a backlog
+    // of pods that flood their logs.
     let spacing = chrono::Duration::microseconds(200);
     let base = chrono::Utc::now() - spacing * i32::try_from(lines).unwrap_or(i32::MAX);
     let mut out = std::io::BufWriter::new(std::fs::OpenOptions::new().append(true).open(file.path())?);
@@ -388,25 +466,31 @@ async fn flood_figures() -> anyhow::Result<()> {
         )?;
     }
     out.flush()?;
+    let total = lines * pods;
     let started = std::time::Instant::now();
     let peak = (
         std::sync::atomic::AtomicU64::new(0),
         std::sync::atomic::AtomicU64::new(0),
     );
-    wait_for("every flood line on the Hub", 10 * MINUTE, || async {
+    let limit = measure.unwrap_or(30 * MINUTE);
+    let waited = wait_for("every flood line on the Hub", limit, || async {
         let ordering = std::sync::atomic::Ordering::Relaxed;
         peak.0
             .fetch_max(agent.executor.pid().and_then(rss_kib).unwrap_or(0), ordering);
         peak.1
             .fetch_max(agent.poller.pid().and_then(rss_kib).unwrap_or(0), ordering);
-        (agent.hub.logs().len() >= lines).then_some(())
+        (agent.hub.logs().len() >= total).then_some(())
     })
-    .await?;
+    .await;
+    if measure.is_none() {
+        waited?;
+    }
+    let shipped = agent.hub.logs().len();
     let peak = (peak.0.into_inner(), peak.1.into_inner());
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(
-        "flood: {lines} lines shipped in {seconds:.1} s = {:.0} lines/s; executor RSS {:?} KiB before, {} KiB peak; poller RSS {:?} KiB before, {} KiB peak",
-        lines as f64 / seconds,
+        "flood: {pods} pods x {lines} lines; {shipped} of {total} lines shipped in {seconds:.1} s = {:.0} lines/s; executor RSS {:?} KiB before, {} KiB peak; poller RSS {:?} KiB before, {} KiB peak",
+        shipped as f64 / seconds,
         rss_before.0,
         peak.0,
         rss_before.1,
