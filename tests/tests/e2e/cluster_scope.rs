@@ -1,5 +1,6 @@
 //! A cluster-scoped install (the executor bound to cluster-admin by the manifest's
-//! ClusterRoleBinding) installs where the Hub says, and follows the Hub to another namespace.
+//! ClusterRoleBinding) installs where the Hub says, follows the Hub to another namespace, and
+//! updates and rolls itself back under its admission policies.
 
 use std::time::Duration;
 
@@ -7,9 +8,11 @@ use distr_agent_e2e::{
     TestNamespace,
     agent::{Agent, AgentOptions, deployment, revision},
     charts,
-    install::Scope,
-    tools,
+    install::{self, Scope},
+    tools, wait_for,
 };
+use distr_agent_proto::v1 as pb;
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Event};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -52,5 +55,110 @@ async fn a_cluster_scoped_executor_follows_the_hub_to_another_namespace() -> any
         .await?
         .ok("helm ls")?;
     eprintln!("left in the previous namespace: {:?}", old.stdout.trim());
+    Ok(())
+}
+
+/// The manifest of a cluster-scoped agent as the Hub serves it for `version` (no target secret).
+async fn cluster_manifest(agent: &Agent, version: &str, id: uuid::Uuid) -> anyhow::Result<String> {
+    let mut params = install::hub_params(&agent.hub, agent.target, None, &agent.ns.name, Scope::Cluster);
+    params["agentInterval"] = json!("1s");
+    params["agentVersion"] = json!(version);
+    params["agentVersionId"] = json!(id.to_string());
+    install::render(
+        &install::template_path(),
+        &params,
+        &distr_agent_e2e::TestEnv::get().test_dir(&agent.test),
+    )
+    .await
+}
+
+/// Waits until the updater reports `phase` for `version`.
+async fn update_phase(agent: &Agent, version: uuid::Uuid, phase: pb::UpdatePhase) -> anyhow::Result<String> {
+    let client = agent.updater_client("operator")?;
+    wait_for(&format!("update {version} {phase:?}"), 2 * MINUTE, || {
+        let mut client = client.clone();
+        async move {
+            let status = client.update_status(pb::UpdateStatusRequest {}).await.ok()?.into_inner();
+            (status.target_version_id == version.to_string() && status.phase == i32::from(phase))
+                .then_some(status.message)
+        }
+    })
+    .await
+}
+
+async fn images(agent: &Agent) -> anyhow::Result<Vec<String>> {
+    let mut images = Vec::new();
+    for d in agent.ns.api::<Deployment>().list(&Default::default()).await?.items {
+        let pod = d.spec.and_then(|s| s.template.spec).unwrap_or_default();
+        images.extend(pod.containers.into_iter().filter_map(|c| c.image));
+    }
+    Ok(images)
+}
+
+#[tokio::test]
+async fn a_cluster_scoped_agent_updates_itself_and_rolls_back_under_its_admission_policies() -> anyhow::Result<()> {
+    let test = "cluster-selfupdate";
+    // Self-update off in the poller: the test hands the manifests over itself, as the poller.
+    let agent = Agent::start(
+        test,
+        AgentOptions {
+            scope: Scope::Cluster,
+            updater_env: vec![
+                ("AGENT_UPDATE_TIMEOUT_SECONDS", "30".into()),
+                ("AGENT_UPDATE_HEARTBEAT_SECONDS", "1".into()),
+            ],
+            ..Default::default()
+        },
+    )
+    .await?;
+    let mut client = agent.updater_client("poller")?;
+    // An upgrade: every object checked against the template, the admission objects compared
+    // with the cluster's, the Deployments (and so their pods) admitted by the policies.
+    let v2 = uuid::Uuid::new_v4();
+    let started = std::time::Instant::now();
+    client
+        .apply_agent_manifest(pb::ApplyAgentManifestRequest {
+            manifest: cluster_manifest(&agent, "0.2.0", v2).await?,
+            target_version_id: v2.to_string(),
+        })
+        .await?;
+    let done = update_phase(&agent, v2, pb::UpdatePhase::Done).await?;
+    eprintln!("0.2.0 in {:.1}s: {done}", started.elapsed().as_secs_f64());
+    for image in images(&agent).await? {
+        assert!(image.ends_with(":0.2.0"), "{image}");
+    }
+    // A version whose executor never comes up is rolled back, the recorded objects checked again
+    // and admitted again.
+    let v3 = uuid::Uuid::new_v4();
+    let stuck = cluster_manifest(&agent, "0.3.0", v3).await?.replacen(
+        "      serviceAccountName: distr-agent-executor\n",
+        "      serviceAccountName: distr-agent-executor\n      nodeSelector:\n        no-such-node: \"true\"\n",
+        1,
+    );
+    let started = std::time::Instant::now();
+    client
+        .apply_agent_manifest(pb::ApplyAgentManifestRequest {
+            manifest: stuck,
+            target_version_id: v3.to_string(),
+        })
+        .await?;
+    let failed = update_phase(&agent, v3, pb::UpdatePhase::Failed).await?;
+    eprintln!("0.3.0 rolled back in {:.1}s: {failed}", started.elapsed().as_secs_f64());
+    assert!(failed.contains("rolled back to the previous version"), "{failed}");
+    for image in images(&agent).await? {
+        assert!(image.ends_with(":0.2.0"), "{image}");
+    }
+    // No pod of the agent was refused on the way.
+    let refused: Vec<String> = agent
+        .ns
+        .api::<Event>()
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("FailedCreate"))
+        .filter_map(|e| e.message)
+        .collect();
+    assert!(refused.is_empty(), "pods were refused: {refused:#?}");
     Ok(())
 }
