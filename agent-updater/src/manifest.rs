@@ -374,8 +374,8 @@ mod tests {
     #[test]
     fn foreign_objects_namespaces_accounts_and_images_are_refused() {
         let other_ns = ours().replace(
-            "name: distr-agent-env",
-            "name: distr-agent-env\n  namespace: kube-system",
+            "metadata:\n  name: distr-agent-env\n",
+            "metadata:\n  name: distr-agent-env\n  namespace: kube-system\n",
         );
         assert!(matches!(
             check(&other_ns, &rules()),

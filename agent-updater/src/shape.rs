@@ -223,7 +223,7 @@ pub fn cel_tables() -> [(&'static str, String); 3] {
     [
         (
             "env",
-            table(&|shape| {
+            table(&|shape: &PodShape| {
                 let pairs: Vec<String> = shape
                     .env
                     .iter()
@@ -232,8 +232,8 @@ pub fn cel_tables() -> [(&'static str, String); 3] {
                 format!("{{{}}}", pairs.join(", "))
             }),
         ),
-        ("envFrom", table(&|shape| cel_list(&shape.env_from))),
-        ("volumes", table(&|shape| cel_list(&shape.volumes))),
+        ("envFrom", table(&|shape: &PodShape| cel_list(&shape.env_from))),
+        ("volumes", table(&|shape: &PodShape| cel_list(&shape.volumes))),
     ]
 }
 
@@ -431,7 +431,7 @@ fn check_network_policy(name: &str, body: &Value) -> Result<(), String> {
             continue;
         }
         if !types.contains(kind) {
-            return Err(format!("no longer restricts {}", rules));
+            return Err(format!("no longer restricts {rules}"));
         }
         let allowed: Vec<Value> = items(&reference[rules]).map(normalized).collect();
         if let Some(rule) = items(&spec[rules]).find(|r| !allowed.contains(&normalized(r))) {
@@ -712,7 +712,7 @@ mod tests {
                     .find(|v| v["name"] == *variable)
                     .map(|v| text_of(&v["expression"]));
                 assert_eq!(
-                    found,
+                    found.as_deref(),
                     Some(expression.as_str()),
                     "the variable {variable} of the policy {name} differs from the updater's table; \
                      the template's lines for it are (a folded scalar, one component a line):\n{}",

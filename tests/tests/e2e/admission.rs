@@ -60,14 +60,18 @@ async fn kubectl_as_editor(ns: &str, args: &[&str]) -> anyhow::Result<(bool, Str
 /// A pod that passes the restricted Pod Security Standard, so that only the agent's policies
 /// can refuse it.
 fn pod(name: &str, account: Option<&str>, labels: Value, env: Value, volumes: Value) -> anyhow::Result<Pod> {
+    let mounts: Vec<Value> = volumes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| json!({"name": v["name"], "mountPath": format!("/mnt/{}", v["name"].as_str().unwrap_or_default())}))
+        .collect();
     let mut spec = json!({
         "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [{
             "name": "shell", "image": "registry.example/tools:latest", "env": env,
             "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
-            "volumeMounts": volumes.as_array().into_iter().flatten()
-                .map(|v| json!({"name": v["name"], "mountPath": format!("/mnt/{}", v["name"].as_str().unwrap_or_default())}))
-                .collect::<Vec<_>>(),
+            "volumeMounts": mounts,
         }],
         "volumes": volumes,
     });

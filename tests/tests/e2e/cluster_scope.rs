@@ -9,7 +9,7 @@ use distr_agent_e2e::{
     agent::{Agent, AgentOptions, deployment, revision},
     charts,
     install::{self, Scope},
-    tools, wait_for,
+    tools,
 };
 use distr_agent_proto::v1 as pb;
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Event};
@@ -72,18 +72,24 @@ async fn cluster_manifest(agent: &Agent, version: &str, id: uuid::Uuid) -> anyho
     .await
 }
 
-/// Waits until the updater reports `phase` for `version`.
+/// Waits until the updater reports `phase` for `version`; returns its message.
 async fn update_phase(agent: &Agent, version: uuid::Uuid, phase: pb::UpdatePhase) -> anyhow::Result<String> {
-    let client = agent.updater_client("operator")?;
-    wait_for(&format!("update {version} {phase:?}"), 2 * MINUTE, || {
-        let mut client = client.clone();
-        async move {
-            let status = client.update_status(pb::UpdateStatusRequest {}).await.ok()?.into_inner();
-            (status.target_version_id == version.to_string() && status.phase == i32::from(phase))
-                .then_some(status.message)
+    let mut client = agent.updater_client("operator")?;
+    let deadline = std::time::Instant::now() + 2 * MINUTE;
+    loop {
+        let status = client.update_status(pb::UpdateStatusRequest {}).await.map(|s| s.into_inner());
+        if let Ok(status) = &status
+            && status.target_version_id == version.to_string()
+            && status.phase == i32::from(phase)
+        {
+            return Ok(status.message.clone());
         }
-    })
-    .await
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "update phase {phase:?} of {version} not reached; last status: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 async fn images(agent: &Agent) -> anyhow::Result<Vec<String>> {
