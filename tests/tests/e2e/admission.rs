@@ -50,8 +50,9 @@ async fn kubectl_as_editor(ns: &str, args: &[&str]) -> anyhow::Result<(bool, Str
     match tokio::time::timeout(Duration::from_secs(20), install::kubectl(&all, None)).await {
         Ok(run) => {
             let run = run?;
-            // stdout may hold a token: only stderr is ever shown.
-            Ok((run.success, run.stderr.trim().to_owned()))
+            // stdout may hold a token: only stderr is ever shown, its last line (the error).
+            let last = run.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+            Ok((run.success, last.trim().to_owned()))
         }
         Err(_) => Ok((true, "still running after 20 s".into())),
     }
@@ -215,11 +216,15 @@ async fn try_every_path(ns: &TestNamespace, editor: &Client) -> anyhow::Result<V
             .create(&create, &token_secret)
             .await,
     ));
-    let rewritten_ca = json!({"metadata": {"labels": {"rewritten": "yes"}}});
+    // The executor creates its CA create-only: one planted before it would be trusted.
+    let planted_ca: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "distr-agent-ca"},
+        "stringData": {"ca.crt": "planted", "ca.key": "planted"},
+    }))?;
     outcomes.push(answer(
-        "a change of Secret distr-agent-ca",
+        "a Secret created as distr-agent-ca",
         Api::<Secret>::namespaced(editor.clone(), &ns.name)
-            .patch("distr-agent-ca", &PatchParams::default(), &Patch::Merge(&rewritten_ca))
+            .create(&create, &planted_ca)
             .await,
     ));
     let executor = pod_of(ns, "distr-agent-executor").await?;
