@@ -238,9 +238,7 @@ fn check_fields(object: &Object, rules: &Rules) -> Result<(), Refusal> {
 /// the rules a manifest's objects pass (anyone who could write the updater's state Secret chose
 /// it).
 pub fn recheck(kind: &str, name: &str, recorded: &serde_json::Value, rules: &Rules) -> Result<(), String> {
-    let ours = WRITABLE
-        .iter()
-        .any(|(_, k, names)| *k == kind && names.contains(&name));
+    let ours = WRITABLE.iter().any(|(_, k, names)| *k == kind && names.contains(&name));
     let object = Object {
         api_version: recorded["apiVersion"].as_str().unwrap_or_default().to_owned(),
         kind: kind.to_owned(),
@@ -248,7 +246,12 @@ pub fn recheck(kind: &str, name: &str, recorded: &serde_json::Value, rules: &Rul
         body: recorded.clone(),
     };
     if !ours {
-        return Err(format!("not re-applied: {}", Refusal::NotOurs { object: object.to_string() }));
+        return Err(format!(
+            "not re-applied: {}",
+            Refusal::NotOurs {
+                object: object.to_string()
+            }
+        ));
     }
     check_fields(&object, rules).map_err(|refusal| format!("not re-applied: {refusal}"))
 }
@@ -429,12 +432,17 @@ mod tests {
         assert!(matches!(error, Refusal::Shape { .. }), "{error}");
         assert!(error.to_string().contains("securityContext"), "{error}");
 
-        let recorded = crate::shape::reference("Deployment", "distr-agent").expect("poller").clone();
+        let recorded = crate::shape::reference("Deployment", "distr-agent")
+            .expect("poller")
+            .clone();
         assert_eq!(recheck("Deployment", "distr-agent", &recorded, &rules()), Ok(()));
         let mut host = recorded.clone();
         host["spec"]["template"]["spec"]["hostNetwork"] = true.into();
         let refused = recheck("Deployment", "distr-agent", &host, &rules()).expect_err("host network");
-        assert!(refused.starts_with("not re-applied: Deployment distr-agent changes the pod's hostNetwork"), "{refused}");
+        assert!(
+            refused.starts_with("not re-applied: Deployment distr-agent changes the pod's hostNetwork"),
+            "{refused}"
+        );
         let role = recheck("Role", "distr-agent", &serde_json::json!({"rules": []}), &rules()).expect_err("a Role");
         assert!(role.contains("not one of the agent's own objects"), "{role}");
     }
@@ -495,7 +503,8 @@ mod tests {
         assert!(same_grant(&policy, &stored));
         let weaker = serde_json::json!({"spec": {"failurePolicy": "Ignore"}});
         assert!(!same_grant(&weaker, &stored));
-        let any_name = serde_json::json!({"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]});
+        let any_name =
+            serde_json::json!({"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]});
         let by_name = serde_json::json!({"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"], "resourceNames": ["a"]}]});
         assert!(!same_grant(&any_name, &by_name), "a rule without its names grants more");
     }

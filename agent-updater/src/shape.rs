@@ -90,7 +90,9 @@ static REFERENCE: LazyLock<Reference> = LazyLock::new(|| {
     let mut config_keys = BTreeSet::new();
     for text in EXAMPLES {
         for document in serde_yaml::Deserializer::from_str(text) {
-            let Ok(value) = Value::deserialize(document) else { continue };
+            let Ok(value) = Value::deserialize(document) else {
+                continue;
+            };
             let (Some(kind), Some(name)) = (value["kind"].as_str(), value["metadata"]["name"].as_str()) else {
                 continue;
             };
@@ -139,7 +141,10 @@ pub fn pod_shape(component: &str) -> PodShape {
     PodShape {
         env,
         env_from: items(&container["envFrom"]).map(env_from_source).collect(),
-        volumes: items(&pod["volumes"]).filter(|v| !token_volume(v)).map(volume).collect(),
+        volumes: items(&pod["volumes"])
+            .filter(|v| !token_volume(v))
+            .map(volume)
+            .collect(),
     }
 }
 
@@ -207,7 +212,10 @@ fn cel_string(s: &str) -> String {
 }
 
 fn cel_list(items: &[String]) -> String {
-    format!("[{}]", items.iter().map(|i| cel_string(i)).collect::<Vec<_>>().join(", "))
+    format!(
+        "[{}]",
+        items.iter().map(|i| cel_string(i)).collect::<Vec<_>>().join(", ")
+    )
 }
 
 /// The admission policies' variables `env`, `envFrom` and `volumes`, as CEL expressions: one
@@ -311,9 +319,7 @@ fn check_deployment(name: &str, body: &Value, image_repository: &str) -> Result<
                 let volumes: Vec<String> = items(got).filter(|v| !token_volume(v)).map(volume).collect();
                 volumes == pod_shape(component).volumes
             }
-            "imagePullSecrets" => {
-                empty(got) || same(got, &serde_json::json!([{"name": "distr-agent-image-pull"}]))
-            }
+            "imagePullSecrets" => empty(got) || same(got, &serde_json::json!([{"name": "distr-agent-image-pull"}])),
             // The deprecated alias the API server fills in.
             "serviceAccount" => got.is_null() || *got == pod["serviceAccountName"],
             "hostNetwork" | "hostPID" | "hostIPC" | "shareProcessNamespace" => {
@@ -364,7 +370,9 @@ fn check_env(env: &Value, shape: &PodShape, image_repository: &str) -> Result<()
     for e in items(env) {
         let name = text(&e["name"]);
         let Some(pinned) = shape.env.get(name) else {
-            return Err(format!("sets the environment variable {name}, which the template does not define"));
+            return Err(format!(
+                "sets the environment variable {name}, which the template does not define"
+            ));
         };
         let value = env_value(e);
         let ok = match pinned.as_str() {
@@ -392,7 +400,12 @@ fn check_service(name: &str, body: &Value) -> Result<(), String> {
     if !matches!(spec["type"].as_str(), None | Some("ClusterIP")) {
         return Err(format!("is of type {}, not ClusterIP", text(&spec["type"])));
     }
-    for key in ["externalIPs", "externalName", "loadBalancerIP", "loadBalancerSourceRanges"] {
+    for key in [
+        "externalIPs",
+        "externalName",
+        "loadBalancerIP",
+        "loadBalancerSourceRanges",
+    ] {
         if !empty(&normalized(&spec[key])) {
             return Err(format!("sets spec.{key}"));
         }
@@ -545,10 +558,18 @@ mod tests {
                 pod(d)["nodeSelector"] = json!({"disk": "ssd"})
             }),
             ("another version name", "distr-agent", |d| {
-                set_env(d, "DISTR_AGENT_VERSION", json!({"name": "DISTR_AGENT_VERSION", "value": "0.9.0"}))
+                set_env(
+                    d,
+                    "DISTR_AGENT_VERSION",
+                    json!({"name": "DISTR_AGENT_VERSION", "value": "0.9.0"}),
+                )
             }),
             ("another log format", "distr-agent-updater", |d| {
-                set_env(d, "AGENT_LOG_FORMAT", json!({"name": "AGENT_LOG_FORMAT", "value": "plain"}))
+                set_env(
+                    d,
+                    "AGENT_LOG_FORMAT",
+                    json!({"name": "AGENT_LOG_FORMAT", "value": "plain"}),
+                )
             }),
             ("slower probes", "distr-agent-updater", |d| {
                 container(d)["livenessProbe"]["periodSeconds"] = json!(60)
@@ -570,67 +591,179 @@ mod tests {
             assert_eq!(check("Deployment", name, &body, REPOSITORY), Ok(()), "{case}");
         }
         let refused: [(&str, &str, Change, &str); 22] = [
-            ("a hostPath volume", "distr-agent-executor", |d| {
-                pod(d)["volumes"]
-                    .as_array_mut()
-                    .expect("volumes")
-                    .push(json!({"name": "host", "hostPath": {"path": "/"}}))
-            }, "changes the pod's volumes"),
-            ("another Secret mounted", "distr-agent-updater", |d| {
-                pod(d)["volumes"][0]["secret"]["secretName"] = json!("distr-agent-ca")
-            }, "changes the pod's volumes"),
-            ("a volume mounted elsewhere", "distr-agent-executor", |d| {
-                container(d)["volumeMounts"][0]["mountPath"] = json!("/usr/local/bin")
-            }, "changes the container's volumeMounts"),
-            ("host network", "distr-agent", |d| pod(d)["hostNetwork"] = json!(true), "hostNetwork"),
-            ("host PID", "distr-agent-executor", |d| pod(d)["hostPID"] = json!(true), "hostPID"),
-            ("privileged", "distr-agent-executor", |d| {
-                container(d)["securityContext"]["privileged"] = json!(true)
-            }, "securityContext"),
-            ("an added capability", "distr-agent-updater", |d| {
-                container(d)["securityContext"]["capabilities"]["add"] = json!(["NET_ADMIN"])
-            }, "securityContext"),
-            ("root", "distr-agent", |d| pod(d)["securityContext"]["runAsNonRoot"] = json!(false), "securityContext"),
-            ("a command", "distr-agent-executor", |d| {
-                container(d)["command"] = json!(["/usr/local/bin/helm", "install"])
-            }, "command"),
-            ("args", "distr-agent-executor", |d| container(d)["args"] = json!(["--help"]), "args"),
-            ("a probe running a command", "distr-agent-executor", |d| {
-                container(d)["livenessProbe"] = json!({"exec": {"command": ["/usr/local/bin/helm", "ls"]}})
-            }, "livenessProbe"),
-            ("a second container", "distr-agent", |d| {
-                let first = container(d).clone();
-                pod(d)["containers"].as_array_mut().expect("containers").push(first)
-            }, "exactly the one container"),
-            ("an init container", "distr-agent", |d| {
-                pod(d)["initContainers"] = json!([{"name": "i", "image": "ghcr.io/distr-sh/distr-agent/poller:0.1.0"}])
-            }, "initContainers"),
-            ("a new variable", "distr-agent", |d| {
-                set_env(d, "DISTR_RESOURCE_ENDPOINT", json!({"name": "DISTR_RESOURCE_ENDPOINT", "value": "https://evil.example"}))
-            }, "does not define"),
-            ("the updater's image repository", "distr-agent-updater", |d| {
-                set_env(d, "AGENT_IMAGE_REPOSITORY", json!({"name": "AGENT_IMAGE_REPOSITORY", "value": "evil.example/agent"}))
-            }, "AGENT_IMAGE_REPOSITORY"),
-            ("the executor the poller calls", "distr-agent", |d| {
-                set_env(d, "AGENT_EXECUTOR_URL", json!({"name": "AGENT_EXECUTOR_URL", "value": "https://evil.example:9443"}))
-            }, "AGENT_EXECUTOR_URL"),
-            ("a free variable from a Secret", "distr-agent", |d| {
-                set_env(d, "DISTR_AGENT_VERSION", json!({"name": "DISTR_AGENT_VERSION",
-                    "valueFrom": {"secretKeyRef": {"name": "distr-agent-ca", "key": "tls.key"}}}))
-            }, "DISTR_AGENT_VERSION"),
-            ("a dropped variable", "distr-agent", |d| {
-                container(d)["env"].as_array_mut().expect("env").retain(|e| e["name"] != "AGENT_EXECUTOR_URL")
-            }, "drops the environment variable AGENT_EXECUTOR_URL"),
-            ("envFrom on the executor", "distr-agent-executor", |d| {
-                container(d)["envFrom"] = json!([{"configMapRef": {"name": "distr-agent-env"}}])
-            }, "envFrom"),
-            ("two replicas", "distr-agent-executor", |d| d["spec"]["replicas"] = json!(2), "spec.replicas"),
-            ("the poller's token", "distr-agent", |d| {
-                pod(d)["automountServiceAccountToken"] = json!(true)
-            }, "automountServiceAccountToken"),
-            ("another pull Secret", "distr-agent", |d| {
-                pod(d)["imagePullSecrets"] = json!([{"name": "distr-agent-ca"}])
-            }, "imagePullSecrets"),
+            (
+                "a hostPath volume",
+                "distr-agent-executor",
+                |d| {
+                    pod(d)["volumes"]
+                        .as_array_mut()
+                        .expect("volumes")
+                        .push(json!({"name": "host", "hostPath": {"path": "/"}}))
+                },
+                "changes the pod's volumes",
+            ),
+            (
+                "another Secret mounted",
+                "distr-agent-updater",
+                |d| pod(d)["volumes"][0]["secret"]["secretName"] = json!("distr-agent-ca"),
+                "changes the pod's volumes",
+            ),
+            (
+                "a volume mounted elsewhere",
+                "distr-agent-executor",
+                |d| container(d)["volumeMounts"][0]["mountPath"] = json!("/usr/local/bin"),
+                "changes the container's volumeMounts",
+            ),
+            (
+                "host network",
+                "distr-agent",
+                |d| pod(d)["hostNetwork"] = json!(true),
+                "hostNetwork",
+            ),
+            (
+                "host PID",
+                "distr-agent-executor",
+                |d| pod(d)["hostPID"] = json!(true),
+                "hostPID",
+            ),
+            (
+                "privileged",
+                "distr-agent-executor",
+                |d| container(d)["securityContext"]["privileged"] = json!(true),
+                "securityContext",
+            ),
+            (
+                "an added capability",
+                "distr-agent-updater",
+                |d| container(d)["securityContext"]["capabilities"]["add"] = json!(["NET_ADMIN"]),
+                "securityContext",
+            ),
+            (
+                "root",
+                "distr-agent",
+                |d| pod(d)["securityContext"]["runAsNonRoot"] = json!(false),
+                "securityContext",
+            ),
+            (
+                "a command",
+                "distr-agent-executor",
+                |d| container(d)["command"] = json!(["/usr/local/bin/helm", "install"]),
+                "command",
+            ),
+            (
+                "args",
+                "distr-agent-executor",
+                |d| container(d)["args"] = json!(["--help"]),
+                "args",
+            ),
+            (
+                "a probe running a command",
+                "distr-agent-executor",
+                |d| container(d)["livenessProbe"] = json!({"exec": {"command": ["/usr/local/bin/helm", "ls"]}}),
+                "livenessProbe",
+            ),
+            (
+                "a second container",
+                "distr-agent",
+                |d| {
+                    let first = container(d).clone();
+                    pod(d)["containers"].as_array_mut().expect("containers").push(first)
+                },
+                "exactly the one container",
+            ),
+            (
+                "an init container",
+                "distr-agent",
+                |d| {
+                    pod(d)["initContainers"] =
+                        json!([{"name": "i", "image": "ghcr.io/distr-sh/distr-agent/poller:0.1.0"}])
+                },
+                "initContainers",
+            ),
+            (
+                "a new variable",
+                "distr-agent",
+                |d| {
+                    set_env(
+                        d,
+                        "DISTR_RESOURCE_ENDPOINT",
+                        json!({"name": "DISTR_RESOURCE_ENDPOINT", "value": "https://evil.example"}),
+                    )
+                },
+                "does not define",
+            ),
+            (
+                "the updater's image repository",
+                "distr-agent-updater",
+                |d| {
+                    set_env(
+                        d,
+                        "AGENT_IMAGE_REPOSITORY",
+                        json!({"name": "AGENT_IMAGE_REPOSITORY", "value": "evil.example/agent"}),
+                    )
+                },
+                "AGENT_IMAGE_REPOSITORY",
+            ),
+            (
+                "the executor the poller calls",
+                "distr-agent",
+                |d| {
+                    set_env(
+                        d,
+                        "AGENT_EXECUTOR_URL",
+                        json!({"name": "AGENT_EXECUTOR_URL", "value": "https://evil.example:9443"}),
+                    )
+                },
+                "AGENT_EXECUTOR_URL",
+            ),
+            (
+                "a free variable from a Secret",
+                "distr-agent",
+                |d| {
+                    set_env(
+                        d,
+                        "DISTR_AGENT_VERSION",
+                        json!({"name": "DISTR_AGENT_VERSION",
+                    "valueFrom": {"secretKeyRef": {"name": "distr-agent-ca", "key": "tls.key"}}}),
+                    )
+                },
+                "DISTR_AGENT_VERSION",
+            ),
+            (
+                "a dropped variable",
+                "distr-agent",
+                |d| {
+                    container(d)["env"]
+                        .as_array_mut()
+                        .expect("env")
+                        .retain(|e| e["name"] != "AGENT_EXECUTOR_URL")
+                },
+                "drops the environment variable AGENT_EXECUTOR_URL",
+            ),
+            (
+                "envFrom on the executor",
+                "distr-agent-executor",
+                |d| container(d)["envFrom"] = json!([{"configMapRef": {"name": "distr-agent-env"}}]),
+                "envFrom",
+            ),
+            (
+                "two replicas",
+                "distr-agent-executor",
+                |d| d["spec"]["replicas"] = json!(2),
+                "spec.replicas",
+            ),
+            (
+                "the poller's token",
+                "distr-agent",
+                |d| pod(d)["automountServiceAccountToken"] = json!(true),
+                "automountServiceAccountToken",
+            ),
+            (
+                "another pull Secret",
+                "distr-agent",
+                |d| pod(d)["imagePullSecrets"] = json!([{"name": "distr-agent-ca"}]),
+                "imagePullSecrets",
+            ),
         ];
         for (case, name, change, expected) in refused {
             let mut body = example("Deployment", name);
@@ -643,43 +776,108 @@ mod tests {
     #[test]
     fn services_network_policies_accounts_and_configuration_open_nothing_more() {
         let cases: [(&str, &str, &str, Change, Option<&str>); 13] = [
-            ("Service", "distr-agent-executor", "a NodePort", |s| s["spec"]["type"] = json!("NodePort"), Some("NodePort")),
-            ("Service", "distr-agent-executor", "external IPs", |s| {
-                s["spec"]["externalIPs"] = json!(["203.0.113.9"])
-            }, Some("externalIPs")),
-            ("Service", "distr-agent-updater", "another selector", |s| {
-                s["spec"]["selector"] = json!({"app": "web"})
-            }, Some("selects other pods")),
-            ("Service", "distr-agent-updater", "the server's defaults", |s| {
-                s["spec"]["type"] = json!("ClusterIP");
-                s["spec"]["clusterIP"] = json!("10.0.0.7");
-            }, None),
-            ("NetworkPolicy", "distr-agent-executor", "gRPC from anywhere", |n| {
-                n["spec"]["ingress"].as_array_mut().expect("rules").push(json!({"ports": [{"port": 9443, "protocol": "TCP"}]}))
-            }, Some("allows ingress")),
-            ("NetworkPolicy", "distr-agent-executor", "no ingress restriction", |n| {
-                n["spec"]["policyTypes"] = json!(["Egress"])
-            }, Some("no longer restricts ingress")),
-            ("NetworkPolicy", "distr-agent-updater", "other pods", |n| {
-                n["spec"]["podSelector"] = json!({"matchLabels": {"app": "web"}})
-            }, Some("other pods")),
-            ("NetworkPolicy", "distr-agent-executor", "fewer rules and an egress restriction", |n| {
-                n["spec"]["ingress"].as_array_mut().expect("rules").pop();
-                n["spec"]["policyTypes"] = json!(["Ingress", "Egress"]);
-            }, None),
-            ("ServiceAccount", "distr-agent-poller", "a token", |a| {
-                a["automountServiceAccountToken"] = json!(true)
-            }, Some("automountServiceAccountToken")),
-            ("ConfigMap", "distr-agent-env", "another Hub", |c| {
-                c["data"]["DISTR_LOGIN_ENDPOINT"] = json!("https://hub.example.org/login")
-            }, None),
-            ("ConfigMap", "distr-agent-env", "an unknown key", |c| {
-                c["data"]["AGENT_EXECUTOR_URL"] = json!("https://evil.example")
-            }, Some("AGENT_EXECUTOR_URL")),
-            ("Secret", "distr-agent-image-pull", "another type", |s| s["type"] = json!("Opaque"), Some("Opaque")),
-            ("Secret", "distr-agent-image-pull", "another key", |s| {
-                s["data"]["token"] = json!("eA==")
-            }, Some("token")),
+            (
+                "Service",
+                "distr-agent-executor",
+                "a NodePort",
+                |s| s["spec"]["type"] = json!("NodePort"),
+                Some("NodePort"),
+            ),
+            (
+                "Service",
+                "distr-agent-executor",
+                "external IPs",
+                |s| s["spec"]["externalIPs"] = json!(["203.0.113.9"]),
+                Some("externalIPs"),
+            ),
+            (
+                "Service",
+                "distr-agent-updater",
+                "another selector",
+                |s| s["spec"]["selector"] = json!({"app": "web"}),
+                Some("selects other pods"),
+            ),
+            (
+                "Service",
+                "distr-agent-updater",
+                "the server's defaults",
+                |s| {
+                    s["spec"]["type"] = json!("ClusterIP");
+                    s["spec"]["clusterIP"] = json!("10.0.0.7");
+                },
+                None,
+            ),
+            (
+                "NetworkPolicy",
+                "distr-agent-executor",
+                "gRPC from anywhere",
+                |n| {
+                    n["spec"]["ingress"]
+                        .as_array_mut()
+                        .expect("rules")
+                        .push(json!({"ports": [{"port": 9443, "protocol": "TCP"}]}))
+                },
+                Some("allows ingress"),
+            ),
+            (
+                "NetworkPolicy",
+                "distr-agent-executor",
+                "no ingress restriction",
+                |n| n["spec"]["policyTypes"] = json!(["Egress"]),
+                Some("no longer restricts ingress"),
+            ),
+            (
+                "NetworkPolicy",
+                "distr-agent-updater",
+                "other pods",
+                |n| n["spec"]["podSelector"] = json!({"matchLabels": {"app": "web"}}),
+                Some("other pods"),
+            ),
+            (
+                "NetworkPolicy",
+                "distr-agent-executor",
+                "fewer rules and an egress restriction",
+                |n| {
+                    n["spec"]["ingress"].as_array_mut().expect("rules").pop();
+                    n["spec"]["policyTypes"] = json!(["Ingress", "Egress"]);
+                },
+                None,
+            ),
+            (
+                "ServiceAccount",
+                "distr-agent-poller",
+                "a token",
+                |a| a["automountServiceAccountToken"] = json!(true),
+                Some("automountServiceAccountToken"),
+            ),
+            (
+                "ConfigMap",
+                "distr-agent-env",
+                "another Hub",
+                |c| c["data"]["DISTR_LOGIN_ENDPOINT"] = json!("https://hub.example.org/login"),
+                None,
+            ),
+            (
+                "ConfigMap",
+                "distr-agent-env",
+                "an unknown key",
+                |c| c["data"]["AGENT_EXECUTOR_URL"] = json!("https://evil.example"),
+                Some("AGENT_EXECUTOR_URL"),
+            ),
+            (
+                "Secret",
+                "distr-agent-image-pull",
+                "another type",
+                |s| s["type"] = json!("Opaque"),
+                Some("Opaque"),
+            ),
+            (
+                "Secret",
+                "distr-agent-image-pull",
+                "another key",
+                |s| s["data"]["token"] = json!("eA=="),
+                Some("token"),
+            ),
         ];
         for (kind, name, case, change, refused) in cases {
             let mut body = example(kind, name);

@@ -51,7 +51,12 @@ async fn kubectl_as_editor(ns: &str, args: &[&str]) -> anyhow::Result<(bool, Str
         Ok(run) => {
             let run = run?;
             // stdout may hold a token: only stderr is ever shown, its last line (the error).
-            let last = run.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+            let last = run
+                .stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or_default();
             Ok((run.success, last.trim().to_owned()))
         }
         Err(_) => Ok((true, "still running after 20 s".into())),
@@ -79,7 +84,9 @@ fn pod(name: &str, account: Option<&str>, labels: Value, env: Value, volumes: Va
     if let Some(account) = account {
         spec["serviceAccountName"] = json!(account);
     }
-    Ok(serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}, "spec": spec}))?)
+    Ok(serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": labels}, "spec": spec}),
+    )?)
 }
 
 /// How the API server answered one path: refused (with its message) or let through.
@@ -137,7 +144,13 @@ async fn try_every_path(ns: &TestNamespace, editor: &Client) -> anyhow::Result<V
     let attempts: [(&'static str, Pod); 7] = [
         (
             "a pod mounting distr-agent-poller-tls",
-            pod("mounts-poller-tls", None, json!({}), json!([]), mount("distr-agent-poller-tls"))?,
+            pod(
+                "mounts-poller-tls",
+                None,
+                json!({}),
+                json!([]),
+                mount("distr-agent-poller-tls"),
+            )?,
         ),
         (
             "a pod mounting distr-agent-ca",
@@ -155,15 +168,33 @@ async fn try_every_path(ns: &TestNamespace, editor: &Client) -> anyhow::Result<V
         ),
         (
             "a pod labelled app: distr-agent",
-            pod("poller-label", None, json!({"app": "distr-agent"}), json!([]), json!([]))?,
+            pod(
+                "poller-label",
+                None,
+                json!({"app": "distr-agent"}),
+                json!([]),
+                json!([]),
+            )?,
         ),
         (
             "a pod labelled app: distr-agent-executor",
-            pod("executor-label", None, json!({"app": "distr-agent-executor"}), json!([]), json!([]))?,
+            pod(
+                "executor-label",
+                None,
+                json!({"app": "distr-agent-executor"}),
+                json!([]),
+                json!([]),
+            )?,
         ),
         (
             "a pod under distr-agent-updater",
-            pod("as-updater", Some("distr-agent-updater"), json!({}), json!([]), json!([]))?,
+            pod(
+                "as-updater",
+                Some("distr-agent-updater"),
+                json!({}),
+                json!([]),
+                json!([]),
+            )?,
         ),
         (
             "a pod under distr-agent-poller",
@@ -381,7 +412,9 @@ async fn in_namespace_scope_the_paths_stay_with_rbac() -> anyhow::Result<()> {
     eprintln!("{}{}", table(Scope::Namespace, &outcomes), remainder(&ns).await?);
     // No cluster-wide policy: nothing here is refused by one of the agent's.
     assert!(
-        outcomes.iter().all(|o| !o.message.contains("ValidatingAdmissionPolicy")),
+        outcomes
+            .iter()
+            .all(|o| !o.message.contains("ValidatingAdmissionPolicy")),
         "a namespace-scoped install holds no admission policy"
     );
     Ok(())

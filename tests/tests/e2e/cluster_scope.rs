@@ -77,7 +77,10 @@ async fn update_phase(agent: &Agent, version: uuid::Uuid, phase: pb::UpdatePhase
     let mut client = agent.updater_client("operator")?;
     let deadline = std::time::Instant::now() + 2 * MINUTE;
     loop {
-        let status = client.update_status(pb::UpdateStatusRequest {}).await.map(|s| s.into_inner());
+        let status = client
+            .update_status(pb::UpdateStatusRequest {})
+            .await
+            .map(|s| s.into_inner());
         if let Ok(status) = &status
             && status.target_version_id == version.to_string()
             && status.phase == i32::from(phase)

@@ -425,7 +425,9 @@ async fn cluster_scope_installs_restricted_and_pins_the_agent_deployments() -> a
             panic!("{what} on the executor was admitted");
         };
         assert!(
-            error.to_string().contains("keeps the environment, envFrom and volumes of its template"),
+            error
+                .to_string()
+                .contains("keeps the environment, envFrom and volumes of its template"),
             "{what}: {error}"
         );
     }
