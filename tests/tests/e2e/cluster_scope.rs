@@ -12,7 +12,11 @@ use distr_agent_e2e::{
     tools,
 };
 use distr_agent_proto::v1 as pb;
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::Event};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Event, Secret},
+};
+use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -170,4 +174,75 @@ async fn a_cluster_scoped_agent_updates_itself_and_rolls_back_under_its_admissio
         .collect();
     assert!(refused.is_empty(), "pods were refused: {refused:#?}");
     Ok(())
+}
+
+#[tokio::test]
+async fn a_roll_back_does_not_write_back_a_recorded_object_outside_the_templates_shape() -> anyhow::Result<()> {
+    let test = "cluster-rollback-recheck";
+    let mut agent = Agent::start(
+        test,
+        AgentOptions {
+            scope: Scope::Cluster,
+            updater_env: vec![
+                ("AGENT_UPDATE_TIMEOUT_SECONDS", "15".into()),
+                ("AGENT_UPDATE_HEARTBEAT_SECONDS", "1".into()),
+            ],
+            ..Default::default()
+        },
+    )
+    .await?;
+    // A version that never comes up: the updater records the objects as they are, applies,
+    // and waits at its gate.
+    let v2 = uuid::Uuid::new_v4();
+    let stuck = cluster_manifest(&agent, "0.2.0", v2).await?.replacen(
+        "      serviceAccountName: distr-agent-executor\n",
+        "      serviceAccountName: distr-agent-executor\n      nodeSelector:\n        no-such-node: \"true\"\n",
+        1,
+    );
+    agent
+        .updater_client("poller")?
+        .apply_agent_manifest(pb::ApplyAgentManifestRequest {
+            manifest: stuck,
+            target_version_id: v2.to_string(),
+        })
+        .await?;
+    update_phase(&agent, v2, pb::UpdatePhase::Waiting).await?;
+    // The updater dies; meanwhile someone who may write its state Secret changes the recorded
+    // executor Deployment (here the admin, which the policies let through; in a namespace-scoped
+    // install anyone with `edit`).
+    agent.updater.kill().await?;
+    let secrets = agent.ns.api::<Secret>();
+    let secret = secrets.get("distr-agent-updater-state").await?;
+    let data = secret.data.unwrap_or_default();
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&data.get("state.json").map(|b| b.0.clone()).unwrap_or_default())?;
+    let recorded = &mut state["previous"]["Deployment/distr-agent-executor"];
+    anyhow::ensure!(recorded.is_object(), "the executor's Deployment is recorded");
+    recorded["spec"]["template"]["spec"]["hostNetwork"] = json!(true);
+    let patch = json!({"data": {"state.json": base64_of(&serde_json::to_vec(&state)?)}});
+    secrets
+        .patch(
+            "distr-agent-updater-state",
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    // The next updater takes the update over, its gate fails, and the roll-back writes back
+    // every recorded object but that one.
+    agent.start_updater_again().await?;
+    let failed = update_phase(&agent, v2, pb::UpdatePhase::Failed).await?;
+    eprintln!("{failed}");
+    assert!(
+        failed.contains("not re-applied: Deployment distr-agent-executor changes the pod's hostNetwork"),
+        "{failed}"
+    );
+    let executor = agent.ns.api::<Deployment>().get("distr-agent-executor").await?;
+    let pod = executor.spec.and_then(|s| s.template.spec).unwrap_or_default();
+    assert_ne!(pod.host_network, Some(true), "the changed record was not applied");
+    Ok(())
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
