@@ -15,7 +15,7 @@ use k8s_openapi::api::{
     apps::v1::Deployment,
     authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
     core::v1::{ConfigMap, Pod, Secret},
-    rbac::v1::RoleBinding,
+    rbac::v1::{Role, RoleBinding},
 };
 use kube::{
     Api, Client,
@@ -30,15 +30,20 @@ const USER: &str = "namespace-editor";
 /// Binds the stock ClusterRole `edit` to [`USER`] in `ns`, and returns a client that acts as
 /// that user (the admin impersonating them).
 async fn editor(ns: &TestNamespace) -> anyhow::Result<Client> {
+    bound_user(ns, USER, "edit").await
+}
+
+/// Binds the ClusterRole `role` to the user `user` in `ns`; a client acting as them.
+async fn bound_user(ns: &TestNamespace, user: &str, role: &str) -> anyhow::Result<Client> {
     let binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "editor"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": USER}],
+        "metadata": {"name": user},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
     }))?;
     ns.api::<RoleBinding>().create(&PostParams::default(), &binding).await?;
     let kubeconfig = Kubeconfig::read_from(&TestEnv::get().admin_kubeconfig)?;
     let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-    config.auth_info.impersonate = Some(USER.into());
+    config.auth_info.impersonate = Some(user.into());
     Ok(Client::try_from(config)?)
 }
 
@@ -389,6 +394,16 @@ async fn in_cluster_scope_a_namespace_editor_cannot_borrow_the_agents_rights() -
         remainder(&ns).await?,
         started.elapsed().as_secs_f64()
     );
+    // `edit` may not write RBAC objects at all; `admin` may, but not the updater's.
+    let namespace_admin = bound_user(&ns, "namespace-admin", "admin").await?;
+    // (Within what `admin` holds itself, or RBAC refuses the escalation first.)
+    let wider = json!({"rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create"]}]});
+    let error = Api::<Role>::namespaced(namespace_admin, &ns.name)
+        .patch("distr-agent-updater", &PatchParams::default(), &Patch::Merge(&wider))
+        .await
+        .expect_err("a namespace admin widens the updater's Role");
+    eprintln!("a namespace admin widening Role distr-agent-updater: REFUSED {error}");
+    assert!(error.to_string().contains("ValidatingAdmissionPolicy"), "{error}");
     let let_through: Vec<&str> = outcomes
         .iter()
         .filter(|o| !o.refused || !o.message.contains("ValidatingAdmissionPolicy"))
