@@ -1065,7 +1065,10 @@ impl Engine {
                 if kind == "Deployment" {
                     deployments.push(name.to_owned());
                 }
-                self.apply(kind, name, live).await
+                match manifest::recheck(kind, name, live, &self.rules) {
+                    Ok(()) => self.apply(kind, name, live).await,
+                    Err(refused) => Err(refused),
+                }
             };
             if let Err(error) = result {
                 errors.push(error);
@@ -1299,7 +1302,7 @@ mod tests {
             .collect()
     }
 
-    const MANIFEST: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: distr-agent\nspec:\n  template:\n    spec:\n      serviceAccountName: distr-agent-poller\n      containers:\n        - name: c\n          image: ghcr.io/distr-sh/distr-agent/poller:0.2.0\n";
+    const MANIFEST: &str = include_str!("../testdata/poller-deployment.yaml");
 
     fn state_secret(state: &State) -> (u16, Value) {
         let data = serde_json::to_value(ByteString(serde_json::to_vec(state).unwrap_or_default())).unwrap_or_default();

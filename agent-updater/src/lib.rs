@@ -3,6 +3,7 @@
 pub mod engine;
 pub mod grpc;
 pub mod manifest;
+pub mod shape;
 
 use std::{net::SocketAddr, time::Duration};
 

@@ -1,7 +1,8 @@
 //! An agent manifest as the Hub serves it, checked before anything is applied: every object is
 //! one of the agent's own (by kind and name), in the agent's namespace, the Deployments keep
-//! their ServiceAccounts and run images of the agent's repository, and RBAC and admission
-//! objects are only compared, never written (the updater holds no power to grant any).
+//! their ServiceAccounts and run images of the agent's repository, every object keeps the shape
+//! of the agent's template ([`crate::shape`]), and RBAC and admission objects are only compared,
+//! never written (the updater holds no power to grant any).
 
 use std::fmt;
 
@@ -69,6 +70,8 @@ pub enum Refusal {
     NotOurs { object: String },
     #[error("{object} {reason}")]
     Deployment { object: String, reason: String },
+    #[error("{object} {reason}; a version that changes it must be applied with kubectl")]
+    Shape { object: String, reason: String },
     #[error("the manifest holds no Deployment of the agent")]
     NoDeployment,
     #[error("the API server refuses {object} (dry run): {reason}")]
@@ -160,9 +163,7 @@ pub fn check(text: &str, rules: &Rules) -> Result<Checked, Refusal> {
                 object: object.to_string(),
             });
         }
-        if object.kind == "Deployment" {
-            check_deployment(&object, rules)?;
-        }
+        check_fields(&object, rules)?;
         apply.push(object);
     }
     if !apply.iter().any(|o| o.kind == "Deployment") {
@@ -230,6 +231,42 @@ pub fn component(deployment: &str) -> &str {
     }
 }
 
+/// The fields of one object the updater is about to write: a Deployment's ServiceAccount and
+/// image repository, and the template's shape for every kind.
+fn check_fields(object: &Object, rules: &Rules) -> Result<(), Refusal> {
+    if object.kind == "Deployment" {
+        check_deployment(object, rules)?;
+    }
+    crate::shape::check(&object.kind, &object.name, &object.body, &rules.image_repository).map_err(|reason| {
+        Refusal::Shape {
+            object: object.to_string(),
+            reason,
+        }
+    })
+}
+
+/// Checks an object recorded before an update, as a roll-back is about to write it again, with
+/// the rules a manifest's objects pass (anyone who could write the updater's state Secret chose
+/// it).
+pub fn recheck(kind: &str, name: &str, recorded: &serde_json::Value, rules: &Rules) -> Result<(), String> {
+    let ours = WRITABLE.iter().any(|(_, k, names)| *k == kind && names.contains(&name));
+    let object = Object {
+        api_version: recorded["apiVersion"].as_str().unwrap_or_default().to_owned(),
+        kind: kind.to_owned(),
+        name: name.to_owned(),
+        body: recorded.clone(),
+    };
+    if !ours {
+        return Err(format!(
+            "not re-applied: {}",
+            Refusal::NotOurs {
+                object: object.to_string()
+            }
+        ));
+    }
+    check_fields(&object, rules).map_err(|refusal| format!("not re-applied: {refusal}"))
+}
+
 fn check_deployment(object: &Object, rules: &Rules) -> Result<(), Refusal> {
     let refuse = |reason: String| Refusal::Deployment {
         object: object.to_string(),
@@ -257,12 +294,28 @@ fn check_deployment(object: &Object, rules: &Rules) -> Result<(), Refusal> {
 }
 
 /// Whether `live` (from the cluster) grants what `wanted` (from the manifest) grants: the same
-/// rules, subjects, role reference or policy, as the API server stores them (see
-/// [`SERVER_DEFAULTS`]).
+/// rules, subjects and role reference, as the API server stores them (see [`SERVER_DEFAULTS`]);
+/// an admission policy's or binding's `spec` with every field the manifest sets (the others may
+/// hold defaults the API server fills in), each list whole, so no rule or validation may differ.
 pub fn same_grant(wanted: &Value, live: &Value) -> bool {
-    ["rules", "subjects", "roleRef", "spec"]
+    ["rules", "subjects", "roleRef"]
         .iter()
         .all(|key| normalized(&wanted[key]) == normalized(&live[key]))
+        && covers(&normalized(&wanted["spec"]), &normalized(&live["spec"]))
+}
+
+/// `live` has every field `wanted` sets, with the same value; lists element by element.
+fn covers(wanted: &Value, live: &Value) -> bool {
+    match (wanted, live) {
+        (Value::Object(wanted), Value::Object(live)) => wanted
+            .iter()
+            .all(|(key, value)| live.get(key).is_some_and(|found| covers(value, found))),
+        (Value::Object(wanted), Value::Null) => wanted.is_empty(),
+        (Value::Array(wanted), Value::Array(live)) => {
+            wanted.len() == live.len() && wanted.iter().zip(live).all(|(w, l)| covers(w, l))
+        }
+        (wanted, live) => wanted == live,
+    }
 }
 
 /// Fields the API server fills in when a manifest leaves them out, with the value it fills
@@ -320,18 +373,21 @@ mod tests {
         )
     }
 
+    /// The template's `kind` `name`, as YAML; a Deployment runs version 0.2.0.
+    fn templates(kind: &str, name: &str) -> String {
+        let mut body = crate::shape::reference(kind, name).expect("in the template").clone();
+        if kind == "Deployment" {
+            let component = component(name);
+            body["spec"]["template"]["spec"]["containers"][0]["image"] =
+                format!("ghcr.io/distr-sh/distr-agent/{component}:0.2.0").into();
+        }
+        serde_yaml::to_string(&body).expect("YAML")
+    }
+
     fn ours() -> String {
         [
-            deployment(
-                "distr-agent-updater",
-                "distr-agent-updater",
-                "ghcr.io/distr-sh/distr-agent/updater:0.2.0",
-            ),
-            deployment(
-                "distr-agent",
-                "distr-agent-poller",
-                "ghcr.io/distr-sh/distr-agent/poller:0.2.0",
-            ),
+            templates("Deployment", "distr-agent-updater"),
+            templates("Deployment", "distr-agent"),
             "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: distr-agent-env\ndata: {}\n".into(),
             "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: distr-agent\n".into(),
         ]
@@ -356,8 +412,8 @@ mod tests {
     #[test]
     fn foreign_objects_namespaces_accounts_and_images_are_refused() {
         let other_ns = ours().replace(
-            "name: distr-agent-env",
-            "name: distr-agent-env\n  namespace: kube-system",
+            "metadata:\n  name: distr-agent-env\n",
+            "metadata:\n  name: distr-agent-env\n  namespace: kube-system\n",
         );
         assert!(matches!(
             check(&other_ns, &rules()),
@@ -401,6 +457,29 @@ mod tests {
         ));
         let no_deployment = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: distr-agent-env\n";
         assert_eq!(check(no_deployment, &rules()), Err(Refusal::NoDeployment));
+    }
+
+    #[test]
+    fn fields_beyond_the_templates_shape_are_refused_and_a_roll_back_rechecks_what_it_writes() {
+        let privileged = ours().replace("allowPrivilegeEscalation: false", "allowPrivilegeEscalation: true");
+        assert_ne!(privileged, ours());
+        let error = check(&privileged, &rules()).expect_err("privileged");
+        assert!(matches!(error, Refusal::Shape { .. }), "{error}");
+        assert!(error.to_string().contains("securityContext"), "{error}");
+
+        let recorded = crate::shape::reference("Deployment", "distr-agent")
+            .expect("poller")
+            .clone();
+        assert_eq!(recheck("Deployment", "distr-agent", &recorded, &rules()), Ok(()));
+        let mut host = recorded.clone();
+        host["spec"]["template"]["spec"]["hostNetwork"] = true.into();
+        let refused = recheck("Deployment", "distr-agent", &host, &rules()).expect_err("host network");
+        assert!(
+            refused.starts_with("not re-applied: Deployment distr-agent changes the pod's hostNetwork"),
+            "{refused}"
+        );
+        let role = recheck("Role", "distr-agent", &serde_json::json!({"rules": []}), &rules()).expect_err("a Role");
+        assert!(role.contains("not one of the agent's own objects"), "{role}");
     }
 
     #[test]
@@ -508,5 +587,21 @@ mod tests {
         assert!(same_grant(&wanted, &live));
         let wider = serde_json::json!({"rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]});
         assert!(!same_grant(&wider, &live));
+        let more = serde_json::json!({"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]});
+        assert!(!same_grant(&more, &live), "a rule more");
+        // An admission policy as the API server returns it: defaults filled in.
+        let policy = serde_json::json!({"spec": {"failurePolicy": "Fail", "matchConstraints": {"resourceRules": [
+            {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}]}}});
+        let stored = serde_json::json!({"spec": {"failurePolicy": "Fail", "matchConstraints": {"matchPolicy": "Equivalent",
+            "namespaceSelector": {}, "objectSelector": {}, "resourceRules": [
+            {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"], "scope": "*"}]}}});
+        assert!(same_grant(&policy, &stored));
+        let weaker = serde_json::json!({"spec": {"failurePolicy": "Ignore"}});
+        assert!(!same_grant(&weaker, &stored));
+        let any_name =
+            serde_json::json!({"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]});
+        let by_name = serde_json::json!({"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"], "resourceNames": ["a"]}]});
+        assert!(!same_grant(&any_name, &by_name), "a rule without its names grants more");
     }
 }

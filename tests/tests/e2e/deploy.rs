@@ -57,7 +57,7 @@ async fn the_examples_are_the_template_as_the_hub_renders_it() -> anyhow::Result
 }
 
 /// A namespace that enforces the restricted Pod Security Standard.
-async fn restricted_namespace(prefix: &str) -> anyhow::Result<TestNamespace> {
+pub(crate) async fn restricted_namespace(prefix: &str) -> anyhow::Result<TestNamespace> {
     let ns = TestNamespace::create(prefix).await?;
     let labels = json!({"metadata": {"labels": {
         "pod-security.kubernetes.io/enforce": "restricted",
@@ -71,7 +71,7 @@ async fn restricted_namespace(prefix: &str) -> anyhow::Result<TestNamespace> {
 
 /// Renders the manifest for `ns` and `scope`, applies it, and waits until each agent
 /// Deployment has its pod Ready (kwok plays the kubelet), with no pod refused on the way.
-async fn install(ns: &TestNamespace, scope: Scope) -> anyhow::Result<String> {
+pub(crate) async fn install(ns: &TestNamespace, scope: Scope) -> anyhow::Result<String> {
     let mut params = example_params("namespace")?;
     params["targetNamespace"] = json!(ns.name);
     params["targetScope"] = json!(scope.as_str());
@@ -425,7 +425,9 @@ async fn cluster_scope_installs_restricted_and_pins_the_agent_deployments() -> a
             panic!("{what} on the executor was admitted");
         };
         assert!(
-            error.to_string().contains("only emptyDir volumes and takes no envFrom"),
+            error
+                .to_string()
+                .contains("keeps the environment, envFrom and volumes of its template"),
             "{what}: {error}"
         );
     }
@@ -435,7 +437,7 @@ async fn cluster_scope_installs_restricted_and_pins_the_agent_deployments() -> a
         json!({"name": "executor", "image": executor_image,
                "volumeMounts": [{"name": "tools", "mountPath": "/tools"}]}),
         json!([{"name": "tools", "configMap": {"name": "distr-agent-env", "defaultMode": 0o755}}]),
-        "mount only emptyDir",
+        "keep the environment, envFrom and volumes of the template",
     )
     .await?;
     // The same by any other route: a pod of the executor's image and ServiceAccount with a
@@ -484,8 +486,8 @@ async fn cluster_scope_installs_restricted_and_pins_the_agent_deployments() -> a
     Ok(())
 }
 
-/// Creates a pod under the executor's ServiceAccount (restricted, with `container` and
-/// `volumes`) and requires the admission policy to refuse it with `message`.
+/// Creates a pod under the executor's ServiceAccount and with its label (restricted, with
+/// `container` and `volumes`) and requires the admission policy to refuse it with `message`.
 async fn executor_pod_refused(
     ns: &TestNamespace,
     name: &str,
@@ -495,7 +497,7 @@ async fn executor_pod_refused(
 ) -> anyhow::Result<()> {
     container["securityContext"] = json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}});
     let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name},
+        "metadata": {"name": name, "labels": {"app": "distr-agent-executor"}},
         "spec": {
             "serviceAccountName": "distr-agent-executor",
             "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},

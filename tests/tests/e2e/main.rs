@@ -1,6 +1,7 @@
 //! The end-to-end suite, as one test binary so that `--test-threads` runs every test in
 //! parallel against the one control plane `tests/run.sh` starts.
 
+mod admission;
 mod cancellation;
 mod cluster_scope;
 mod demo;

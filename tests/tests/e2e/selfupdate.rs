@@ -372,7 +372,19 @@ async fn manifests_that_reach_beyond_the_agent_are_refused_whole() -> anyhow::Re
     );
     // The poller's Deployment with another selector, which is immutable: only the API server
     // knows, and refuses it in the dry run before anything is written.
-    let immutable = good.replace("app: distr-agent\n", "app: distr-agent-moved\n");
+    // (In the poller's Deployment alone: the NetworkPolicies select by that label too, and the
+    // updater refuses a NetworkPolicy that applies to other pods before any dry run.)
+    let immutable = good
+        .split("\n---")
+        .map(|doc| {
+            if doc.contains("kind: Deployment\n") && doc.contains("  name: distr-agent\n") {
+                doc.replace("app: distr-agent\n", "app: distr-agent-moved\n")
+            } else {
+                doc.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n---");
     assert_ne!(immutable, good);
     let mut client = agent.updater_client("poller")?;
     for (case, manifest, expected) in [
