@@ -5,6 +5,7 @@ mod cluster_scope;
 mod demo;
 mod deploy;
 mod environment;
+mod guide;
 mod hub_to_helm;
 mod logs_and_metrics;
 mod long_operations;
