@@ -597,7 +597,7 @@ async fn revision_skew_reset_as_the_guide_says_reapplies_the_hub_revision() -> a
         .wait_status(
             &revision(&web),
             "error",
-            "actual helm revision is different from latest deployed by agent",
+            "actual helm revision for web (2) is different from latest deployed by agent (1)",
             MINUTE,
         )
         .await?;
