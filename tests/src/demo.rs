@@ -330,6 +330,11 @@ async fn live(demo: &Demo) -> anyhow::Result<()> {
     let steps = next_steps(demo);
     let steps_file = TestEnv::get().test_dir(NAME).join("try-next.txt");
     std::fs::write(&steps_file, &steps)?;
+    // Short enough for 80 columns: relative to the repository root, where demo/run.sh runs.
+    let shown_file = std::env::current_dir()
+        .ok()
+        .and_then(|here| steps_file.strip_prefix(here).ok().map(std::path::Path::to_path_buf))
+        .unwrap_or_else(|| steps_file.clone());
     if !terminal {
         println!(
             "The live view needs a terminal (stdout is not one here): printing each status change \
@@ -349,7 +354,7 @@ async fn live(demo: &Demo) -> anyhow::Result<()> {
                 releases: helm_releases(demo).await,
                 log: notable_lines(demo, rows),
                 steps: &steps,
-                steps_file: &steps_file.display().to_string(),
+                steps_file: &shown_file.display().to_string(),
             };
             let mut out = std::io::stdout().lock();
             out.write_all(format!("\x1b[2J\x1b[H{}", parts.render(rows, cols)).as_bytes())?;
@@ -442,10 +447,7 @@ impl Screen<'_> {
         top.extend([String::new(), "HELM RELEASES (helm ls)".to_owned()]);
         top.extend(self.releases.iter().map(|l| format!("  {l}")));
         let full: Vec<String> = self.steps.lines().map(str::to_owned).collect();
-        let pointer = vec![format!(
-            "Try next: the commands are in {} (cat it in another terminal)",
-            self.steps_file
-        )];
+        let pointer = vec![format!("Try next, in another terminal: cat {}", self.steps_file)];
         let usable = rows.saturating_sub(1);
         // Log section: a blank line, its title, at least three lines; then a blank line.
         let fits_full = full.iter().all(|l| l.chars().count() < cols) && top.len() + 2 + 3 + 1 + full.len() <= usable;
@@ -623,7 +625,7 @@ mod tests {
             ],
             log,
             steps: &steps,
-            steps_file: "/work/target/demo/tests/demo/try-next.txt",
+            steps_file: "target/demo/tests/demo/try-next.txt",
         }
         .render(rows, cols)
     }
@@ -639,7 +641,7 @@ mod tests {
             "api",
             "HELM RELEASES",
             "AGENT LOG",
-            "try-next.txt",
+            "cat target/demo/tests/demo/try-next.txt",
             "release 39 is",
         ] {
             assert!(text.contains(shown), "{shown} missing:\n{text}");
