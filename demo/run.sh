@@ -14,7 +14,7 @@ cd "$root"
 started=$SECONDS
 step() { printf '\n==> %s (%ss)\n' "$*" $((SECONDS - started)) >&2; }
 
-step "test environment: Kubernetes, etcd, kwok, helm, grpcurl, built from source once and cached (about 13 minutes on 2 cores the first time)"
+step "test environment: Kubernetes, etcd, kwok, helm, grpcurl, built from source once and cached (the longest step of a first run)"
 bin=$(bash tests/env/build.sh)
 
 step "agent binaries and the Hub simulator (cargo build)"

@@ -322,38 +322,42 @@ fn strip_ansi(line: &str) -> String {
     out
 }
 
-/// The live view, until Ctrl-C.
+/// The live view, until Ctrl-C. On a terminal, a screen redrawn every second that fits the
+/// terminal's size (read again each time); otherwise (piped into `tee`, say) a note of what
+/// the view needs, the suggestions, then one line per status change.
 async fn live(demo: &Demo) -> anyhow::Result<()> {
     let terminal = std::io::stdout().is_terminal();
     let steps = next_steps(demo);
+    let steps_file = TestEnv::get().test_dir(NAME).join("try-next.txt");
+    std::fs::write(&steps_file, &steps)?;
+    // Short enough for 80 columns: relative to the repository root, where demo/run.sh runs.
+    let shown_file = std::env::current_dir()
+        .ok()
+        .and_then(|here| steps_file.strip_prefix(here).ok().map(std::path::Path::to_path_buf))
+        .unwrap_or_else(|| steps_file.clone());
+    if !terminal {
+        println!(
+            "The live view needs a terminal (stdout is not one here): printing each status change \
+             as a line instead. Ctrl-C stops everything.\n"
+        );
+        println!("{steps}(also in {})\n", steps_file.display());
+    }
     let mut last: BTreeMap<String, String> = BTreeMap::new();
     let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
     loop {
         let view = hub_view(demo).await.unwrap_or_default();
         if terminal {
-            let mut screen = format!(
-                "\x1b[2J\x1b[Hdistr-agent demo: namespace {}   (Ctrl-C stops everything)\n\n\
-                 DEPLOYMENTS, as the Hub received their status\n",
-                demo.ns.name
-            );
-            for (release, version, status, message) in &view {
-                screen.push_str(&format!(
-                    "  {release:<6} {version:<7} {status:<12} {}\n",
-                    truncate(message, 90)
-                ));
-            }
-            screen.push_str("\nHELM RELEASES (helm ls)\n");
-            for line in helm_ls(demo).await.lines() {
-                screen.push_str(&format!("  {}\n", truncate(line, 150)));
-            }
-            screen.push_str("\nAGENT LOG, notable lines\n");
-            for line in notable_lines(demo, 12) {
-                screen.push_str(&format!("  {}\n", truncate(&line, 150)));
-            }
-            screen.push('\n');
-            screen.push_str(&steps);
+            let (rows, cols) = terminal_size().await;
+            let parts = Screen {
+                namespace: &demo.ns.name,
+                deployments: &view,
+                releases: helm_releases(demo).await,
+                log: notable_lines(demo, rows),
+                steps: &steps,
+                steps_file: &shown_file.display().to_string(),
+            };
             let mut out = std::io::stdout().lock();
-            out.write_all(screen.as_bytes())?;
+            out.write_all(format!("\x1b[2J\x1b[H{}", parts.render(rows, cols)).as_bytes())?;
             out.flush()?;
         } else {
             for (release, version, status, message) in &view {
@@ -369,6 +373,107 @@ async fn live(demo: &Demo) -> anyhow::Result<()> {
             _ = &mut ctrl_c => return Ok(()),
         }
     }
+}
+
+/// Rows and columns of the controlling terminal (`stty size`), or 24x80 when unknown.
+async fn terminal_size() -> (usize, usize) {
+    let asked = async {
+        let tty = std::fs::File::open("/dev/tty").ok()?;
+        let output = tokio::process::Command::new("stty")
+            .arg("size")
+            .stdin(tty)
+            .output()
+            .await
+            .ok()?;
+        let text = String::from_utf8(output.stdout).ok()?;
+        let mut numbers = text.split_whitespace().map(|n| n.parse::<usize>().ok());
+        Some((numbers.next()??, numbers.next()??))
+    };
+    asked
+        .await
+        .filter(|&(rows, cols)| rows > 0 && cols > 0)
+        .unwrap_or((24, 80))
+}
+
+/// `helm ls` in short columns: name, revision, status, chart.
+async fn helm_releases(demo: &Demo) -> Vec<String> {
+    let listed = tools::helm(demo.helm_home.path(), &["ls", "-n", &demo.ns.name, "-o", "json"]).await;
+    let releases: Vec<Value> = match listed {
+        Ok(run) => serde_json::from_str(&run.stdout).unwrap_or_default(),
+        Err(error) => return vec![format!("helm ls failed: {error}")],
+    };
+    let text = |v: &Value| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+    releases
+        .iter()
+        .map(|r| {
+            format!(
+                "{:<6} rev {:<3} {:<10} {}",
+                text(&r["name"]),
+                text(&r["revision"]),
+                text(&r["status"]),
+                text(&r["chart"])
+            )
+        })
+        .collect()
+}
+
+/// What one frame of the live view shows.
+struct Screen<'a> {
+    namespace: &'a str,
+    deployments: &'a [(String, String, String, String)],
+    releases: Vec<String>,
+    /// The newest notable log lines, newest last (more than fit, maybe).
+    log: Vec<String>,
+    steps: &'a str,
+    steps_file: &'a str,
+}
+
+impl Screen<'_> {
+    /// The frame for a terminal of `rows` x `cols`: no line wraps (each is cut to the width)
+    /// and the last row stays free. The suggestions are shown in full when they fit with a few
+    /// log lines, otherwise as a pointer to the file that holds them; the log takes what is left.
+    fn render(&self, rows: usize, cols: usize) -> String {
+        let mut top = vec![
+            format!(
+                "distr-agent demo: namespace {}   (Ctrl-C stops everything)",
+                self.namespace
+            ),
+            String::new(),
+            "DEPLOYMENTS, as the Hub received their status".to_owned(),
+        ];
+        for (release, version, status, message) in self.deployments {
+            top.push(format!("  {release:<6} {version:<7} {status:<12} {message}"));
+        }
+        top.extend([String::new(), "HELM RELEASES (helm ls)".to_owned()]);
+        top.extend(self.releases.iter().map(|l| format!("  {l}")));
+        let full: Vec<String> = self.steps.lines().map(str::to_owned).collect();
+        let pointer = vec![format!("Try next, in another terminal: cat {}", self.steps_file)];
+        let usable = rows.saturating_sub(1);
+        // Log section: a blank line, its title, at least three lines; then a blank line.
+        let fits_full = full.iter().all(|l| l.chars().count() < cols) && top.len() + 2 + 3 + 1 + full.len() <= usable;
+        let steps = if fits_full { full } else { pointer };
+        let log_rows = usable.saturating_sub(top.len() + 2 + 1 + steps.len());
+        let mut lines = top;
+        if log_rows > 0 {
+            lines.extend([String::new(), "AGENT LOG, notable lines".to_owned()]);
+            let skip = self.log.len().saturating_sub(log_rows);
+            lines.extend(self.log.iter().skip(skip).map(|l| format!("  {l}")));
+        }
+        lines.push(String::new());
+        lines.extend(steps);
+        lines.truncate(usable);
+        let width = cols.saturating_sub(1).max(1);
+        lines.iter().map(|l| format!("{}\n", truncate_to(l, width))).collect()
+    }
+}
+
+/// `text` cut to at most `max` characters (the last one an ellipsis when cut).
+fn truncate_to(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let kept: String = text.chars().take(max.saturating_sub(1)).collect();
+    format!("{kept}…")
 }
 
 /// Sends one suggested request and waits for what the Hub then receives; returns the status
@@ -479,4 +584,83 @@ async fn check(demo: &Demo, started: Instant, timeout: Duration) -> anyhow::Resu
     println!("grpcurl ListReleases with the operator certificate answered");
     println!("{}", next_steps(demo));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(rows: usize, cols: usize) -> String {
+        let deployments = [
+            ("web", "0.1.0", "healthy", "status check passed. 1 resources healthy"),
+            (
+                "api",
+                "0.2.0",
+                "error",
+                &*"helm upgrade failed: chart not found ".repeat(5),
+            ),
+        ]
+        .map(|(a, b, c, d)| (a.to_owned(), b.to_owned(), c.to_owned(), d.to_owned()));
+        let log: Vec<String> = (0..40)
+            .map(|i| {
+                format!(
+                    "executor 12:00:{i:02} INFO release {i} is healthy, and this line goes on well past eighty columns"
+                )
+            })
+            .collect();
+        let steps = format!(
+            "Try next, in another terminal:\n{}",
+            (0..9)
+                .map(|i| format!(
+                    "  curl -s http://127.0.0.1:41234/deployments/{i} -H 'content-type: application/json'\n"
+                ))
+                .collect::<String>()
+        );
+        Screen {
+            namespace: "demo-1234abcd",
+            deployments: &deployments,
+            releases: vec![
+                "web    rev 1   deployed   demo-web-0.1.0".into(),
+                "api    rev 2   failed     demo-api-0.2.0".into(),
+            ],
+            log,
+            steps: &steps,
+            steps_file: "target/demo/tests/demo/try-next.txt",
+        }
+        .render(rows, cols)
+    }
+
+    #[test]
+    fn the_live_view_fits_80_by_24() {
+        let text = frame(24, 80);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.len() <= 23, "{} rows:\n{text}", lines.len());
+        assert!(lines.iter().all(|l| l.chars().count() < 80), "{text}");
+        for shown in [
+            "web",
+            "api",
+            "HELM RELEASES",
+            "AGENT LOG",
+            "cat target/demo/tests/demo/try-next.txt",
+            "release 39 is",
+        ] {
+            assert!(text.contains(shown), "{shown} missing:\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_large_terminal_shows_the_suggestions_in_full_and_more_log() {
+        let text = frame(60, 200);
+        assert!(text.contains("/deployments/8 -H"), "{text}");
+        assert!(!text.contains("try-next.txt"), "{text}");
+        assert!(text.lines().count() <= 59);
+        assert!(text.contains("release 20 is"), "{text}");
+    }
+
+    #[test]
+    fn a_tiny_terminal_still_gets_a_frame() {
+        let text = frame(5, 10);
+        assert!(text.lines().count() <= 4, "{text}");
+        assert!(text.lines().all(|l| l.chars().count() < 10), "{text}");
+    }
 }

@@ -124,6 +124,64 @@ pub async fn apply(namespace: &str, manifest: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The documents of a rendered manifest, comments and empty ones left out.
+pub fn documents(manifest: &str) -> impl Iterator<Item = &str> {
+    manifest.split("\n---").map(str::trim).filter(|d| {
+        d.lines()
+            .any(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty() && l.trim() != "---")
+    })
+}
+
+/// `Kind/name` of each document of `manifest`, in order.
+pub fn kinds_and_names(manifest: &str) -> anyhow::Result<Vec<String>> {
+    documents(manifest)
+        .map(|doc| {
+            let object: Value = serde_yaml::from_str(doc)?;
+            Ok(format!(
+                "{}/{}",
+                object["kind"].as_str().unwrap_or_default(),
+                object["metadata"]["name"].as_str().unwrap_or_default()
+            ))
+        })
+        .collect()
+}
+
+/// Applies `manifest` document by document, in order, the way the Go agent's self-update
+/// does: create what is missing, plainly update what exists, stop at the first error. Once it
+/// has replaced its own Deployment `distr-agent` its pod is stopping: at most one more document
+/// is applied in its grace period.
+pub async fn apply_like_the_go_agent(kubeconfig: &Path, namespace: &str, manifest: &str) -> anyhow::Result<usize> {
+    let mut applied = 0;
+    let mut replaced_itself = false;
+    for doc in documents(manifest) {
+        let object: Value = serde_yaml::from_str(doc)?;
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        anyhow::ensure!(
+            !replaced_itself || applied + 1 == documents(manifest).count(),
+            "{kind}/{name} comes after the Go agent's own Deployment and before the last document: \
+             its pod may be gone before it gets there"
+        );
+        replaced_itself |= kind == "Deployment" && name == "distr-agent";
+        let kubectl = |args: Vec<String>| {
+            let mut all = vec!["-n".to_owned(), namespace.into()];
+            all.extend(args);
+            all
+        };
+        let get = kubectl(vec!["get".into(), kind.into(), name.into()]);
+        let get: Vec<&str> = get.iter().map(String::as_str).collect();
+        let exists = kubectl_with(kubeconfig, &get, None).await?.success;
+        let verb = if exists { "replace" } else { "create" };
+        let write = kubectl(vec![verb.into(), "-f".into(), "-".into()]);
+        let write: Vec<&str> = write.iter().map(String::as_str).collect();
+        kubectl_with(kubeconfig, &write, Some(doc))
+            .await?
+            .ok(&format!("{verb} {kind}/{name} as the Go agent"))?;
+        applied += 1;
+    }
+    Ok(applied)
+}
+
 /// The environment the kubelet gives a Deployment's container: `envFrom` ConfigMaps and
 /// Secrets, then `env` (literal values, and the pod's namespace from the downward API).
 pub async fn container_env(

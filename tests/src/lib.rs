@@ -14,6 +14,7 @@ pub mod charts;
 pub mod cluster;
 pub mod demo;
 pub mod env;
+pub mod guide;
 pub mod hubsim;
 pub mod install;
 pub mod kwok;

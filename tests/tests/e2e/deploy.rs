@@ -512,28 +512,6 @@ async fn executor_pod_refused(
     Ok(())
 }
 
-/// The documents of a rendered manifest, comments and empty ones left out.
-fn documents(manifest: &str) -> impl Iterator<Item = &str> {
-    manifest.split("\n---").map(str::trim).filter(|d| {
-        d.lines()
-            .any(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty() && l.trim() != "---")
-    })
-}
-
-/// `Kind/name` of each document of `manifest`, in order.
-fn kinds_and_names(manifest: &str) -> anyhow::Result<Vec<String>> {
-    documents(manifest)
-        .map(|doc| {
-            let object: Value = serde_yaml::from_str(doc)?;
-            Ok(format!(
-                "{}/{}",
-                object["kind"].as_str().unwrap_or_default(),
-                object["metadata"]["name"].as_str().unwrap_or_default()
-            ))
-        })
-        .collect()
-}
-
 /// The binding that moves the executor's rights away from the Go agent's ServiceAccount.
 fn rights_removing_binding(scope: Scope, ns: &str) -> String {
     match scope {
@@ -550,7 +528,7 @@ async fn the_go_agent_replaces_its_deployment_next_to_last_and_loses_its_rights_
         params["targetScope"] = json!(scope.as_str());
         let ns = params["targetNamespace"].as_str().unwrap_or_default().to_owned();
         let manifest = install::render(&install::template_path(), &params, &work).await?;
-        let order = kinds_and_names(&manifest)?;
+        let order = install::kinds_and_names(&manifest)?;
         // The Go agent's pod stops once its Deployment is replaced: nothing but the binding
         // that takes its rights away may follow, and no other binding names it any more.
         assert_eq!(
@@ -563,42 +541,6 @@ async fn the_go_agent_replaces_its_deployment_next_to_last_and_loses_its_rights_
         assert_eq!(first_deployment, Some(order.len() - 4), "{order:#?}");
     }
     Ok(())
-}
-
-/// Applies `manifest` document by document, in order, the way the Go agent's self-update
-/// does: create what is missing, plainly update what exists, stop at the first error. Once it
-/// has replaced its own Deployment `distr-agent` its pod is stopping: at most one more document
-/// is applied in its grace period.
-async fn apply_like_the_go_agent(kubeconfig: &Path, namespace: &str, manifest: &str) -> anyhow::Result<usize> {
-    let mut applied = 0;
-    let mut replaced_itself = false;
-    for doc in documents(manifest) {
-        let object: Value = serde_yaml::from_str(doc)?;
-        let kind = object["kind"].as_str().unwrap_or_default();
-        let name = object["metadata"]["name"].as_str().unwrap_or_default();
-        anyhow::ensure!(
-            !replaced_itself || applied + 1 == documents(manifest).count(),
-            "{kind}/{name} comes after the Go agent's own Deployment and before the last document: \
-             its pod may be gone before it gets there"
-        );
-        replaced_itself |= kind == "Deployment" && name == "distr-agent";
-        let kubectl = |args: Vec<String>| {
-            let mut all = vec!["-n".to_owned(), namespace.into()];
-            all.extend(args);
-            all
-        };
-        let get = kubectl(vec!["get".into(), kind.into(), name.into()]);
-        let get: Vec<&str> = get.iter().map(String::as_str).collect();
-        let exists = install::kubectl_with(kubeconfig, &get, None).await?.success;
-        let verb = if exists { "replace" } else { "create" };
-        let write = kubectl(vec![verb.into(), "-f".into(), "-".into()]);
-        let write: Vec<&str> = write.iter().map(String::as_str).collect();
-        install::kubectl_with(kubeconfig, &write, Some(doc))
-            .await?
-            .ok(&format!("{verb} {kind}/{name} as the Go agent"))?;
-        applied += 1;
-    }
-    Ok(applied)
 }
 
 #[tokio::test]
@@ -657,7 +599,7 @@ async fn take_over(test: &str, scope: Scope) -> anyhow::Result<()> {
     params["agentVersion"] = json!("0.2.0");
     let ours = install::render(&install::template_path(), &params, &work).await?;
     let go_agent = ns.token_kubeconfig("distr-agent").await?;
-    let documents = apply_like_the_go_agent(&go_agent, &ns.name, &ours).await?;
+    let documents = install::apply_like_the_go_agent(&go_agent, &ns.name, &ours).await?;
     eprintln!("the Go agent applied all {documents} documents of our manifest");
 
     let deployments: Api<Deployment> = ns.api();

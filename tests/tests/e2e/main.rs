@@ -7,6 +7,7 @@ mod cluster_scope;
 mod demo;
 mod deploy;
 mod environment;
+mod guide;
 mod harness;
 mod hub_to_helm;
 mod logs_and_metrics;
