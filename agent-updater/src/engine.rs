@@ -1266,17 +1266,18 @@ mod tests {
 
     /// The poller's Deployment as the cluster has it, running `image`: rolled out when
     /// `rolled_out`.
+    /// The poller's Deployment as the cluster has it: the template's shape (so that a
+    /// roll-back's re-check passes), running `image`.
     fn poller_deployment(image: &str, rolled_out: bool) -> (u16, Value) {
         let ready = i64::from(rolled_out);
-        (
-            200,
-            json!({"apiVersion": "apps/v1", "kind": "Deployment",
-                "metadata": {"name": "distr-agent", "namespace": "agent", "generation": 2},
-                "spec": {"replicas": 1, "template": {"spec": {"serviceAccountName": "distr-agent-poller",
-                    "containers": [{"name": "c", "image": image}]}}},
-                "status": {"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1,
-                    "readyReplicas": ready, "availableReplicas": ready}}),
-        )
+        let mut body: Value =
+            serde_yaml::from_str(include_str!("../testdata/poller-deployment.yaml")).expect("the fixture is YAML");
+        body["metadata"]["namespace"] = json!("agent");
+        body["metadata"]["generation"] = json!(2);
+        body["spec"]["template"]["spec"]["containers"][0]["image"] = json!(image);
+        body["status"] = json!({"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1,
+            "readyReplicas": ready, "availableReplicas": ready});
+        (200, body)
     }
 
     /// Waits until the engine's phase is `phase`.

@@ -31,12 +31,18 @@ const EXAMPLES: [&str; 2] = [
 /// The environment variables of the template whose values a new version may change, by
 /// component; every other variable keeps the template's value (`AGENT_IMAGE_REPOSITORY`, the
 /// addresses, the paths, the poller's config directories).
-pub const FREE_ENV: [(&str, &str); 5] = [
+///
+/// `AGENT_SCOPE` is free between the two scopes' values: the scope a version can act in is
+/// bounded by the RBAC, which the updater never changes.
+pub const FREE_ENV: [(&str, &str); 8] = [
     ("executor", "AGENT_LOG_FORMAT"),
+    ("executor", "AGENT_SCOPE"),
+    ("executor", "DISTR_AGENT_VERSION"),
     ("executor", "MALLOC_ARENA_MAX"),
     ("poller", "AGENT_LOG_FORMAT"),
     ("poller", "DISTR_AGENT_VERSION"),
     ("updater", "AGENT_LOG_FORMAT"),
+    ("updater", "DISTR_AGENT_VERSION"),
 ];
 
 /// The components, in the order of the admission policies' tables.

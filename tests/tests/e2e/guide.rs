@@ -331,16 +331,20 @@ async fn removing_a_namespace_scoped_agent_leaves_only_the_releases() -> anyhow:
         .api::<k8s_openapi::api::core::v1::Secret>()
         .delete("distr-agent-operator-tls", &Default::default())
         .await?;
-    wait_for("the harness's operator Secret to go", Duration::from_secs(30), || async {
-        agent
-            .ns
-            .api::<k8s_openapi::api::core::v1::Secret>()
-            .get_opt("distr-agent-operator-tls")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
+    wait_for(
+        "the harness's operator Secret to go",
+        Duration::from_secs(30),
+        || async {
+            agent
+                .ns
+                .api::<k8s_openapi::api::core::v1::Secret>()
+                .get_opt("distr-agent-operator-tls")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    )
     .await?;
     let certs = work.join("operator");
     guide::run("operator-certificate", &in_ns(&ns), &certs)
