@@ -15,13 +15,21 @@ pub mod sync;
 pub mod tls;
 
 use crate::sync::MutexExt as _;
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 pub use args::{LogFormat, RuntimeArgs, TlsArgs};
 pub use readiness::{Readiness, ReadyGate};
+
+/// The bound on every call of the agent to the Kubernetes API (the executor's and the
+/// updater's): one that has not answered by then failed, and is retried as any transient
+/// error is.
+pub const API_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Installs ring as the process-wide rustls crypto provider. Call once, first thing in `main`.
 pub fn install_crypto_provider() {

@@ -1,9 +1,14 @@
 //! agent-updater: applies new agent manifests to the agent's own objects (self-update).
 
+pub mod apply;
+pub mod cluster;
 pub mod engine;
+pub mod gate;
 pub mod grpc;
+pub mod lease;
 pub mod manifest;
 pub mod shape;
+pub mod state;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -90,7 +95,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .map_err(|error| anyhow::anyhow!("cannot configure the Kubernetes client: {error}"))?;
     let engine = engine::Engine::new(
-        client,
+        std::sync::Arc::new(cluster::Kube::new(client, &args.tls.namespace)),
         manifest::Rules {
             namespace: args.tls.namespace.clone(),
             image_repository: args.image_repository.clone(),

@@ -5,7 +5,7 @@
 use std::{future::Future, time::Duration};
 
 /// Upper bound on one Kubernetes API call.
-pub const API_TIMEOUT: Duration = Duration::from_secs(30);
+pub const API_TIMEOUT: Duration = agent_runtime::API_TIMEOUT;
 
 /// A failed Kubernetes API call. Every variant is worth a retry later except a 4xx other
 /// than 404/409/429.
