@@ -7,7 +7,10 @@
 //!   `--wait` delays nobody else's install or status.
 //! - Releases the agent tracks that are no longer desired get a worker that uninstalls them:
 //!   those with a worker are told at once; tracking Secrets without a worker (after a
-//!   restart) are found by a background scan of the namespace.
+//!   restart) are found by a background scan of the namespace. Only the agent's own records
+//!   (canonical tracking Secrets) lead to an uninstall.
+//! - The namespace of the releases follows the rules of [`crate::release::namespace`]: a change
+//!   of the Hub's `namespace` never uninstalls anything.
 //! - Per release, an async lock serialises the worker, a manual rollback and the start-up
 //!   recovery.
 //!

@@ -68,6 +68,74 @@ async fn a_stuck_pod_is_named_and_readiness_reaches_the_hub_at_once() -> anyhow:
     Ok(())
 }
 
+/// kstatus's Deployment rule (issue 19: 5): a rollout whose new pod never becomes ready while
+/// the old one still serves (an out-of-band `kubectl` change, `waitStrategy: hookOnly`) is not
+/// healthy, although as many replicas are ready and updated as desired; it is again once the
+/// rollout completes.
+#[tokio::test]
+async fn a_rollout_whose_new_pod_never_becomes_ready_beside_the_old_one_is_not_healthy() -> anyhow::Result<()> {
+    let test = "watch-rollout";
+    let agent = Agent::start(test, AgentOptions::default()).await?;
+    let chart = push_web_chart(test, "rollout-web", &["0.1.0"]).await?;
+    let web = deployment("web", &chart, "0.1.0", json!({}));
+    agent.set_deployments(vec![web.clone()]);
+    agent
+        .wait_status(&revision(&web), "healthy", "status check passed", MINUTE)
+        .await?;
+
+    // A new pod template whose pod is never scheduled: the old pod stays (maxUnavailable 0 for
+    // one replica), so ready 1, updated 1, available 1 of 1, and 2 replicas.
+    let deployments = agent.ns.api::<Deployment>();
+    let pin = json!({"spec": {"template": {"spec": {"nodeSelector": {"distr.test/no-such-node": "true"}}}}});
+    deployments
+        .patch("web-web", &PatchParams::default(), &Patch::Merge(&pin))
+        .await?;
+    let settled = wait_for("the rollout stuck with the old pod serving", MINUTE, || async {
+        let deployment = deployments.get("web-web").await.ok()?;
+        let generation = deployment.metadata.generation;
+        let status = deployment.status?;
+        let stuck = status.observed_generation == generation
+            && (
+                status.replicas,
+                status.ready_replicas,
+                status.updated_replicas,
+                status.available_replicas,
+            ) == (Some(2), Some(1), Some(1), Some(1));
+        stuck.then(chrono::Utc::now)
+    })
+    .await?;
+    // The first status after that (a change is posted at once, an unchanged one every 30 s):
+    // not healthy (the old rule said healthy: ready, updated and available were all 1 of 1).
+    let stuck = wait_for("a status after the rollout got stuck", MINUTE, || async {
+        agent
+            .statuses(&revision(&web))
+            .into_iter()
+            .find(|s| s.received_at > settled)
+    })
+    .await?;
+    assert_eq!(stuck.status_type, "error", "{}", stuck.message);
+    assert!(
+        stuck.message.contains("Deployment web-web status check failed"),
+        "{}",
+        stuck.message
+    );
+    eprintln!("stuck rollout: {}", stuck.message);
+
+    // The template back as it was: the rollout completes, and the status says so.
+    let unpin = json!({"spec": {"template": {"spec": {"nodeSelector": null}}}});
+    deployments
+        .patch("web-web", &PatchParams::default(), &Patch::Merge(&unpin))
+        .await?;
+    wait_for("healthy again after the rollout", MINUTE, || async {
+        agent
+            .statuses(&revision(&web))
+            .into_iter()
+            .find(|s| s.received_at > stuck.received_at && s.status_type == "healthy")
+    })
+    .await?;
+    Ok(())
+}
+
 /// Helm's readiness rules where the Go agent's users expect them: a chart's
 /// `helm.sh/readiness-success`/`-failure` annotations judge a custom resource (through the
 /// dynamic watch of its kind), a Job deleted by its TTL once finished is not "not found", a
