@@ -125,6 +125,9 @@ pub trait LogSource: Send + Sync + 'static {
     fn retain(&self, keep: &dyn Fn(&ReleaseKey) -> bool);
 }
 
+/// A release's workloads and the fingerprint of the Helm Secrets they were read from.
+type KnownWorkloads = (u64, Option<Arc<[Workload]>>);
+
 /// The API server: every call bounded by [`kube_util::API_TIMEOUT`]. A release's workloads
 /// are decoded from Helm's storage once per revision: the executor's Secret watches say when
 /// Helm wrote a new one.
@@ -132,7 +135,7 @@ pub struct KubeSource {
     client: kube::Client,
     cluster: Cluster,
     /// Per release: the fingerprint of its Helm Secrets when its workloads were read.
-    workloads: Mutex<HashMap<ReleaseKey, (u64, Option<Arc<[Workload]>>)>>,
+    workloads: Mutex<HashMap<ReleaseKey, KnownWorkloads>>,
 }
 
 impl KubeSource {

@@ -18,10 +18,13 @@ use super::{
 };
 use crate::cluster::kube_util::ApiError;
 
+/// A line of a container's log and its time.
+type TimedLine = (DateTime<Utc>, String);
+
 /// A kubelet in memory: per (pod, container) its lines; reads fail on demand.
 #[derive(Default)]
 struct FakeSource {
-    logs: Mutex<BTreeMap<(String, String), Vec<(DateTime<Utc>, String)>>>,
+    logs: Mutex<BTreeMap<(String, String), Vec<TimedLine>>>,
     /// Reads that fail the next time they are opened.
     fail_next: Mutex<HashSet<(String, String)>>,
     /// Reads that never answer.

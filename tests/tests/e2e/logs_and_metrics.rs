@@ -284,7 +284,7 @@ async fn a_pod_whose_log_read_fails_loses_no_line() -> anyhow::Result<()> {
     let pods: Vec<String> = agent
         .ns
         .api::<k8s_openapi::api::core::v1::Pod>()
-        .list(&Default::default())
+        .list(&kube::api::ListParams::default().labels("app=web-web"))
         .await?
         .items
         .into_iter()
