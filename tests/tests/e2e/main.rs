@@ -6,6 +6,7 @@ mod cluster_scope;
 mod demo;
 mod deploy;
 mod environment;
+mod executor_restart;
 mod hub_to_helm;
 mod logs_and_metrics;
 mod long_operations;
