@@ -200,10 +200,11 @@ impl SelfUpdate {
             return;
         }
         self.reported = Some(now);
+        if !worth_reporting(status) {
+            return;
+        }
         let phase = pb::UpdatePhase::try_from(status.phase).unwrap_or(pb::UpdatePhase::Unspecified);
         match phase {
-            // No update yet: nothing to tell.
-            pb::UpdatePhase::Idle | pb::UpdatePhase::Unspecified if status.target_version_id.is_empty() => {}
             pb::UpdatePhase::Failed => {
                 tracing::warn!(version = %status.target_version_id, detail = %status.message, "self-update failed")
             }
@@ -212,9 +213,28 @@ impl SelfUpdate {
     }
 }
 
+/// Whether the updater's status says anything: not before its first update (no version, idle).
+fn worth_reporting(status: &pb::UpdateStatusResponse) -> bool {
+    let idle = matches!(
+        pb::UpdatePhase::try_from(status.phase),
+        Ok(pb::UpdatePhase::Idle | pb::UpdatePhase::Unspecified) | Err(_)
+    );
+    !(idle && status.target_version_id.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_updater_that_never_updated_has_nothing_to_report() {
+        assert!(!worth_reporting(&pb::UpdateStatusResponse::default()));
+        assert!(worth_reporting(&pb::UpdateStatusResponse {
+            target_version_id: Uuid::new_v4().to_string(),
+            phase: pb::UpdatePhase::Waiting.into(),
+            ..Default::default()
+        }));
+    }
 
     #[test]
     fn a_hand_over_that_did_not_go_through_waits_longer_each_time() {

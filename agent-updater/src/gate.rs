@@ -11,18 +11,10 @@ use crate::cluster::AgentObjects;
 const PERIOD: Duration = Duration::from_secs(1);
 
 /// Rolled out: the controller saw the latest spec and every replica is updated, ready and
-/// available, with no old one left (the `Progressing` condition of the previous rollout would
-/// look complete right after the apply, so it is not used).
+/// available, with no old one left: kstatus's rule, the one the executor's health uses
+/// ([`agent_kstatus::deployment`]).
 pub fn rolled_out(deployment: &Value) -> bool {
-    let generation = deployment["metadata"]["generation"].as_i64().unwrap_or(0);
-    let status = &deployment["status"];
-    let wanted = deployment["spec"]["replicas"].as_i64().unwrap_or(1);
-    let count = |field: &str| status[field].as_i64().unwrap_or(0);
-    status["observedGeneration"].as_i64().unwrap_or(0) >= generation
-        && count("updatedReplicas") == wanted
-        && count("readyReplicas") == wanted
-        && count("availableReplicas") == wanted
-        && count("replicas") == wanted
+    agent_kstatus::deployment_value(deployment).is_ok()
 }
 
 /// Waits until every Deployment in `names` rolled out (how long that took), or `timeout`

@@ -7,6 +7,7 @@ mod cluster_scope;
 mod demo;
 mod deploy;
 mod environment;
+mod executor_restart;
 mod guide;
 mod harness;
 mod hub_to_helm;
