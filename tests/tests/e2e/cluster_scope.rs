@@ -188,6 +188,16 @@ async fn cluster_manifest(agent: &Agent, version: &str, id: uuid::Uuid) -> anyho
 
 /// Waits until the updater reports `phase` for `version`; returns its message.
 async fn update_phase(agent: &Agent, version: uuid::Uuid, phase: pb::UpdatePhase) -> anyhow::Result<String> {
+    update_phase_saying(agent, version, phase, "").await
+}
+
+/// Waits until the update of `version` is in `phase` with a message that contains `saying`.
+async fn update_phase_saying(
+    agent: &Agent,
+    version: uuid::Uuid,
+    phase: pb::UpdatePhase,
+    saying: &str,
+) -> anyhow::Result<String> {
     let mut client = agent.updater_client("operator")?;
     let deadline = std::time::Instant::now() + 2 * MINUTE;
     loop {
@@ -198,6 +208,7 @@ async fn update_phase(agent: &Agent, version: uuid::Uuid, phase: pb::UpdatePhase
         if let Ok(status) = &status
             && status.target_version_id == version.to_string()
             && status.phase == i32::from(phase)
+            && status.message.contains(saying)
         {
             return Ok(status.message.clone());
         }
@@ -338,13 +349,15 @@ async fn a_roll_back_does_not_write_back_a_recorded_object_outside_the_templates
         )
         .await?;
     // The next updater takes the update over, its gate fails, and the roll-back writes back
-    // every recorded object but that one.
+    // every recorded object but that one; it does not complete, so it stays rolling back and
+    // says why (in `UpdateStatus`, and again on each retry) instead of failing the version.
     agent.start_updater_again().await?;
-    let failed = update_phase(&agent, v2, pb::UpdatePhase::Failed).await?;
-    eprintln!("{failed}");
+    let refused = "not re-applied: Deployment distr-agent-executor changes the pod's hostNetwork";
+    let rolling_back = update_phase_saying(&agent, v2, pb::UpdatePhase::RollingBack, refused).await?;
+    eprintln!("{rolling_back}");
     assert!(
-        failed.contains("not re-applied: Deployment distr-agent-executor changes the pod's hostNetwork"),
-        "{failed}"
+        rolling_back.contains("the roll-back did not complete"),
+        "{rolling_back}"
     );
     let executor = agent.ns.api::<Deployment>().get("distr-agent-executor").await?;
     let pod = executor.spec.and_then(|s| s.template.spec).unwrap_or_default();

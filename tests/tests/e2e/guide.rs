@@ -452,7 +452,7 @@ async fn removing_a_cluster_scoped_agent_leaves_the_other_installs_and_the_relea
     .ok("install the other agent")?;
     let other_instance = format!("app.kubernetes.io/instance=distr-agent-{}", other.ns.name);
     let other_cluster_objects = names(&["get", CLUSTER_KINDS, "-l", &other_instance]).await?;
-    assert_eq!(other_cluster_objects.len(), 7, "{other_cluster_objects:#?}");
+    assert_eq!(other_cluster_objects.len(), 11, "{other_cluster_objects:#?}");
 
     let target = Target::new("guide-remove-cluster").await?;
     customer_objects(&target.ns).await?;
