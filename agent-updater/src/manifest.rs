@@ -124,7 +124,7 @@ pub fn check(text: &str, rules: &Rules) -> Result<Checked, Refusal> {
     }
     let mut apply = Vec::new();
     let mut compare = Vec::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (index, document) in serde_norway::Deserializer::from_str(text).enumerate() {
         let value = Value::deserialize(document).map_err(|e| Refusal::Yaml(e.to_string()))?;
         if value.is_null() {
             continue;
