@@ -13,6 +13,7 @@ pub mod poll;
 pub mod report;
 pub mod selfupdate;
 
+use agent_runtime::sync::MutexExt as _;
 use std::{sync::Arc, time::Duration};
 
 use agent_runtime::{
@@ -147,7 +148,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     )
     .with_self_update(selfupdate::SelfUpdate::new(updater));
     {
-        let mut registry = runtime.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        let mut registry = runtime.metrics.locked();
         poller.register_metrics(&mut registry);
         ship_metrics.register(&mut registry);
         hub_metrics.register(&mut registry);

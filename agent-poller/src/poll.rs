@@ -14,6 +14,7 @@
 //! the [`Hub`] and [`Executor`] traits (the real clients implement them; the unit tests use
 //! fakes in memory); [`Poller`] adds what rides on a cycle: logs, metrics, self-update.
 
+use agent_runtime::sync::MutexExt as _;
 use std::{
     future::Future,
     sync::Arc,
@@ -363,7 +364,7 @@ impl Poller {
 }
 
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
+    mutex.locked()
 }
 
 /// Posts what is due among `statuses` (the full current list) and records the outcome.

@@ -242,7 +242,7 @@ mod tests {
             ),
             (
                 "Deployment/distr-agent",
-                serde_yaml::from_str(include_str!("../testdata/poller-deployment.yaml")).expect("the fixture is YAML"),
+                serde_norway::from_str(include_str!("../testdata/poller-deployment.yaml")).expect("the fixture is YAML"),
             ),
             // Created by the update: a ServiceAccount may not be deleted; a Service may.
             ("ServiceAccount/distr-agent-poller", Value::Null),

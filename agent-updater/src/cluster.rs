@@ -236,6 +236,7 @@ mod tests {
 /// on demand.
 #[cfg(test)]
 pub mod fake {
+    use agent_runtime::sync::MutexExt as _;
     use std::{
         collections::BTreeMap,
         sync::{
@@ -273,7 +274,7 @@ pub mod fake {
     }
 
     fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-        mutex.lock().unwrap_or_else(|e| e.into_inner())
+        mutex.locked()
     }
 
     /// What the updater's Role and ClusterRole allow: `verb` on `kind` `name`.

@@ -15,6 +15,7 @@
 //! An update runs in a task of its own, which holds the `busy` guard until the update ends:
 //! the RPC that started it may be dropped at any point.
 
+use agent_runtime::sync::MutexExt as _;
 use std::{
     collections::BTreeMap,
     fmt::Display,
@@ -94,7 +95,7 @@ pub struct Engine {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
+    mutex.locked()
 }
 
 impl Engine {
@@ -488,12 +489,7 @@ impl Engine {
     /// manifest may have been applied again since). Called with `busy` held, before anything
     /// else of an update.
     async fn state_secret_exists(&self) -> Result<(), StateError> {
-        if self
-            .resource_version
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-        {
+        if self.resource_version.locked().is_some() {
             return Ok(());
         }
         let _writing = self.writes.lock().await;

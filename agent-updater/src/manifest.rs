@@ -133,7 +133,7 @@ pub fn check(text: &str, rules: &Rules) -> Result<Checked, Refusal> {
     }
     let mut apply = Vec::new();
     let mut compare = Vec::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (index, document) in serde_norway::Deserializer::from_str(text).enumerate() {
         let value = Value::deserialize(document).map_err(|e| Refusal::Yaml(e.to_string()))?;
         if value.is_null() {
             continue;
@@ -365,7 +365,7 @@ mod tests {
             body["spec"]["template"]["spec"]["containers"][0]["image"] =
                 format!("ghcr.io/distr-sh/distr-agent/{component}:0.2.0").into();
         }
-        serde_yaml::to_string(&body).expect("YAML")
+        serde_norway::to_string(&body).expect("YAML")
     }
 
     fn ours() -> String {

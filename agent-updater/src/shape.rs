@@ -95,7 +95,7 @@ static REFERENCE: LazyLock<Reference> = LazyLock::new(|| {
     let mut objects = BTreeMap::new();
     let mut config_keys = BTreeSet::new();
     for text in EXAMPLES {
-        for document in serde_yaml::Deserializer::from_str(text) {
+        for document in serde_norway::Deserializer::from_str(text) {
             let Ok(value) = Value::deserialize(document) else {
                 continue;
             };
@@ -904,7 +904,7 @@ mod tests {
         let text = include_str!("../../deploy/examples/cluster.yaml");
         let expected = cel_tables();
         let mut policies = 0;
-        for document in serde_yaml::Deserializer::from_str(text) {
+        for document in serde_norway::Deserializer::from_str(text) {
             let policy = Value::deserialize(document).expect("YAML");
             let name = text_of(&policy["metadata"]["name"]);
             if policy["kind"] != "ValidatingAdmissionPolicy" || !(name.ends_with("-pin") || name.ends_with("-pods")) {
@@ -933,7 +933,7 @@ mod tests {
 
     #[test]
     fn the_updater_test_fixture_is_the_templates_poller() {
-        let fixture: Value = serde_yaml::from_str(include_str!("../testdata/poller-deployment.yaml")).expect("YAML");
+        let fixture: Value = serde_norway::from_str(include_str!("../testdata/poller-deployment.yaml")).expect("YAML");
         assert_eq!(check("Deployment", "distr-agent", &fixture, REPOSITORY), Ok(()));
     }
 

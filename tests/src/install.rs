@@ -136,7 +136,7 @@ pub fn documents(manifest: &str) -> impl Iterator<Item = &str> {
 pub fn kinds_and_names(manifest: &str) -> anyhow::Result<Vec<String>> {
     documents(manifest)
         .map(|doc| {
-            let object: Value = serde_yaml::from_str(doc)?;
+            let object: Value = serde_norway::from_str(doc)?;
             Ok(format!(
                 "{}/{}",
                 object["kind"].as_str().unwrap_or_default(),
@@ -154,7 +154,7 @@ pub async fn apply_like_the_go_agent(kubeconfig: &Path, namespace: &str, manifes
     let mut applied = 0;
     let mut replaced_itself = false;
     for doc in documents(manifest) {
-        let object: Value = serde_yaml::from_str(doc)?;
+        let object: Value = serde_norway::from_str(doc)?;
         let kind = object["kind"].as_str().unwrap_or_default();
         let name = object["metadata"]["name"].as_str().unwrap_or_default();
         anyhow::ensure!(

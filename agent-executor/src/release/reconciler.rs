@@ -303,7 +303,7 @@ impl Inner {
     /// The namespace of the latest `sync`, else the one in use as last read, else the
     /// agent's own.
     fn current_namespace(&self) -> String {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = self.state.locked();
         if let Some(desired) = state.desired.as_ref() {
             return desired.namespace.clone();
         }
@@ -331,7 +331,7 @@ impl Inner {
 
     /// Remembers why a `sync`'s namespace was refused, logging it when the reason changed.
     fn refuse(&self, message: String) -> Result<String, String> {
-        let mut last = self.refusal.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = self.refusal.locked();
         if last.as_deref() != Some(message.as_str()) {
             tracing::warn!(reason = %message, "the Hub's namespace is refused; nothing is touched");
             *last = Some(message.clone());
@@ -621,7 +621,7 @@ impl Reconciler {
         let refused = |message: String| inner.refuse(message);
         let to = match namespace::resolve(inner.scope, &inner.default_namespace, current.as_deref(), named) {
             Resolved::Keep(namespace) => {
-                inner.refusal.lock().unwrap_or_else(|e| e.into_inner()).take();
+                inner.refusal.locked().take();
                 return Ok(namespace);
             }
             Resolved::Refused(message) => return refused(message),
@@ -648,7 +648,7 @@ impl Reconciler {
             return refused(format!("cannot record the namespace {to} in use: {error}"));
         }
         *in_use = Some(Some(to.clone()));
-        inner.refusal.lock().unwrap_or_else(|e| e.into_inner()).take();
+        inner.refusal.locked().take();
         Ok(to)
     }
 

@@ -5,6 +5,7 @@
 //! and reads an object directly only when its watch cannot say. Kinds that carry no runtime
 //! state (ConfigMap, RBAC, ...) are healthy when they exist (a metadata watch says).
 
+use agent_runtime::sync::MutexExt as _;
 use std::{collections::HashMap, sync::Mutex};
 
 use futures::{StreamExt, stream};
@@ -506,7 +507,7 @@ impl HealthChecker {
         object: &ManifestObject,
     ) -> Result<DynamicObject, (String, Option<u16>)> {
         let gvk = GroupVersionKind::gvk(object.group(), object.version(), &object.kind);
-        let cached = self.kinds.lock().unwrap_or_else(|e| e.into_inner()).get(&gvk).cloned();
+        let cached = self.kinds.locked().get(&gvk).cloned();
         let (resource, capabilities) = match cached {
             Some(found) => found,
             None => {
@@ -518,10 +519,7 @@ impl HealthChecker {
                             error.code(),
                         )
                     })?;
-                self.kinds
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(gvk, found.clone());
+                self.kinds.locked().insert(gvk, found.clone());
                 found
             }
         };

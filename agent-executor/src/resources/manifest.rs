@@ -6,7 +6,7 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("release manifest is not valid YAML: {0}")]
-    Yaml(#[source] serde_yaml::Error),
+    Yaml(#[source] serde_norway::Error),
 }
 
 /// One object of a manifest: enough to find it in the API and judge its health.
@@ -47,7 +47,7 @@ impl ManifestObject {
 /// contributes its items.
 pub fn parse(manifest: &str) -> Result<Vec<ManifestObject>, ManifestError> {
     let mut objects = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(manifest) {
+    for document in serde_norway::Deserializer::from_str(manifest) {
         let value = serde_json::Value::deserialize(document).map_err(ManifestError::Yaml)?;
         collect(&value, &mut objects);
     }

@@ -2,6 +2,7 @@
 //! fake HTTP API that answers what the updater's Role allows) and over the in-memory
 //! [`FakeObjects`].
 
+use agent_runtime::sync::MutexExt as _;
 use chrono::Utc;
 use k8s_openapi::ByteString;
 use serde_json::json;
@@ -92,7 +93,7 @@ fn fake_api_delayed(
             let dry_run = request.uri().query().unwrap_or_default().contains("dryRun=All");
             let body = request.into_body().collect_bytes().await.unwrap_or_default();
             let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            recorded.lock().unwrap_or_else(|e| e.into_inner()).push((
+            recorded.locked().push((
                 method.clone(),
                 if dry_run {
                     format!("{path} (dry run)")
@@ -161,7 +162,7 @@ fn engine_on(api: &FakeApi) -> Engine {
 /// roll-back's re-check passes), running `image`: rolled out when `rolled_out`.
 fn poller_deployment(image: &str, rolled_out: bool) -> (u16, Value) {
     let ready = i64::from(rolled_out);
-    let mut body: Value = serde_yaml::from_str(MANIFEST).expect("the fixture is YAML");
+    let mut body: Value = serde_norway::from_str(MANIFEST).expect("the fixture is YAML");
     body["metadata"]["namespace"] = json!("agent");
     body["metadata"]["generation"] = json!(2);
     body["spec"]["template"]["spec"]["containers"][0]["image"] = json!(image);
@@ -185,8 +186,7 @@ async fn wait_phase(engine: &Engine, phase: Phase) -> State {
 /// Every state the updater wrote to its Secret, in order.
 fn written_states(api: &FakeApi) -> Vec<State> {
     api.requests
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .locked()
         .iter()
         .filter(|(method, path, _)| method == "PATCH" && path.ends_with(STATE_SECRET))
         .filter_map(|(_, _, body)| written_state(body))
@@ -291,8 +291,7 @@ async fn an_attempt_that_cannot_read_or_record_ends_failed_and_is_tried_again() 
     assert!(engine.status().failed_version_ids.is_empty());
     let writes: Vec<String> = api
         .requests
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .locked()
         .iter()
         .filter(|(method, path, _)| method == "PATCH" && !path.ends_with(STATE_SECRET) && !path.ends_with("(dry run)"))
         .map(|(_, path, _)| path.clone())
@@ -333,7 +332,7 @@ async fn another_live_updater_is_left_alone_until_its_heartbeat_stops() {
     }));
     let stored = holder.clone();
     let api = fake_api(move |method, path, _| match (method, path.ends_with(STATE_SECRET)) {
-        ("GET", true) => state_secret(&stored.lock().unwrap_or_else(|e| e.into_inner())),
+        ("GET", true) => state_secret(&stored.locked()),
         ("PATCH", true) => written_answer(),
         _ => status(404),
     });
@@ -343,15 +342,14 @@ async fn another_live_updater_is_left_alone_until_its_heartbeat_stops() {
     // The other updater renews its heartbeat: this one stands by and takes nothing.
     for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        holder.lock().unwrap_or_else(|e| e.into_inner()).heartbeat = Some(Utc::now());
+        holder.locked().heartbeat = Some(Utc::now());
         assert_eq!(engine.mode(), Mode::Standby("other-pod/1".into()));
     }
     let refused = engine.start(MANIFEST.into(), "v3".into()).await;
     assert!(matches!(refused, Err(StartError::NotReady(_))), "{refused:?}");
     let written = |api: &FakeApi| {
         api.requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .iter()
             .filter(|(method, _, _)| method != "GET")
             .count()
@@ -366,7 +364,7 @@ async fn another_live_updater_is_left_alone_until_its_heartbeat_stops() {
     }
     assert_eq!(engine.mode(), Mode::Active);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let requests = api.requests.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let requests = api.requests.locked().clone();
     let takeover = requests
         .iter()
         .find(|(method, _, _)| method == "PATCH")
@@ -395,8 +393,7 @@ async fn a_conflicting_write_stops_the_updater_from_acting() {
     assert_eq!(engine.mode(), Mode::Lost);
     let applied = api
         .requests
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .locked()
         .iter()
         .any(|(method, path, _)| method == "PATCH" && path.contains("deployments") && !path.ends_with("(dry run)"));
     assert!(!applied, "nothing applied after losing the state");
@@ -427,8 +424,7 @@ async fn the_updater_labels_what_it_applies_and_prunes_only_that() {
     apply::prune(&Kube::new(api.client.clone(), "agent"), &checked.apply).await;
     let deleted: Vec<String> = api
         .requests
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .locked()
         .iter()
         .filter(|(method, _, _)| method == "DELETE")
         .map(|(_, path, _)| path.rsplit('/').next().unwrap_or_default().to_owned())
@@ -462,7 +458,7 @@ async fn a_manifest_the_api_server_refuses_in_a_dry_run_is_refused_whole_before_
     assert_eq!(state.phase, Phase::Failed);
     assert!(state.message.contains("field is immutable"), "{}", state.message);
     assert_eq!(state.failed_version_ids, ["v2"]);
-    let requests = api.requests.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let requests = api.requests.locked().clone();
     let state_writes: Vec<State> = requests
         .iter()
         .filter(|(method, path, _)| method == "PATCH" && path.ends_with(STATE_SECRET))
@@ -503,8 +499,7 @@ async fn without_its_state_secret_the_updater_applies_nothing_and_says_how_to_fi
     assert!(state.failed_version_ids.is_empty(), "not the version's fault");
     let written: Vec<String> = api
         .requests
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .locked()
         .iter()
         .filter(|(method, _, _)| method != "GET")
         .map(|(method, path, _)| format!("{method} {path}"))
@@ -557,7 +552,7 @@ async fn a_roll_back_restores_a_recorded_secret_with_its_data() {
         "{}",
         state.message
     );
-    let requests = api.requests.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let requests = api.requests.locked().clone();
     let pull_data: Vec<Value> = requests
         .iter()
         .filter(|(method, path, _)| method == "PATCH" && path == PULL)
@@ -714,16 +709,14 @@ async fn a_roll_back_that_fails_part_way_is_tried_again_until_everything_is_back
     assert!(config_patches.load(SeqCst) >= 3, "restored at the next attempt");
     let last_image = api
         .requests
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .locked()
         .iter()
         .rfind(|(method, path, _)| method == "PATCH" && path.ends_with("deployments/distr-agent"))
         .map(|(_, _, body)| body["spec"]["template"]["spec"]["containers"][0]["image"].clone());
     assert_eq!(last_image, Some(json!(OLD)), "the previous Deployment is back");
     let deletes: Vec<String> = api
         .requests
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .locked()
         .iter()
         .filter(|(method, _, _)| method == "DELETE")
         .map(|(_, path, _)| path.clone())
