@@ -107,6 +107,7 @@ rm -f "$out/images.key"
 # other user of buildah on the machine sees it.
 store=$out/buildah
 rm -rf "$store"
+mkdir -p "$store"
 trap 'rm -rf "$store"' EXIT
 storage=(--root "$store/root" --runroot "$store/run" --storage-driver vfs)
 for name in "${names[@]}"; do
