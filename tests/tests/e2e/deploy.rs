@@ -748,11 +748,13 @@ fn the_images_are_static_binaries_from_scratch_with_the_tested_helm() -> anyhow:
     );
     // Both builds take the binaries from deploy/build.sh (as the benchmark measures them), lay
     // out the context with deploy/context.sh, and ship the helm version the tests run.
-    let build = "deploy/build.sh --locked -p agent-poller -p agent-executor -p agent-updater)";
+    let build = "bash deploy/build.sh --locked -p agent-poller -p agent-executor -p agent-updater)";
     let images = read("tests/env/images.sh")?;
     let release = read(".github/workflows/release.yml")?;
     for (name, text) in [("tests/env/images.sh", &images), ("release.yml", &release)] {
-        assert!(text.contains(build), "{name} builds through deploy/build.sh");
+        // The script names the build script by its path from the repository root, quoted.
+        let unquoted = text.replace('"', "").replace("$root/", "");
+        assert!(unquoted.contains(build), "{name} builds through deploy/build.sh");
         assert!(text.contains("deploy/context.sh"), "{name} uses deploy/context.sh");
     }
     assert!(
