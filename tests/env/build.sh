@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the test environment from the package registries: Kubernetes, etcd, kwok,
-# metrics-server, helm and grpcurl from the Go module proxy, the OCI registry from Debian. Each
-# component is cached by version under $DISTR_TESTENV_CACHE; a second run is a no-op. Prints the
-# bin directory.
+# metrics-server, helm, grpcurl and actionlint from the Go module proxy, the OCI registry from
+# Debian. Each component is cached by version under $DISTR_TESTENV_CACHE; a second run is a
+# no-op. Prints the bin directory.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -36,7 +36,7 @@ progress() {
 
 # What is being built and how far: each component says which of the $parts it is, and a
 # build that takes minutes says every 30 s that it still runs (never a silent wait).
-parts=8 part=0
+parts=9 part=0
 component() { part=$((part + 1)); "$@"; }
 building() { log "building $* (component $part of $parts)"; }
 ticking() {
@@ -184,6 +184,7 @@ component build_render_manifest
 component build_etcd
 component go_install helm "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
 component go_install grpcurl "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
+component go_install actionlint "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION"
 component build_kwok
 component go_install metrics-server "sigs.k8s.io/metrics-server/cmd/metrics-server@$METRICS_SERVER_VERSION"
 component build_kubernetes
