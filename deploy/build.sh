@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the agent's release binaries the way its images ship them and prints the directory
-# that holds them. The Dockerfiles and the benchmark both build through this script, so that
-# what the benchmark measures is what a cluster runs.
+# that holds them. The images (tests/env/images.sh, the release workflow) and the benchmark
+# all build through this script, so that what the benchmark measures is what a cluster runs.
 #
 #   deploy/build.sh -p agent-poller [-p agent-executor ...] [other cargo build arguments]
 #
@@ -10,9 +10,9 @@
 #   resident memory per process, and no LD_PRELOAD to honour. Name resolution still works:
 #   a static glibc 2.36 (Debian 12) resolves through `files` and `dns` without loading a
 #   module (checked with strace: it reads nsswitch.conf, /etc/hosts and resolv.conf and opens
-#   no shared object); for any other source nsswitch.conf might name, the images' base
-#   (distroless/cc, the build stage's glibc) has the modules. The binaries stay
-#   position-independent (static-pie, ASLR intact);
+#   no shared object); the images have no base and no modules, and their nsswitch.conf
+#   (deploy/rootfs) names only those two. The binaries stay position-independent (static-pie,
+#   ASLR intact);
 # - relative relocations packed (`-z pack-relative-relocs`, DT_RELR, glibc 2.36 and later):
 #   the loader no longer reads a relocation table of a few hundred KiB at start-up;
 # - identical functions folded by the linker (`--icf=all`, where the linker is lld).

@@ -1,12 +1,15 @@
-# The agent-poller image: the binary alone, as a non-root numeric user.
-# Build from the repository root: docker build -f deploy/poller.Dockerfile -t <registry>/poller:<tag> .
-FROM rust:1.95-bookworm AS build
-WORKDIR /src
-COPY . .
-# deploy/build.sh: the release profile, glibc linked statically (see the script).
-RUN cp "$(bash deploy/build.sh --locked -p agent-poller)/agent-poller" /agent-poller
-
-FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /agent-poller /usr/local/bin/agent-poller
+# The poller image: the agent-poller binary alone, run as the numeric non-root user 65532.
+#
+# No base image: the binaries are static (deploy/build.sh links glibc statically; helm is a Go
+# binary built with CGO_ENABLED=0), and the root holds only what they read at run time
+# (deploy/rootfs: passwd, group, nsswitch.conf; a CA bundle for https; an empty /tmp).
+# The build context is the directory deploy/context.sh assembles, one binaries directory per
+# architecture, picked by TARGETARCH:
+#   docker buildx build --platform linux/amd64,linux/arm64 -f deploy/poller.Dockerfile <context>
+#   buildah build --platform linux/amd64 -f deploy/poller.Dockerfile <context>  (tests/env/images.sh)
+FROM scratch
+ARG TARGETARCH
+COPY rootfs/ /
+COPY ${TARGETARCH}/agent-poller /usr/local/bin/agent-poller
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/agent-poller"]

@@ -21,6 +21,12 @@ cargo fmt --all -- --check
 step "test environment (built once, cached by version)"
 bin=$(bash tests/env/build.sh)
 
+step "actionlint (.github/workflows)"
+"$bin/actionlint" .github/workflows/*.yml
+
+step "container images (tests/env/images.sh: cached by input hash)"
+bash tests/env/images.sh "$bin" "$root/target/images" "$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)" >/dev/null
+
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 

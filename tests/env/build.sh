@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # Builds the test environment from the package registries: Kubernetes, etcd, kwok,
-# metrics-server, helm and grpcurl from the Go module proxy, the OCI registry from Debian; for
-# the real node (tests/env/node.sh) the kubelet and kube-proxy, CoreDNS, kube-network-policies
-# and a pause image from the Go module proxy, containerd, runc, the CNI plugins, iptables,
-# nftables and buildah from Debian. Each
-# component is cached by version under $DISTR_TESTENV_CACHE; a second run is a no-op. Prints the
-# bin directory.
+# metrics-server, helm, grpcurl and actionlint from the Go module proxy, the OCI registry from
+# Debian; for the real node (tests/env/node.sh) the kubelet and kube-proxy, CoreDNS,
+# kube-network-policies and a pause image from the Go module proxy, containerd, runc, the CNI
+# plugins, iptables, nftables and buildah from Debian. Each component is cached by version
+# under $DISTR_TESTENV_CACHE; a second run is a no-op. Prints the bin directory.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -39,7 +38,7 @@ progress() {
 
 # What is being built and how far: each component says which of the $parts it is, and a
 # build that takes minutes says every 30 s that it still runs (never a silent wait).
-parts=13 part=0
+parts=14 part=0
 component() { part=$((part + 1)); "$@"; }
 building() { log "building $* (component $part of $parts)"; }
 ticking() {
@@ -279,6 +278,7 @@ component build_render_manifest
 component build_etcd
 component go_install helm "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
 component go_install grpcurl "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
+component go_install actionlint "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION"
 component build_kwok
 component go_install metrics-server "sigs.k8s.io/metrics-server/cmd/metrics-server@$METRICS_SERVER_VERSION"
 component build_kubernetes

@@ -710,28 +710,58 @@ async fn take_over(test: &str, scope: Scope) -> anyhow::Result<()> {
 }
 
 #[test]
-fn the_executor_image_ships_the_helm_of_the_test_environment() -> anyhow::Result<()> {
+fn the_images_are_static_binaries_from_scratch_with_the_tested_helm() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let versions = std::fs::read_to_string(root.join("tests/env/versions.env"))?;
-    let tested = versions
-        .lines()
-        .find_map(|l| l.strip_prefix("HELM_VERSION="))
-        .ok_or_else(|| anyhow::anyhow!("no HELM_VERSION in versions.env"))?;
-    let dockerfile = std::fs::read_to_string(root.join("deploy/executor.Dockerfile"))?;
-    assert!(
-        dockerfile.contains(&format!("ARG HELM_VERSION={tested}\n")),
-        "deploy/executor.Dockerfile must build helm {tested}, the version the tests run"
-    );
+    let read = |path: &str| std::fs::read_to_string(root.join(path)).map_err(|e| anyhow::anyhow!("{path}: {e}"));
+    let manifest = read("deploy/manifest.yaml.tmpl")?;
     for component in ["poller", "executor", "updater"] {
-        let text = std::fs::read_to_string(root.join(format!("deploy/{component}.Dockerfile")))?;
+        let text = read(&format!("deploy/{component}.Dockerfile"))?;
+        let stages: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
+        assert_eq!(
+            stages,
+            ["FROM scratch"],
+            "{component}'s image has no base image from a registry"
+        );
         assert!(
-            text.contains("USER 65532:65532"),
+            text.contains("\nUSER 65532:65532\n"),
             "{component} runs as the manifest's numeric user"
         );
         assert!(
-            text.contains(&format!("bash deploy/build.sh --locked -p agent-{component})")),
-            "{component}'s image builds its binary the way the benchmark measures it (deploy/build.sh)"
+            text.contains(&format!("COPY ${{TARGETARCH}}/agent-{component}")),
+            "{component}'s image copies the binary of its platform from deploy/context.sh's layout"
+        );
+        assert!(
+            text.contains(&format!("ENTRYPOINT [\"/usr/local/bin/agent-{component}\"]")),
+            "{component}'s image runs its binary as built (the manifest sets no command)"
+        );
+        assert!(
+            manifest.contains(&format!(
+                "image: \"{{{{ $repo }}}}/{component}:{{{{ .agentVersion }}}}\""
+            )),
+            "the manifest runs the {component} image"
         );
     }
+    let executor = read("deploy/executor.Dockerfile")?;
+    assert!(
+        executor.contains("${TARGETARCH}/helm /usr/local/bin/") && manifest.contains("value: /usr/local/bin/helm"),
+        "the executor image ships helm where the manifest's AGENT_HELM_BIN names it"
+    );
+    // Both builds take the binaries from deploy/build.sh (as the benchmark measures them), lay
+    // out the context with deploy/context.sh, and ship the helm version the tests run.
+    let build = "deploy/build.sh --locked -p agent-poller -p agent-executor -p agent-updater)";
+    let images = read("tests/env/images.sh")?;
+    let release = read(".github/workflows/release.yml")?;
+    for (name, text) in [("tests/env/images.sh", &images), ("release.yml", &release)] {
+        assert!(text.contains(build), "{name} builds through deploy/build.sh");
+        assert!(text.contains("deploy/context.sh"), "{name} uses deploy/context.sh");
+    }
+    assert!(
+        images.contains(r#"[ "$helm_version" = "$HELM_VERSION" ]"#),
+        "tests/env/images.sh refuses a helm other than versions.env's"
+    );
+    assert!(
+        release.contains("source tests/env/versions.env") && release.contains("helm.sh/helm/v4/cmd/helm@$HELM_VERSION"),
+        "the release builds helm at versions.env's HELM_VERSION"
+    );
     Ok(())
 }
