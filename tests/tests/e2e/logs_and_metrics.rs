@@ -311,7 +311,14 @@ async fn cluster_metrics_are_posted_under_cluster_scope_only() -> anyhow::Result
     let kwok_nodes = nodes
         .items
         .iter()
-        .filter(|n| n.metadata.labels.as_ref().and_then(|l| l.get("type")).map(String::as_str) == Some("kwok"))
+        .filter(|n| {
+            n.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("type"))
+                .map(String::as_str)
+                == Some("kwok")
+        })
         .count() as f64;
     let posted = wait_for("cluster metrics on the Hub", 2 * MINUTE, || async {
         cluster.hub.metrics().into_iter().next()
