@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds the test environment from the package registries: Kubernetes, etcd, kwok,
 # metrics-server, helm, grpcurl and actionlint from the Go module proxy, the OCI registry from
-# Debian; for the real node (tests/env/node.sh) the kubelet and kube-proxy, CoreDNS,
-# kube-network-policies and a pause image from the Go module proxy, containerd, runc, the CNI
-# plugins, iptables, nftables and buildah from Debian. Each component is cached by version
+# Debian; for the real node (tests/env/node.sh) the kubelet and kube-proxy, CoreDNS and a
+# pause image from the Go module proxy, containerd, runc, the CNI plugins, iptables, nftables
+# and buildah from Debian. Each component is cached by version
 # under $DISTR_TESTENV_CACHE; a second run is a no-op. Prints the bin directory.
 set -euo pipefail
 
@@ -38,7 +38,7 @@ progress() {
 
 # What is being built and how far: each component says which of the $parts it is, and a
 # build that takes minutes says every 30 s that it still runs (never a silent wait).
-parts=14 part=0
+parts=13 part=0
 component() { part=$((part + 1)); "$@"; }
 building() { log "building $* (component $part of $parts)"; }
 ticking() {
@@ -247,13 +247,6 @@ build_coredns() {
   go_wrapper coredns coredns 1.25.0 "${pkgs[@]}"
 }
 
-build_network_policies() {
-  local v=$KUBE_NETWORK_POLICIES_VERSION
-  # The client-go it was released with (a newer one is not its API).
-  go_wrapper kube-network-policies netpol 1.24 "sigs.k8s.io/kube-network-policies/pkg/networkpolicy@$v" \
-    "k8s.io/client-go/tools/clientcmd@$KUBE_NETWORK_POLICIES_CLIENT_GO"
-}
-
 # The pod sandbox image: tests/env/pause as the only file of an image, written as an OCI
 # archive by Debian's buildah (no daemon: vfs storage, chroot isolation).
 build_pause() {
@@ -285,7 +278,6 @@ component build_kubernetes
 component install_node_packages
 component build_kubernetes_node
 component build_coredns
-component build_network_policies
 component build_pause
 log "test environment ready in $bin ($(du -sh "$cache" | cut -f1) cached)"
 echo "$bin"

@@ -1,4 +1,5 @@
-//! The manifest's NetworkPolicies, enforced by the node's NetworkPolicy engine: only pods with
+//! The manifest's NetworkPolicies, enforced by the node's NetworkPolicy engine (none runs here yet:
+//! tests/env/node.sh says why; ignored until one does): only pods with
 //! the poller's labels may open a connection to the executor's and the updater's gRPC ports.
 
 use std::time::Duration;
@@ -52,7 +53,7 @@ async fn probe(
 }
 
 #[tokio::test]
-#[ignore = "not yet seen passing on the real node (see the branch report); run with --ignored"]
+#[ignore = "no NetworkPolicy engine runs on the real node yet (tests/env/node.sh says why)"]
 async fn only_the_poller_reaches_the_executor_and_the_updater() -> anyhow::Result<()> {
     let test = "rn-netpol";
     let agent = PodAgent::install(test, PodAgentOptions::default()).await?;
