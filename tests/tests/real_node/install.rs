@@ -18,7 +18,6 @@ use serde_json::json;
 const MINUTE: Duration = Duration::from_secs(60);
 
 #[tokio::test]
-#[ignore = "not yet seen passing on the real node (see the branch report); run with --ignored"]
 async fn the_manifest_runs_as_pods_that_install_upgrade_and_uninstall() -> anyhow::Result<()> {
     let test = "rn-lifecycle";
     let applied = Instant::now();
@@ -99,7 +98,7 @@ async fn the_manifest_runs_as_pods_that_install_upgrade_and_uninstall() -> anyho
     let started = Instant::now();
     agent.set_deployments(vec![]);
     wait_for("release uninstalled", MINUTE, || async {
-        let releases = agent.helm_json(&["ls", "-a"]).await.ok()?;
+        let releases = agent.helm_json(&["ls"]).await.ok()?;
         let pods = pods.list(&ListParams::default().labels("app=web-pause")).await.ok()?;
         (releases.as_array().is_some_and(|r| r.is_empty()) && pods.items.is_empty()).then_some(())
     })
@@ -144,7 +143,6 @@ fn mount_options(pid: u32, target: &str) -> anyhow::Result<Option<String>> {
 }
 
 #[tokio::test]
-#[ignore = "not yet seen passing on the real node (see the branch report); run with --ignored"]
 async fn the_security_context_holds_in_the_running_containers() -> anyhow::Result<()> {
     let test = "rn-security";
     let agent = PodAgent::install(test, PodAgentOptions::default()).await?;
