@@ -191,6 +191,8 @@ pub struct PodAgentOptions {
     /// Extra environment of the updater's container, written into the rendered manifest (and
     /// into each manifest [`PodAgent::manifest_for`] renders).
     pub updater_env: Vec<(&'static str, String)>,
+    /// Extra environment of the executor's container, written into the rendered manifest.
+    pub executor_env: Vec<(&'static str, String)>,
     pub hub: HubSimOptions,
 }
 
@@ -202,6 +204,7 @@ impl Default for PodAgentOptions {
             version_id: String::new(),
             resources: Value::Null,
             updater_env: Vec::new(),
+            executor_env: Vec::new(),
             hub: HubSimOptions::default(),
         }
     }
@@ -227,10 +230,15 @@ pub struct PodAgent {
 
 /// `manifest` with `env` added to the updater container's environment.
 fn with_updater_env(manifest: &str, env: &[(&str, String)]) -> String {
+    with_env(manifest, "distr-agent-updater", env)
+}
+
+/// `manifest` with `env` added to the container environment of the Deployment `deployment`.
+fn with_env(manifest: &str, deployment: &str, env: &[(&str, String)]) -> String {
     let anchor = "          imagePullPolicy: IfNotPresent\n          env:\n            - name: AGENT_NAMESPACE\n";
-    let updater = manifest.find(
-        "\n  name: distr-agent-updater\n  labels:\n    app.kubernetes.io/part-of: distr-agent\nspec:\n  replicas",
-    );
+    let updater = manifest.find(&format!(
+        "\n  name: {deployment}\n  labels:\n    app.kubernetes.io/part-of: distr-agent\nspec:\n  replicas"
+    ));
     let (Some(start), false) = (updater, env.is_empty()) else {
         return manifest.to_owned();
     };
@@ -277,6 +285,7 @@ impl PodAgent {
         }
         let manifest = install::render(&install::template_path(), &params, &env.test_dir(test)).await?;
         let manifest = with_updater_env(&manifest, &options.updater_env);
+        let manifest = with_env(&manifest, "distr-agent-executor", &options.executor_env);
         install::kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&manifest))
             .await?
             .ok("kubectl apply")?;

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use agent_runtime::tls::{Credentials, TlsFiles};
 use distr_agent_e2e::{
     agent::revision,
-    install,
     real_node::{AGENT_APPS, PodAgent, PodAgentOptions},
     wait_for,
 };
@@ -41,31 +40,18 @@ async fn logs(agent: &PodAgent, app: &str) -> String {
 #[ignore = "not yet seen passing on the real node (see the branch report); run with --ignored"]
 async fn certificates_rotate_through_the_kubelets_secret_volumes() -> anyhow::Result<()> {
     let test = "rn-rotation";
-    let agent = PodAgent::install(test, PodAgentOptions::default()).await?;
-    // Short lifetimes, by the executor's configuration: a certificate lives 45 s and is
-    // renewed at two thirds.
-    let lifetime = 45;
-    install::kubectl(
-        &[
-            "set",
-            "env",
-            "-n",
-            &agent.ns.name,
-            "deployment/distr-agent-executor",
-            &format!("AGENT_TLS_LEAF_LIFETIME_SECONDS={lifetime}"),
-            "AGENT_TLS_CHECK_SECONDS=2",
-        ],
-        None,
+    // Short lifetimes, by the executor's configuration in the manifest: a certificate lives
+    // 45 s and is renewed at two thirds.
+    let agent = PodAgent::install(
+        test,
+        PodAgentOptions {
+            executor_env: vec![
+                ("AGENT_TLS_LEAF_LIFETIME_SECONDS", "45".into()),
+                ("AGENT_TLS_CHECK_SECONDS", "2".into()),
+            ],
+            ..Default::default()
+        },
     )
-    .await?
-    .ok("kubectl set env")?;
-    wait_for("the reconfigured executor pod Ready", 2 * MINUTE, || async {
-        let pod = agent.pod("distr-agent-executor").await.ok()?;
-        let env = pod.spec.as_ref()?.containers[0].env.clone()?;
-        let configured = env.iter().any(|e| e.name == "AGENT_TLS_LEAF_LIFETIME_SECONDS");
-        let ready = distr_agent_e2e::real_node::ready_since(&pod).is_some();
-        (configured && ready).then_some(())
-    })
     .await?;
     let chart = agent.push_pause_chart("rn-rot", &["0.1.0"]).await?;
     let web = agent.deployment("web", &chart, "0.1.0", json!({}));

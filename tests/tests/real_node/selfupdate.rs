@@ -69,7 +69,6 @@ async fn ready_tags(agent: &PodAgent) -> anyhow::Result<Vec<String>> {
 }
 
 #[tokio::test]
-#[ignore = "not yet seen passing on the real node (see the branch report); run with --ignored"]
 async fn a_new_version_rolls_out_as_pods_and_a_missing_image_is_rolled_back() -> anyhow::Result<()> {
     let test = "rn-selfupdate";
     let v1 = Uuid::new_v4();
