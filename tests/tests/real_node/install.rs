@@ -115,6 +115,7 @@ async fn the_manifest_runs_as_pods_that_install_upgrade_and_uninstall() -> anyho
             .unwrap_or(-1);
         assert_eq!(restarts, 0, "{app} restarts");
     }
+    agent.remove().await?;
     Ok(())
 }
 
@@ -195,5 +196,6 @@ async fn the_security_context_holds_in_the_running_containers() -> anyhow::Resul
     assert!(tmp.split(',').any(|o| o == "rw"), "/tmp mounted {tmp}");
     let scratch = std::fs::read_dir(format!("/proc/{pid}/root/tmp"))?.count();
     assert!(scratch > 0, "helm's scratch files are in the emptyDir");
+    agent.remove().await?;
     Ok(())
 }

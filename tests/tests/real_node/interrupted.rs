@@ -91,6 +91,7 @@ async fn a_killed_executor_container_restarts_and_its_upgrade_converges_at_once(
         start_to_converged <= Duration::from_secs(30),
         "the upgrade converged {start_to_converged:?} after the new container started (helm died with the old one)"
     );
+    agent.remove().await?;
     Ok(())
 }
 
@@ -144,5 +145,6 @@ async fn a_deleted_executor_pod_stops_helm_within_its_grace_period() -> anyhow::
         running.message,
         deleted.elapsed()
     );
+    agent.remove().await?;
     Ok(())
 }

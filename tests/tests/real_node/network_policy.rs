@@ -83,5 +83,6 @@ async fn only_the_poller_reaches_the_executor_and_the_updater() -> anyhow::Resul
         let (connected, said) = probe(&agent, &format!("other-admin-{port}"), other_labels.clone(), &admin, 30).await?;
         assert!(connected, "the admin port of {service} is closed to other pods: {said}");
     }
+    agent.remove().await?;
     Ok(())
 }

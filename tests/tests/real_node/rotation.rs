@@ -106,6 +106,7 @@ async fn certificates_rotate_through_the_kubelets_secret_volumes() -> anyhow::Re
         .collect();
     assert!(errors.is_empty(), "{errors:#?}");
     assert_eq!(restarts(&agent).await?, restarts_before, "no container restarted");
+    agent.remove().await?;
     Ok(())
 }
 

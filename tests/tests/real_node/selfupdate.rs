@@ -139,5 +139,6 @@ async fn a_new_version_rolls_out_as_pods_and_a_missing_image_is_rolled_back() ->
         "{}",
         state["failedVersionIds"]
     );
+    agent.remove().await?;
     Ok(())
 }
