@@ -37,7 +37,7 @@ async fn logs(agent: &PodAgent, app: &str) -> String {
 }
 
 #[tokio::test]
-#[ignore = "not yet seen passing on the real node (see the branch report); run with --ignored"]
+#[ignore = "seen failing here: the Secret rotated, but the executor's log showed no new poller serial within 120 s (not yet investigated)"]
 async fn certificates_rotate_through_the_kubelets_secret_volumes() -> anyhow::Result<()> {
     let test = "rn-rotation";
     // Short lifetimes, by the executor's configuration in the manifest: a certificate lives
