@@ -25,7 +25,10 @@ step "actionlint (.github/workflows)"
 "$bin/actionlint" .github/workflows/*.yml
 
 step "container images (tests/env/images.sh: cached by input hash)"
-bash tests/env/images.sh "$bin" "$root/target/images" "$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)" >/dev/null
+# Tagged with the crate version, as the real-node tests render the manifest
+# (tests/src/real_node.rs: AGENT_VERSION), and once more as "next": a new version of the same
+# images for the self-update test (NEXT_AGENT_VERSION).
+images=$(bash tests/env/images.sh "$bin" "$root/target/images" "$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)" next | tr '\n' ' ')
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
@@ -33,11 +36,14 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "build the agent binaries"
 cargo build --workspace --bins
 
-step "start the control plane"
+step "start the control plane and the real node"
 state=$root/target/testenv
+[ -f "$state/pids" ] && bash tests/env/stop.sh "$state" >/dev/null 2>&1
 rm -rf "$state"
 trap 'bash tests/env/stop.sh "$state"' EXIT
-bash tests/env/start.sh "$state" "$bin"
+# The real node (tests/env/node.sh) runs the agent's images as pods for tests/tests/real_node.
+DISTR_TESTENV_REAL_NODE=${DISTR_TESTENV_REAL_NODE:-1} DISTR_TESTENV_NODE_IMAGES="$images" \
+  bash tests/env/start.sh "$state" "$bin"
 
 step "unit and end-to-end tests"
 export DISTR_TESTENV="$state/env"

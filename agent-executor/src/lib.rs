@@ -11,9 +11,11 @@
 //! - [`release`]: the reconciliation: plan, recovery, the per-release workers, the status
 //!   board, and the reconciler that drives them.
 //! - [`grpc`]: the gRPC service (transport only); [`logs`], [`cluster_metrics`], [`pki`].
+//! - [`fence`]: the Lease that lets one executor act at a time.
 
 pub mod cluster;
 pub mod cluster_metrics;
+pub mod fence;
 pub mod grpc;
 pub mod helm;
 pub mod logs;
@@ -160,6 +162,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .map_err(|error| anyhow::anyhow!("cannot configure the Kubernetes client: {error}"))?;
+    // One executor acts at a time: in a container (the executor its first process, so that
+    // its helm children die with it), nothing below runs before this one holds the Lease. A
+    // host process (the end-to-end tests run the binaries so) runs unfenced, as before.
+    let fence = if std::process::id() == 1 {
+        match fence::hold(client.clone(), &args.namespace, runtime.shutdown.clone()).await {
+            Ok(held) => Some(held),
+            Err(fence::FenceError::Cancelled) => {
+                runtime.finish().await;
+                return Ok(());
+            }
+            Err(error) => return Err(error.into()),
+        }
+    } else {
+        None
+    };
     let pki = pki::Pki::new(client.clone(), &args.namespace, pki_config);
     let own_credentials = pki.own_credentials();
     runtime.watch_certificate(own_credentials.clone());
@@ -252,7 +269,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let served = server.serve(tls, runtime.shutdown.clone()).await;
     recovery.abort();
     pki_task.abort();
-    reconciler.shutdown(SHUTDOWN_GRACE).await;
+    if let (true, Some(fence)) = (reconciler.shutdown(SHUTDOWN_GRACE).await, &fence) {
+        // Every helm ended: the next executor may start at once.
+        fence.release().await;
+    }
     runtime.finish().await;
     served
 }

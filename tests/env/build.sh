@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the test environment from the package registries: Kubernetes, etcd, kwok,
 # metrics-server, helm, grpcurl and actionlint from the Go module proxy, the OCI registry from
-# Debian. Each component is cached by version under $DISTR_TESTENV_CACHE; a second run is a
-# no-op. Prints the bin directory.
+# Debian; for the real node (tests/env/node.sh) the kubelet and kube-proxy, CoreDNS and a
+# pause image from the Go module proxy, containerd, runc, the CNI plugins, iptables, nftables
+# and buildah from Debian. Each component is cached by version
+# under $DISTR_TESTENV_CACHE; a second run is a no-op. Prints the bin directory.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -36,7 +38,7 @@ progress() {
 
 # What is being built and how far: each component says which of the $parts it is, and a
 # build that takes minutes says every 30 s that it still runs (never a silent wait).
-parts=9 part=0
+parts=13 part=0
 component() { part=$((part + 1)); "$@"; }
 building() { log "building $* (component $part of $parts)"; }
 ticking() {
@@ -64,6 +66,17 @@ ticking() {
 built() { [ -f "$cache/stamps/$1" ] && [ "$(cat "$cache/stamps/$1")" = "$2" ]; }
 mark() { mkdir -p "$cache/stamps"; printf '%s' "$2" >"$cache/stamps/$1"; }
 
+# kube_ldflags <version>: the version the Kubernetes commands report, as upstream's build sets it.
+kube_ldflags() {
+  local v=$1 minor p ld="-s -w"
+  minor=${v#v1.}; minor=${minor%%.*}
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
+    ld+=" -X $p.buildDate=2026-01-01T00:00:00Z"
+  done
+  echo "$ld"
+}
+
 build_kubernetes() {
   local v=$KUBERNETES_VERSION minor
   built kubernetes "$v" && return
@@ -87,14 +100,8 @@ build_kubernetes() {
     log "downloading the Kubernetes modules"
     ticking "Kubernetes modules" go get "k8s.io/kubernetes/cmd/kube-apiserver@$v" "k8s.io/kubernetes/cmd/kube-controller-manager@$v" \
       "k8s.io/kubernetes/cmd/kube-scheduler@$v" "k8s.io/kubernetes/cmd/kubectl@$v"
-    minor=${v#v1.}; minor=${minor%%.*}
-    local ld="-s -w" p
-    for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-      ld+=" -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
-      ld+=" -X $p.buildDate=2026-01-01T00:00:00Z"
-    done
     log "compiling Kubernetes (about 2,000 packages; a few minutes on 2 cores)"
-    go build -v -trimpath -tags selinux,notest -ldflags "$ld" -o "$bin/" \
+    go build -v -trimpath -tags selinux,notest -ldflags "$(kube_ldflags "$v")" -o "$bin/" \
       k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
       k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl 2>&1 | progress kubernetes
   )
@@ -179,6 +186,86 @@ build_render_manifest() {
   mark render-manifest "$sum"
 }
 
+# The real node's Debian packages. containerd's package would start its daemon: forbidden, as
+# for the registry (the node runs its own, see node.sh).
+install_node_packages() {
+  local want=(containerd runc containernetworking-plugins iptables nftables conntrack buildah) missing=()
+  local p
+  for p in "${want[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} = 0 ] && return
+  log "installing Debian's ${missing[*]} (component $part of $parts)"
+  local rc=/usr/sbin/policy-rc.d had=0
+  [ -e "$rc" ] && had=1
+  [ $had = 1 ] || printf '#!/bin/sh\nexit 101\n' | as_root tee "$rc" >/dev/null
+  as_root chmod +x "$rc"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2 ||
+    { as_root apt-get update -q >&2 && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2; }
+  [ $had = 1 ] || as_root rm -f "$rc"
+}
+
+# The kubelet and kube-proxy, in the wrapper module of the control plane (build_kubernetes),
+# at the same version. The kubelet needs go.sum entries the other commands do not: `go get` it.
+build_kubernetes_node() {
+  local v=$KUBERNETES_VERSION
+  built kubernetes-node "$v" && return
+  building "Kubernetes $v node (kubelet, kube-proxy)"
+  (
+    cd "$cache/src/kubernetes-$v"
+    ticking "Kubernetes node modules" go get "k8s.io/kubernetes/cmd/kubelet@$v" "k8s.io/kubernetes/cmd/kube-proxy@$v" 2>&1 |
+      sed '/^go: \(added\|downloading\|upgraded\) /d' >&2
+    log "compiling the kubelet and kube-proxy (most packages are the control plane's, cached)"
+    go build -v -trimpath -tags selinux,notest -ldflags "$(kube_ldflags "$v")" -o "$bin/" \
+      k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy 2>&1 | progress kubernetes-node
+  )
+  mark kubernetes-node "$v"
+}
+
+# go_wrapper <name> <dir of main.go> <go version> <package@version...>: builds the main package
+# in <dir> (the project's own few lines around a module's packages) in a wrapper module that
+# requires exactly those packages' modules at those versions.
+go_wrapper() {
+  local name=$1 src=$here/$2 go=$3 sum
+  shift 3
+  sum=$( (cat "$src/main.go"; echo "$*") | sha256sum | cut -c1-16)
+  built "$name" "$sum" && [ -x "$bin/$name" ] && return
+  building "$name ($*)"
+  local w="$cache/src/$name"
+  rm -rf "$w" && mkdir -p "$w"
+  cp "$src/main.go" "$w/"
+  printf 'module distr.local/testenv/%s\n\ngo %s\n' "$name" "$go" >"$w/go.mod"
+  (
+    cd "$w"
+    ticking "$name modules" go get "$@" 2>&1 | sed '/^go: \(added\|downloading\|upgraded\) /d' >&2
+    ticking "$name" go build -trimpath -ldflags "-s -w" -o "$bin/$name" .
+  )
+  mark "$name" "$sum"
+}
+
+build_coredns() {
+  local v=$COREDNS_VERSION p pkgs=()
+  for p in coremain plugin/bind plugin/cache plugin/errors plugin/kubernetes; do pkgs+=("github.com/coredns/coredns/$p@$v"); done
+  go_wrapper coredns coredns 1.25.0 "${pkgs[@]}"
+}
+
+# The pod sandbox image: tests/env/pause as the only file of an image, written as an OCI
+# archive by Debian's buildah (no daemon: vfs storage, chroot isolation).
+build_pause() {
+  local src=$here/pause sum out=$cache/node/pause.oci.tar
+  sum=$(cat "$src/go.mod" "$src/main.go" "$src/Dockerfile" | sha256sum | cut -c1-16)
+  built pause "$sum" && [ -f "$out" ] && return
+  building "the pause image"
+  local w="$cache/src/pause"
+  rm -rf "$w" && mkdir -p "$w" "$cache/node"
+  (cd "$src" && go build -trimpath -ldflags "-s -w" -o "$w/pause" .)
+  cp "$src/Dockerfile" "$w/"
+  local storage=(--storage-driver vfs --root "$w/storage" --runroot "$w/run")
+  as_root buildah "${storage[@]}" build --isolation chroot -q -t distr.local/testenv/pause:1 "$w" >/dev/null
+  rm -f "$out"
+  as_root buildah "${storage[@]}" push -q distr.local/testenv/pause:1 "oci-archive:$out:distr.local/testenv/pause:1"
+  as_root rm -rf "$w/storage" "$w/run"
+  mark pause "$sum"
+}
+
 component install_registry
 component build_render_manifest
 component build_etcd
@@ -188,5 +275,9 @@ component go_install actionlint "github.com/rhysd/actionlint/cmd/actionlint@$ACT
 component build_kwok
 component go_install metrics-server "sigs.k8s.io/metrics-server/cmd/metrics-server@$METRICS_SERVER_VERSION"
 component build_kubernetes
+component install_node_packages
+component build_kubernetes_node
+component build_coredns
+component build_pause
 log "test environment ready in $bin ($(du -sh "$cache" | cut -f1) cached)"
 echo "$bin"

@@ -12,6 +12,12 @@
 #   in the CRI log format and is re-read on every request. See tests/src/kwok.rs.
 # - Metrics: tests/env/kwok-metrics.yaml; kwok-node-0 reports the constant usage below.
 #
+# The real node (tests/env/node.sh): with DISTR_TESTENV_REAL_NODE=1 (tests/run.sh sets it), a
+# kubelet with containerd, kube-proxy, CoreDNS and a NetworkPolicy engine join the cluster as
+# node distr-node-0, beside the kwok node, and kube-apiserver and the registry listen on the
+# bridge's address (DISTR_TESTENV_HOST_IP), which pods reach, instead of 127.0.0.1.
+# DISTR_TESTENV_NODE_IMAGES: OCI archives (space-separated) imported into its containerd.
+#
 # Opt-ins for the benchmark (bench/run.sh); unset, nothing changes:
 # - DISTR_TESTENV_AUDIT=1: kube-apiserver writes an audit log, one JSON event per line, to
 #   $state/logs/audit.log (Metadata level; node leases, health probes and the API server's own
@@ -28,6 +34,8 @@ state=${1:?usage: start.sh <state-dir> <bin-dir>}
 bin=${2:?usage: start.sh <state-dir> <bin-dir>}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache=$(cd "$bin/.." && pwd)
+# shellcheck source=node.sh
+source "$here/node.sh"
 
 mkdir -p "$state"/{pki,logs,registry,kwok-logs,metrics-server}
 state=$(cd "$state" && pwd)
@@ -65,12 +73,12 @@ openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=distr-testenv-ca" \
   -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
 openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
   -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr" 2>/dev/null
-printf 'subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n' >"$pki/apiserver.ext"
+printf 'subjectAltName=IP:127.0.0.1,IP:10.0.0.1,IP:%s,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n' "$node_host_ip" >"$pki/apiserver.ext"
 openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
   -days 2 -extfile "$pki/apiserver.ext" -out "$pki/apiserver.crt" 2>/dev/null
 openssl req -newkey rsa:2048 -nodes -subj "/CN=registry" \
   -keyout "$pki/registry.key" -out "$pki/registry.csr" 2>/dev/null
-printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >"$pki/registry.ext"
+printf 'subjectAltName=IP:127.0.0.1,IP:%s,DNS:localhost\nextendedKeyUsage=serverAuth\n' "$node_host_ip" >"$pki/registry.ext"
 openssl x509 -req -in "$pki/registry.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
   -days 2 -extfile "$pki/registry.ext" -out "$pki/registry.crt" 2>/dev/null
 # Serving certificates for kwok (the "kubelet") and metrics-server, checked by kube-apiserver and
@@ -92,6 +100,7 @@ ec_cert metrics-server metrics-server \
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
   -subj "/CN=distr-testenv-front-proxy-ca" -keyout "$pki/front-proxy-ca.key" -out "$pki/front-proxy-ca.crt" 2>/dev/null
 ec_cert front-proxy-client front-proxy-client subjectAltName=DNS:front-proxy-client clientAuth front-proxy-ca
+node_certs
 openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
 openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
 admin_token=$(openssl rand -hex 24)
@@ -107,6 +116,18 @@ sched_port=$(free_port)
 kwok_port=$(free_port)
 metrics_port=$(free_port)
 registry_port=$(free_port)
+kubelet_port=$(free_port)
+kubelet_healthz_port=$(free_port)
+
+# Where the API server and the registry listen: the real node's bridge when it runs (pods
+# reach the host there; so does the host), loopback otherwise.
+host_ip=127.0.0.1
+real_node=
+if node_wanted; then
+  node_network
+  host_ip=$node_host_ip
+  real_node=$node_name
+fi
 
 etcd_data=$state/etcd
 [ -d /dev/shm ] && etcd_data=$(mktemp -d /dev/shm/distr-testenv-etcd.XXXXXX)
@@ -145,22 +166,24 @@ if [ -n "${DISTR_TESTENV_KUBE_API_QPS:-}" ]; then
   client_qps_flags=(--kube-api-qps "$DISTR_TESTENV_KUBE_API_QPS" --kube-api-burst "$((2 * DISTR_TESTENV_KUBE_API_QPS))")
 fi
 
-log "starting kube-apiserver on https://127.0.0.1:$api_port"
+log "starting kube-apiserver on https://$host_ip:$api_port"
 run kube-apiserver "$bin/kube-apiserver" "${audit_flags[@]}" \
   --etcd-servers "http://127.0.0.1:$etcd_port" \
-  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+  --bind-address "$host_ip" --advertise-address "$host_ip" --secure-port "$api_port" \
   --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
   --client-ca-file "$pki/ca.crt" --token-auth-file "$pki/tokens.csv" \
   --service-account-issuer https://kubernetes.default.svc \
   --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
-  --service-cluster-ip-range 10.0.0.0/24 --authorization-mode RBAC \
+  --service-cluster-ip-range 10.0.0.0/24 --authorization-mode Node,RBAC \
+  --enable-admission-plugins NodeRestriction,PodNodeSelector,PodTolerationRestriction \
+  --kubelet-client-certificate "$pki/apiserver-kubelet-client.crt" --kubelet-client-key "$pki/apiserver-kubelet-client.key" \
   --endpoint-reconciler-type none --enable-priority-and-fairness=false --allow-privileged=true \
   --kubelet-preferred-address-types InternalIP --kubelet-certificate-authority "$pki/ca.crt" \
   --requestheader-client-ca-file "$pki/front-proxy-ca.crt" --requestheader-allowed-names front-proxy-client \
   --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
   --requestheader-extra-headers-prefix X-Remote-Extra- \
   --proxy-client-cert-file "$pki/front-proxy-client.crt" --proxy-client-key-file "$pki/front-proxy-client.key"
-api="https://127.0.0.1:$api_port"
+api="https://$host_ip:$api_port"
 wait_until kube-apiserver 90 curl -fsS --cacert "$pki/ca.crt" -H "Authorization: Bearer $admin_token" "$api/readyz"
 
 kubeconfig=$state/admin.kubeconfig
@@ -204,7 +227,7 @@ wait_until "kwok CRDs" 30 kubectl wait --for condition=Established --timeout=2s 
   crd/logs.kwok.x-k8s.io crd/clusterlogs.kwok.x-k8s.io
 run kwok "$bin/kwok" --kubeconfig "$kubeconfig" \
   --config "$cache/kwok/stages.yaml" --config "$here/kwok-metrics.yaml" --enable-crds Logs,ClusterLogs \
-  --manage-all-nodes=true --cidr 10.244.0.0/16 --server-address "127.0.0.1:$kwok_port" \
+  --manage-all-nodes=false --manage-nodes-with-label-selector type=kwok --cidr 10.244.0.0/16 --server-address "127.0.0.1:$kwok_port" \
   --node-ip 127.0.0.1 --node-port "$kwok_port" \
   --tls-cert-file "$pki/kwok.crt" --tls-private-key-file "$pki/kwok.key" \
   --node-lease-duration-seconds 40
@@ -216,7 +239,7 @@ run metrics-server "$bin/metrics-server" --kubeconfig "$kubeconfig" \
   --tls-cert-file "$pki/metrics-server.crt" --tls-private-key-file "$pki/metrics-server.key" \
   --kubelet-preferred-address-types InternalIP --kubelet-use-node-status-port \
   --kubelet-certificate-authority "$pki/ca.crt" --metric-resolution 10s --kubelet-request-timeout 5s \
-  --authorization-always-allow-paths "$always_allow"
+  --authorization-always-allow-paths "$always_allow" --node-selector type=kwok
 
 # The node's constant usage (see tests/env/kwok-metrics.yaml), also written to $state/env.
 node_cpu_usage=1500m
@@ -270,7 +293,7 @@ wait_until "default ServiceAccount" 60 kubectl get serviceaccount default -n def
 wait_until "metrics-server APIService" 60 kubectl wait --for condition=Available --timeout=2s \
   apiservice/v1beta1.metrics.k8s.io
 
-log "starting the OCI registry on https://127.0.0.1:$registry_port"
+log "starting the OCI registry on https://$host_ip:$registry_port"
 registry_user=distr-test
 registry_password=$(openssl rand -hex 16)
 htpasswd -Bbn "$registry_user" "$registry_password" >"$state/registry/htpasswd" 2>/dev/null
@@ -281,7 +304,7 @@ storage:
   filesystem: {rootdirectory: $state/registry/data}
   delete: {enabled: true}
 http:
-  addr: 127.0.0.1:$registry_port
+  addr: $host_ip:$registry_port
   tls: {certificate: $pki/registry.crt, key: $pki/registry.key}
 auth:
   htpasswd:
@@ -289,7 +312,12 @@ auth:
     path: $state/registry/htpasswd
 REGISTRY
 run registry /usr/bin/docker-registry serve "$state/registry/config.yml"
-wait_until registry 30 curl -sS --cacert "$pki/ca.crt" -o /dev/null "https://127.0.0.1:$registry_port/v2/"
+wait_until registry 30 curl -sS --cacert "$pki/ca.crt" -o /dev/null "https://$host_ip:$registry_port/v2/"
+
+if [ -n "$real_node" ]; then
+  read -r -a node_extra_images <<<"${DISTR_TESTENV_NODE_IMAGES:-}"
+  node_start
+fi
 
 cat >"$state/env" <<ENV
 DISTR_TESTENV_STATE=$state
@@ -297,11 +325,14 @@ DISTR_TESTENV_BIN=$bin
 DISTR_TESTENV_KUBECONFIG=$kubeconfig
 DISTR_TESTENV_APISERVER=$api
 DISTR_TESTENV_CA=$pki/ca.crt
-DISTR_TESTENV_REGISTRY=127.0.0.1:$registry_port
+DISTR_TESTENV_REGISTRY=$host_ip:$registry_port
 DISTR_TESTENV_REGISTRY_USER=$registry_user
 DISTR_TESTENV_REGISTRY_PASSWORD=$registry_password
 DISTR_TESTENV_KWOK_LOGS_DIR=$state/kwok-logs
 DISTR_TESTENV_NODE_CPU_USAGE=$node_cpu_usage
 DISTR_TESTENV_NODE_MEMORY_USAGE=$node_memory_usage
+DISTR_TESTENV_HOST_IP=$host_ip
+DISTR_TESTENV_REAL_NODE=$real_node
+DISTR_TESTENV_CONTAINERD_SOCKET=${real_node:+$state/node/containerd.sock}
 ENV
-log "control plane ready: $api (kubeconfig $kubeconfig), registry https://127.0.0.1:$registry_port"
+log "control plane ready: $api (kubeconfig $kubeconfig), registry https://$host_ip:$registry_port${real_node:+, real node $real_node}"

@@ -30,6 +30,14 @@ pub struct TestEnv {
     pub node_memory_usage: String,
     /// Directory of the agent binaries (target/debug).
     pub agent_bin: PathBuf,
+    /// The host's address as pods on the real node reach it (the bridge's), where kube-apiserver
+    /// and the registry listen; 127.0.0.1 when the environment runs without a real node.
+    pub host_ip: String,
+    /// Name of the real node (kubelet, containerd), if the environment runs one
+    /// (`DISTR_TESTENV_REAL_NODE=1`, see `tests/env/node.sh`).
+    pub real_node: Option<String>,
+    /// The real node's containerd socket.
+    pub containerd_socket: Option<PathBuf>,
 }
 
 static ENV: LazyLock<Result<TestEnv, String>> = LazyLock::new(|| TestEnv::load().map_err(|e| format!("{e:#}")));
@@ -77,6 +85,7 @@ impl TestEnv {
                 .map(|v| v.to_string())
                 .with_context(|| format!("{file} has no {key}"))
         };
+        let optional = |key: &str| vars.get(key).filter(|v| !v.is_empty()).map(|v| v.to_string());
         let agent_bin = match std::env::var("DISTR_AGENT_BIN_DIR") {
             Ok(dir) => PathBuf::from(dir),
             Err(_) => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"),
@@ -94,6 +103,9 @@ impl TestEnv {
             node_cpu_usage: get("DISTR_TESTENV_NODE_CPU_USAGE")?,
             node_memory_usage: get("DISTR_TESTENV_NODE_MEMORY_USAGE")?,
             agent_bin,
+            host_ip: optional("DISTR_TESTENV_HOST_IP").unwrap_or_else(|| "127.0.0.1".to_owned()),
+            real_node: optional("DISTR_TESTENV_REAL_NODE"),
+            containerd_socket: optional("DISTR_TESTENV_CONTAINERD_SOCKET").map(PathBuf::from),
         })
     }
 

@@ -19,6 +19,7 @@ pub mod hubsim;
 pub mod install;
 pub mod kwok;
 pub mod process;
+pub mod real_node;
 pub mod registry;
 pub mod tools;
 pub mod wait;

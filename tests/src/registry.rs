@@ -16,6 +16,12 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry on loopback that admits only `user`/`password`.
     pub async fn start(test: &str, user: &str, password: &str) -> anyhow::Result<Self> {
+        Self::start_on("127.0.0.1", test, user, password).await
+    }
+
+    /// Starts a registry on `ip` (the real node's pods reach the host at its bridge address)
+    /// that admits only `user`/`password`.
+    pub async fn start_on(ip: &str, test: &str, user: &str, password: &str) -> anyhow::Result<Self> {
         TestEnv::get().record_secret(password);
         let env = TestEnv::get();
         let dir = env
@@ -38,8 +44,9 @@ impl Registry {
         );
         std::fs::write(dir.join("htpasswd"), &htpasswd.stdout)?;
         let port = free_port()?;
+        let host = format!("{ip}:{port}");
         let config = format!(
-            "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem: {{rootdirectory: {root}}}\nhttp:\n  addr: 127.0.0.1:{port}\n\
+            "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem: {{rootdirectory: {root}}}\nhttp:\n  addr: {host}\n\
              auth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n",
             root = dir.join("data").display(),
             htpasswd = dir.join("htpasswd").display(),
@@ -57,7 +64,6 @@ impl Registry {
         if let Some(pid) = process.id() {
             env.record_pid(pid, "registry");
         }
-        let host = format!("127.0.0.1:{port}");
         let url = format!("http://{host}/v2/");
         wait_for("test registry", Duration::from_secs(20), || async {
             reqwest::get(&url).await.ok().map(|_| ())

@@ -937,7 +937,8 @@ impl Reconciler {
     /// Stops the workers: no new operation starts; Helm operations in flight are asked to
     /// stop (SIGTERM) and get `grace` to record that and exit. Their intent is already in the
     /// tracking Secret, so whatever is still cut short is recovered on the next start.
-    pub async fn shutdown(&self, grace: Duration) {
+    /// Returns whether every operation ended within `grace`.
+    pub async fn shutdown(&self, grace: Duration) -> bool {
         self.inner.shutdown.cancel();
         self.inner.tasks.close();
         // Helm stops gracefully on SIGTERM and records what it did (see
@@ -951,7 +952,9 @@ impl Reconciler {
                 ?grace,
                 "helm operations still running at shutdown; they are recovered on the next start"
             );
+            return false;
         }
+        true
     }
 
     fn release_info(

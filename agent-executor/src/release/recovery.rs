@@ -6,7 +6,10 @@
 //! - Only operations the agent started (tracking phase `progressing`) are taken over; a
 //!   pending revision without that is someone else's and left alone.
 //! - A pending revision younger than the operation's timeout plus margins may still belong
-//!   to a live `helm` (the previous executor pod during a rolling update): wait for it.
+//!   to a live `helm` (the previous executor pod during a rolling update): wait for it;
+//!   unless the executor's fence knows that every `helm` of the executors before it has ended
+//!   (its predecessor was its container's first process and is gone: [`crate::fence`]), and
+//!   the revision was written before.
 //! - An older `pending-install` is uninstalled (the install never completed, and a fresh
 //!   install follows); an older `pending-upgrade`/`pending-rollback` is rolled back to the
 //!   revision before it, without waiting for resources, so Helm accepts operations again.
@@ -80,7 +83,15 @@ pub async fn recover(
             return Ok(Outcome::Waiting(plan::foreign_pending(release, pending)));
         }
         let grace = timeout + OPERATION_MARGIN + TAKEOVER_SLACK;
-        if may_still_run(pending.last_deployed, Utc::now(), grace) {
+        let abandoned = crate::fence::earlier_helm_ended_before()
+            .is_some_and(|ended| pending.last_deployed.is_some_and(|written| written < ended));
+        if abandoned {
+            tracing::info!(
+                release,
+                revision = pending.revision,
+                "the helm of this interrupted operation ended with the executor that ran it: taking it over now"
+            );
+        } else if may_still_run(pending.last_deployed, Utc::now(), grace) {
             return Ok(Outcome::Waiting(format!(
                 "waiting for the interrupted helm operation on {release} ({} of revision {}) to finish or time out",
                 pending.status, pending.revision

@@ -247,6 +247,12 @@ impl std::fmt::Debug for HubSim {
 impl HubSim {
     /// Binds `127.0.0.1:0` and serves until dropped.
     pub async fn start(options: HubSimOptions) -> anyhow::Result<HubSim> {
+        Self::start_on("127.0.0.1", options).await
+    }
+
+    /// Binds `<ip>:0` (the real node's pods reach the host at its bridge address) and serves
+    /// until dropped.
+    pub async fn start_on(ip: &str, options: HubSimOptions) -> anyhow::Result<HubSim> {
         let key: Vec<u8> = Uuid::new_v4()
             .as_bytes()
             .iter()
@@ -268,7 +274,7 @@ impl HubSim {
             org_id: Uuid::new_v4(),
             changes: watch::Sender::new(0),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
         let addr = listener.local_addr()?;
         let app = routes::router(shared.clone());
         let server = tokio::spawn(async move {
@@ -280,7 +286,7 @@ impl HubSim {
         Ok(HubSim { addr, shared, server })
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://<ip>:<port>`.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
     }

@@ -1,0 +1,3 @@
+module distr.local/testenv/pause
+
+go 1.24
