@@ -10,6 +10,7 @@
 //! - [`resources`]: the objects of a release: manifest, health, restart.
 //! - [`release`]: the reconciliation: plan, recovery, the per-release workers, the status
 //!   board, and the reconciler that drives them.
+//! - [`policy`]: the customer's policy, read from a ConfigMap and checked before Helm writes.
 //! - [`grpc`]: the gRPC service (transport only); [`logs`], [`cluster_metrics`], [`pki`].
 
 pub mod cluster;
@@ -19,6 +20,7 @@ pub mod helm;
 pub mod logs;
 pub mod model;
 pub mod pki;
+pub mod policy;
 pub mod release;
 pub mod resources;
 pub mod validate;
@@ -168,7 +170,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         bin: args.helm_bin.clone(),
         scratch_dir,
         allow_http_charts: args.allow_http_charts,
-    })?;
+    })?
+    .with_policy(policy::Gate::new(
+        policy::watch::start(client.clone(), &args.namespace, runtime.shutdown.clone()),
+        Some(client.clone()),
+        &args.namespace,
+    ));
     let log_collector = std::sync::Arc::new(logs::LogCollector::new(client.clone()));
     let metrics_client = client.clone();
     let reconciler = release::reconciler::Reconciler::new(

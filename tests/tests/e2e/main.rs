@@ -9,6 +9,7 @@ mod hub_to_helm;
 mod logs_and_metrics;
 mod long_operations;
 mod mtls;
+mod policy;
 mod reliability;
 mod selfupdate;
 mod watches;
