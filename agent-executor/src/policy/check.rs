@@ -554,6 +554,38 @@ mod tests {
     }
 
     #[test]
+    fn the_time_to_check_a_thousand_objects_is_printed() {
+        let policy = policy(
+            "{namespaces: [apps], clusterResourceWhitelist: [], namespaceResourceBlacklist: [{group: '', kind: ResourceQuota}], \
+             images: ['registry.example.com/*'], podSecurity: restricted}",
+        );
+        let manifest: String = (0..500)
+            .map(|i| {
+                format!(
+                    "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c{i}}}\ndata: {{a: b}}\n---\n\
+                     apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d{i}}}\nspec:\n  template:\n    spec:\n      \
+                     containers: [{{name: web, image: registry.example.com/web:{i}}}]\n"
+                )
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let mut objects = Vec::new();
+        crate::policy::manifest_objects(&manifest, &mut objects).unwrap();
+        let parsed = started.elapsed();
+        let violations = check_objects(&policy, "apps", "agent", &objects, &Scopes::new());
+        eprintln!(
+            "{} objects ({} KiB of YAML): parsed in {parsed:?}, checked in {:?}, {} findings",
+            objects.len(),
+            manifest.len() / 1024,
+            started.elapsed() - parsed,
+            violations.len()
+        );
+        assert_eq!(objects.len(), 1000);
+        // The pod templates set no security context: restricted finds four things in each.
+        assert_eq!(violations.len(), 500 * 4);
+    }
+
+    #[test]
     fn no_release_may_write_the_policy() {
         let own = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "distr-agent-policy"}});
         let found = check_objects(

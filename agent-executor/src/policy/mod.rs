@@ -171,7 +171,16 @@ pub enum RenderError {
 
 /// Every object of a rendered release (manifest and hooks), `List`s flattened.
 pub fn rendered_objects(release_json: &[u8]) -> Result<Vec<Value>, RenderError> {
-    let release: RenderedRelease = serde_json::from_slice(release_json).map_err(RenderError::Json)?;
+    // Helm prints what it pulled (`Pulled: ...`, `Digest: ...`) on stdout before the JSON.
+    let start = if release_json.starts_with(b"{") {
+        0
+    } else {
+        release_json
+            .windows(2)
+            .position(|pair| pair == b"\n{")
+            .map_or(0, |index| index + 1)
+    };
+    let release: RenderedRelease = serde_json::from_slice(&release_json[start..]).map_err(RenderError::Json)?;
     let mut objects = Vec::new();
     for manifest in std::iter::once(&release.manifest).chain(release.hooks.iter().map(|hook| &hook.manifest)) {
         manifest_objects(manifest, &mut objects)?;
@@ -216,6 +225,8 @@ mod tests {
             "hooks": [{"manifest": "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: migrate\n"}]
         });
         let objects = rendered_objects(json.to_string().as_bytes()).unwrap();
+        let pulled = format!("Pulled: 127.0.0.1:5000/charts/web:0.1.0\nDigest: sha256:00\n{json}");
+        assert_eq!(rendered_objects(pulled.as_bytes()).unwrap(), objects);
         let names: Vec<&str> = objects
             .iter()
             .map(|o| o["metadata"]["name"].as_str().unwrap())

@@ -71,7 +71,7 @@ subjects:
 /// The releases Helm knows in `namespace`.
 async fn helm_releases(namespace: &str) -> anyhow::Result<String> {
     let home = tempfile::tempdir()?;
-    Ok(tools::helm(home.path(), &["ls", "-a", "-q", "-n", namespace])
+    Ok(tools::helm(home.path(), &["ls", "-q", "-n", namespace])
         .await?
         .ok("helm ls")?
         .stdout)
