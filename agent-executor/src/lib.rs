@@ -10,6 +10,7 @@
 //! - [`resources`]: the objects of a release: manifest, health, restart.
 //! - [`release`]: the reconciliation: plan, recovery, the per-release workers, the status
 //!   board, and the reconciler that drives them.
+//! - [`policy`]: the customer's policy, read from a ConfigMap and checked before Helm writes.
 //! - [`grpc`]: the gRPC service (transport only); [`logs`], [`cluster_metrics`], [`pki`].
 //! - [`fence`]: the Lease that lets one executor act at a time.
 
@@ -21,6 +22,7 @@ pub mod helm;
 pub mod logs;
 pub mod model;
 pub mod pki;
+pub mod policy;
 pub mod release;
 pub mod resources;
 pub mod validate;
@@ -198,7 +200,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         bin: args.helm_bin.clone(),
         scratch_dir,
         allow_http_charts: args.allow_http_charts,
-    })?;
+    })?
+    .with_policy(policy::Gate::new(
+        policy::watch::start(client.clone(), &args.namespace, runtime.shutdown.clone()),
+        Some(client.clone()),
+        &args.namespace,
+    ));
     let metrics_client = client.clone();
     let logs_client = client.clone();
     let reconciler = release::reconciler::Reconciler::new(

@@ -310,6 +310,17 @@ pub enum ChartSource {
     },
 }
 
+impl ChartSource {
+    /// The source as the agent policy's `chartSources` see it: the `oci://` reference, or
+    /// the classic repository's URL (without credentials).
+    pub fn policy_source(&self) -> &str {
+        match self {
+            Self::Oci { reference, .. } => reference,
+            Self::Repository { url, .. } => url,
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -19,7 +19,7 @@ use k8s_openapi::{ByteString, api::core::v1::Secret};
 pub type Target = fn(&[u8]);
 
 /// The targets by name (the directory names under `fuzz/corpus/`).
-pub const TARGETS: [(&str, Target); 10] = [
+pub const TARGETS: [(&str, Target); 11] = [
     ("hub_resources", hub_resources),
     ("jwt_expiry", jwt_expiry),
     ("tracking_record", tracking_record),
@@ -30,6 +30,7 @@ pub const TARGETS: [(&str, Target); 10] = [
     ("agent_manifest", agent_manifest),
     ("config_dir", config_dir),
     ("readiness", readiness),
+    ("policy", policy),
 ];
 
 fn text(data: &[u8]) -> Option<&str> {
@@ -202,5 +203,39 @@ pub fn readiness(data: &[u8]) {
     assert!(verdict.is_some(), "both annotations are present");
     if let Some(Err(why)) = verdict {
         assert!(!why.is_empty(), "a verdict says why");
+    }
+}
+
+/// The customer's policy and the check of a rendered release against it: the input is the
+/// policy document, a line `%%`, and the rendered manifest (multi-document YAML). Without the
+/// separator the whole input is both, checked against a policy that uses every rule. The
+/// check never panics, and a refusal always names its rule and object.
+pub fn policy(data: &[u8]) {
+    use agent_executor::policy::{check, document};
+    let Some(text) = text(data) else { return };
+    const EVERY_RULE: &str = "{chartSources: [oci://r.example.com], namespaces: ['a*'], \
+        clusterResourceWhitelist: [{group: '*', kind: 'Cluster*'}], \
+        namespaceResourceBlacklist: [{group: '', kind: ResourceQuota}], images: ['r.example.com/*'], \
+        podSecurity: restricted, serviceAccounts: {apps: deployer}}";
+    let (policy_text, manifest) = text.split_once("\n%%\n").unwrap_or((EVERY_RULE, text));
+    let Ok(policy) = document::parse(Some(policy_text)) else {
+        return;
+    };
+    let mut objects = Vec::new();
+    if agent_executor::policy::manifest_objects(manifest, &mut objects).is_err() {
+        return;
+    }
+    let release = check::Release {
+        name: "web",
+        namespace: "apps",
+        source: "oci://r.example.com/web",
+    };
+    let _ = check::check_release(&policy, &release);
+    let _ = check::unknown_kinds(&objects);
+    for violation in check::check_objects(&policy, "apps", "agent", &objects, &check::Scopes::new()) {
+        assert!(
+            !violation.rule.is_empty() && !violation.object.is_empty(),
+            "{violation}"
+        );
     }
 }

@@ -44,6 +44,7 @@ use tokio::process::Command;
 
 use crate::{
     model::{ChartSource, HelmOptions, RegistryCredentials, RegistryLogin, WaitStrategy, format_helm_duration},
+    policy,
     validate::redact_url_credentials,
 };
 
@@ -52,8 +53,12 @@ use crate::{
 pub const OPERATION_MARGIN: Duration = Duration::from_secs(60);
 /// Limit for a repository index update before an operation.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
-/// Bytes of Helm's stdout kept (the first ones): what the executor reads of it is short.
+/// Bytes of Helm's stdout kept (the first ones): what the executor reads of it is short,
+/// but for a render, which is the whole release.
 const MAX_STDOUT: usize = 256 * 1024;
+/// Bytes of a render's stdout kept (`--dry-run=server --output=json`, the policy's input):
+/// a release's manifests as JSON; a longer one is cut, fails to parse, and is refused.
+const MAX_RENDER_STDOUT: usize = 32 * 1024 * 1024;
 /// Bytes of Helm's stderr kept (the last ones, where Helm's `Error:` line is).
 const MAX_STDERR: usize = 64 * 1024;
 /// Revisions Helm keeps per release.
@@ -106,6 +111,9 @@ pub enum HelmError {
     /// Helm's output could not be parsed.
     #[error("cannot parse the output of helm {operation}: {reason}")]
     Output { operation: &'static str, reason: String },
+    /// The agent policy refuses the operation (see [`crate::policy`]); nothing was written.
+    #[error("{message}")]
+    Refused { operation: &'static str, message: String },
 }
 
 /// How the driver is set up.
@@ -205,6 +213,8 @@ impl ChartOperation {
 #[derive(Clone, Debug)]
 pub struct HelmDriver {
     inner: Arc<DriverInner>,
+    /// The customer's policy, checked before every install and upgrade.
+    policy: Option<policy::Gate>,
 }
 
 #[derive(Debug)]
@@ -344,7 +354,23 @@ impl HelmDriver {
                 running: std::sync::Mutex::default(),
                 metrics: HelmMetrics::default(),
             }),
+            policy: None,
         })
+    }
+
+    /// Checks every install and upgrade against `gate`'s policy before Helm writes, and runs
+    /// Helm as the ServiceAccount the policy names.
+    #[must_use]
+    pub fn with_policy(mut self, gate: policy::Gate) -> Self {
+        self.policy = Some(gate);
+        self
+    }
+
+    /// `--kube-as-user` for operations in `namespace`, when the policy names an account.
+    fn impersonate(&self, namespace: &str, args: &mut Vec<String>) {
+        if let Some(user) = self.policy.as_ref().and_then(|gate| gate.impersonation(namespace)) {
+            insert_before_positionals(args, [format!("--kube-as-user={user}")]);
+        }
     }
 
     /// Asks every running `helm` to stop (SIGTERM), as at shutdown. Helm 4 then cancels the
@@ -388,7 +414,8 @@ impl HelmDriver {
 
     /// `helm uninstall` (a missing release is fine).
     pub async fn uninstall(&self, namespace: &str, release: &str, timeout: Duration) -> Result<(), HelmError> {
-        let args = uninstall_args(namespace, release, timeout);
+        let mut args = uninstall_args(namespace, release, timeout);
+        self.impersonate(namespace, &mut args);
         self.run("uninstall", release, &args, timeout + OPERATION_MARGIN)
             .await
             .map(drop)
@@ -402,13 +429,37 @@ impl HelmDriver {
         revision: Option<u32>,
         options: &HelmOptions,
     ) -> Result<(), HelmError> {
-        let args = rollback_args(namespace, release, revision, options);
+        let mut args = rollback_args(namespace, release, revision, options);
+        self.impersonate(namespace, &mut args);
         self.run("rollback", release, &args, options.timeout + OPERATION_MARGIN)
             .await
             .map(drop)
     }
 
     async fn chart_operation(&self, operation: ChartOperation, request: &ChartRequest<'_>) -> Result<(), HelmError> {
+        let refused = |message: String| HelmError::Refused {
+            operation: operation.name(),
+            message,
+        };
+        let policy = match self.policy.as_ref().map(|gate| (gate, gate.decision())) {
+            None => None,
+            Some((gate, decision)) => match decision.await {
+                policy::Decision::Unrestricted => None,
+                policy::Decision::Refuse(message) => return Err(refused(message)),
+                policy::Decision::Check(policy) => {
+                    let release = policy::check::Release {
+                        name: request.release,
+                        namespace: request.namespace,
+                        source: request.source.policy_source(),
+                    };
+                    let violations = policy::check::check_release(&policy, &release);
+                    if !violations.is_empty() {
+                        return Err(refused(policy::Refusal(violations).to_string()));
+                    }
+                    Some((gate, policy))
+                }
+            },
+        };
         let workspace = self.workspace()?;
         let values = serde_json::to_vec(request.values).map_err(|error| HelmError::Output {
             operation: operation.name(),
@@ -436,7 +487,13 @@ impl HelmDriver {
             )?,
             repository,
         };
-        let args = chart_args(operation, request, &files);
+        let mut args = chart_args(operation, request, &files);
+        if let Some((gate, policy)) = policy {
+            if let Some(user) = policy.impersonation(request.namespace) {
+                insert_before_positionals(&mut args, [format!("--kube-as-user={user}")]);
+            }
+            self.render_and_check(operation, request, &args, gate, &policy).await?;
+        }
         let result = self
             .run(
                 operation.name(),
@@ -447,6 +504,61 @@ impl HelmDriver {
             .await;
         drop(workspace);
         result.map(drop)
+    }
+
+    /// Renders the release as the operation would write it (`--dry-run=server`, hooks
+    /// included, same arguments) and checks every object against the policy.
+    async fn render_and_check(
+        &self,
+        operation: ChartOperation,
+        request: &ChartRequest<'_>,
+        args: &[String],
+        gate: &policy::Gate,
+        policy: &policy::Policy,
+    ) -> Result<(), HelmError> {
+        let started = std::time::Instant::now();
+        let mut render = args.to_vec();
+        insert_before_positionals(&mut render, ["--dry-run=server".to_owned(), "--output=json".to_owned()]);
+        let rendered = self
+            .run(
+                "render",
+                request.release,
+                &render,
+                request.options.timeout + OPERATION_MARGIN,
+            )
+            .await?;
+        let objects = policy::rendered_objects(&rendered).map_err(|error| HelmError::Output {
+            operation: "render",
+            reason: error.to_string(),
+        })?;
+        drop(rendered);
+        let scopes = gate.scopes(&policy::check::unknown_kinds(&objects)).await;
+        let violations =
+            policy::check::check_objects(policy, request.namespace, &gate.agent_namespace, &objects, &scopes);
+        let seconds = (started.elapsed().as_secs_f64() * 100.0).round() / 100.0;
+        if violations.is_empty() {
+            tracing::info!(
+                release = request.release,
+                operation = operation.name(),
+                objects = objects.len(),
+                seconds,
+                "the agent policy allows the release"
+            );
+            return Ok(());
+        }
+        let message = policy::Refusal(violations).to_string();
+        tracing::warn!(
+            release = request.release,
+            operation = operation.name(),
+            objects = objects.len(),
+            seconds,
+            reason = %message,
+            "the agent policy refuses the release"
+        );
+        Err(HelmError::Refused {
+            operation: operation.name(),
+            message,
+        })
     }
 
     fn workspace(&self) -> Result<Workspace, HelmError> {
@@ -520,7 +632,11 @@ impl HelmDriver {
         let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
         let finished = async {
             let (stdout, stderr, status) = tokio::join!(
-                read_bounded(stdout, MAX_STDOUT, Keep::Head),
+                read_bounded(
+                    stdout,
+                    if operation == "render" { MAX_RENDER_STDOUT } else { MAX_STDOUT },
+                    Keep::Head
+                ),
                 read_bounded(stderr, MAX_STDERR, Keep::Tail),
                 child.wait(),
             );
@@ -615,6 +731,12 @@ async fn read_bounded(
         kept.drain(..kept.len() - max);
     }
     Ok(kept)
+}
+
+/// Inserts flags before the `--` that ends them.
+fn insert_before_positionals<const N: usize>(args: &mut Vec<String>, flags: [String; N]) {
+    let at = args.iter().position(|arg| arg == "--").unwrap_or(args.len());
+    args.splice(at..at, flags);
 }
 
 /// A path list (`KUBECONFIG`: paths separated by `:`) with every relative entry made

@@ -120,6 +120,11 @@ fn probes(ns: &str) -> Vec<Probe> {
         p("create", "", "secrets", here(), Some("distr-agent-updater-state")),
         p("create", "", "configmaps", here(), Some("distr-agent-updater-state")),
         p("get", "", "configmaps", here(), Some("distr-agent-env")),
+        // The customer's policy: no agent process but the executor may change it (see the
+        // README on the namespace-scoped executor).
+        p("patch", "", "configmaps", here(), Some("distr-agent-policy")),
+        p("create", "", "configmaps", here(), Some("distr-agent-policy")),
+        p("delete", "", "configmaps", here(), Some("distr-agent-policy")),
         p("create", "apps", "deployments", here(), None),
         p("patch", "apps", "deployments", here(), Some("distr-agent-executor")),
         p("patch", "apps", "deployments", here(), Some("web")),

@@ -15,6 +15,7 @@ mod logs_and_metrics;
 mod long_operations;
 mod mtls;
 mod planted;
+mod policy;
 mod reliability;
 mod selfupdate;
 mod watches;
