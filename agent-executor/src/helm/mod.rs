@@ -634,7 +634,11 @@ impl HelmDriver {
             let (stdout, stderr, status) = tokio::join!(
                 read_bounded(
                     stdout,
-                    if operation == "render" { MAX_RENDER_STDOUT } else { MAX_STDOUT },
+                    if operation == "render" {
+                        MAX_RENDER_STDOUT
+                    } else {
+                        MAX_STDOUT
+                    },
                     Keep::Head
                 ),
                 read_bounded(stderr, MAX_STDERR, Keep::Tail),

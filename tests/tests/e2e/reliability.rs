@@ -1259,9 +1259,10 @@ async fn a_shutdown_during_an_install_is_redone_by_the_next_executor() -> anyhow
     // The install's own status, or already the health that follows it: a quick install
     // may be healthy by the time the poller reads the statuses again.
     let running = wait_for("the next revision deployed", 2 * MINUTE, || async {
-        agent.statuses(&revision(&v2)).into_iter().find(|s| {
-            (s.status_type == "running" && s.message.ends_with("succeeded")) || s.status_type == "healthy"
-        })
+        agent
+            .statuses(&revision(&v2))
+            .into_iter()
+            .find(|s| (s.status_type == "running" && s.message.ends_with("succeeded")) || s.status_type == "healthy")
     })
     .await?;
     eprintln!(

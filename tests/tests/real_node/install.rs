@@ -66,7 +66,7 @@ async fn the_manifest_runs_as_pods_that_install_upgrade_and_uninstall() -> anyho
     let started = Instant::now();
     agent.set_deployments(vec![v1.clone()]);
     agent
-        .wait_status(&revision(&v1), "running", "helm install succeeded", 2 * MINUTE)
+        .wait_status(&revision(&v1), "healthy", "status check passed", 2 * MINUTE)
         .await?;
     eprintln!(
         "hub change -> running (install, pod Ready on the node): {:?}",
@@ -86,7 +86,7 @@ async fn the_manifest_runs_as_pods_that_install_upgrade_and_uninstall() -> anyho
     let started = Instant::now();
     agent.set_deployments(vec![v2.clone()]);
     agent
-        .wait_status(&revision(&v2), "running", "helm upgrade succeeded", 2 * MINUTE)
+        .wait_status(&revision(&v2), "healthy", "status check passed", 2 * MINUTE)
         .await?;
     eprintln!("hub change -> running (upgrade): {:?}", started.elapsed());
     let releases = agent.helm_json(&["ls"]).await?;
@@ -152,7 +152,7 @@ async fn the_security_context_holds_in_the_running_containers() -> anyhow::Resul
     let web = agent.deployment("web", &chart, "0.1.0", json!({}));
     agent.set_deployments(vec![web.clone()]);
     agent
-        .wait_status(&revision(&web), "running", "helm install succeeded", 2 * MINUTE)
+        .wait_status(&revision(&web), "healthy", "status check passed", 2 * MINUTE)
         .await?;
 
     let token = "var/run/secrets/kubernetes.io/serviceaccount/token";

@@ -37,7 +37,7 @@ async fn a_killed_executor_container_restarts_and_its_upgrade_converges_at_once(
     let v1 = agent.deployment("web", &chart, "0.1.0", json!({}));
     agent.set_deployments(vec![v1.clone()]);
     agent
-        .wait_status(&revision(&v1), "running", "helm install succeeded", 2 * MINUTE)
+        .wait_status(&revision(&v1), "healthy", "status check passed", 2 * MINUTE)
         .await?;
 
     // An upgrade whose pods become ready 12 s after they start, under a 60 s Helm timeout
@@ -76,7 +76,7 @@ async fn a_killed_executor_container_restarts_and_its_upgrade_converges_at_once(
     .await?;
     let restarted = killed.elapsed();
     let converged = agent
-        .wait_status(&revision(&v2), "running", "helm upgrade succeeded", 2 * MINUTE)
+        .wait_status(&revision(&v2), "healthy", "status check passed", 2 * MINUTE)
         .await?;
     let start_to_converged = (converged.received_at - started_at).to_std().unwrap_or_default();
     eprintln!(
