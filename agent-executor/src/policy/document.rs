@@ -99,12 +99,12 @@ pub fn parse(text: Option<&str>) -> Result<Policy, PolicyError> {
     // Comments only (or `null`) would read as a policy that allows everything: refused as
     // missing, so that an accident never lifts every rule.
     if matches!(
-        serde_yaml::from_str::<serde_yaml::Value>(text),
-        Ok(serde_yaml::Value::Null)
+        serde_norway::from_str::<serde_norway::Value>(text),
+        Ok(serde_norway::Value::Null)
     ) {
         return Err(PolicyError::Missing);
     }
-    let policy: Policy = serde_yaml::from_str(text).map_err(|error| PolicyError::Syntax(error.to_string()))?;
+    let policy: Policy = serde_norway::from_str(text).map_err(|error| PolicyError::Syntax(error.to_string()))?;
     validate(&policy)?;
     Ok(policy)
 }

@@ -166,7 +166,7 @@ pub enum RenderError {
     #[error("helm's rendered release is not the JSON expected: {0}")]
     Json(#[source] serde_json::Error),
     #[error("a rendered manifest is not valid YAML: {0}")]
-    Yaml(#[source] serde_yaml::Error),
+    Yaml(#[source] serde_norway::Error),
 }
 
 /// Every object of a rendered release (manifest and hooks), `List`s flattened.
@@ -190,7 +190,7 @@ pub fn rendered_objects(release_json: &[u8]) -> Result<Vec<Value>, RenderError> 
 
 /// Appends the objects of a multi-document YAML manifest.
 pub fn manifest_objects(manifest: &str, objects: &mut Vec<Value>) -> Result<(), RenderError> {
-    for document in serde_yaml::Deserializer::from_str(manifest) {
+    for document in serde_norway::Deserializer::from_str(manifest) {
         let value = Value::deserialize(document).map_err(RenderError::Yaml)?;
         flatten(value, objects);
     }
