@@ -182,6 +182,22 @@ async fn cluster_scope_refuses_namespaces_and_cluster_kinds_not_allowed() -> any
         .await?;
     assert_eq!(helm_releases(&elsewhere.name).await?.trim(), "");
 
+    // The Hub undeploys there before it names another namespace (a move never uninstalls, and
+    // waits until the agent's records of the old namespace are gone).
+    agent.set_deployments(vec![]);
+    for ns in [&elsewhere, &agent.ns] {
+        let secrets = ns.api::<k8s_openapi::api::core::v1::Secret>();
+        distr_agent_e2e::wait_for("the refused release's record to go", MINUTE, || async {
+            secrets
+                .get_opt("sh.distr.agent.v1.outside")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        })
+        .await?;
+    }
+
     // In an allowed namespace, a chart with a ClusterRoleBinding is refused, the plain one is
     // installed.
     agent.hub.set_namespace(agent.target, Some(&apps.name));
